@@ -1,0 +1,33 @@
+"""trio-relay: a WebSocket relay on Trio for live, push-based sync of projects, chats and agents.
+
+The public API is re-exported here; every module whose name starts with ``_`` is private.
+"""
+
+from loguru import logger as _logger
+
+from ._backend import Backend as Backend
+from ._backend import BackendError as BackendError
+from ._backend import Change as Change
+from ._backend import Feed as Feed
+from ._backend import NotFound as NotFound
+from ._backend import Snapshot as Snapshot
+from ._config import CloseCode as CloseCode
+from ._config import RelayConfig as RelayConfig
+from ._config import RelayStatistics as RelayStatistics
+from ._hub import ChangeHub as ChangeHub
+from ._hub import FeedOverflow as FeedOverflow
+from ._protocol import ErrorCode as ErrorCode
+from ._relay import Listener as Listener
+from ._relay import ListenerOverflow as ListenerOverflow
+from ._relay import Relay as Relay
+from ._relay import RelayError as RelayError
+from ._relay import SubscriptionError as SubscriptionError
+from ._relay import Update as Update
+from ._relay import UpstreamError as UpstreamError
+from ._relay import open_relay as open_relay
+
+__version__ = "0.1.0"
+
+# A library stays quiet unless the application asks: `trio-relay serve` enables these logs,
+# an embedding application can call `loguru.logger.enable("trio_relay")`.
+_logger.disable("trio_relay")

@@ -1,0 +1,322 @@
+"""One broadcaster per watched resource: one upstream feed, fanned out to every subscriber.
+
+A `Broadcaster` runs as one task in the relay's nursery, inside its own cancel scope. It opens
+the backend's feed, reads the first snapshot, then numbers each change (``seq``), encodes it to
+text once, and hands it to every subscriber with a call that never blocks: a web connection
+puts the text into its bounded outbound queue, an in-process listener into its own bounded
+channel, and either closes itself when full. So a slow subscriber can never hold up the others.
+
+When the last subscriber leaves, the scope is cancelled: leaving the feed's ``async with``
+closes the upstream, and nothing else holds the broadcaster, so its buffers go with it.
+
+Joining a live broadcaster is exact thanks to versions (see `trio_relay._backend`). A joiner is
+registered first, so it sees every change from then on in a pending list; then it reads a
+snapshot; once the feed has caught up with the snapshot's version, the pending changes the
+snapshot already holds are dropped and the reply carries the ``seq`` the snapshot is current to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Protocol
+
+import attrs
+import trio
+from loguru import logger
+
+from ._backend import BackendError, Change, Feed, NotFound, Snapshot
+from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
+
+__all__ = ["Broadcaster", "Push", "Subscriber", "SubscribeFailed", "Synced"]
+
+
+@attrs.frozen(slots=True)
+class Push:
+    """One change as every subscriber receives it: numbered, and encoded once for the wire."""
+
+    key: ResourceKey
+    seq: int
+    data: JSON
+    text: str
+    version: int | None = None
+    #: True for the last push of a broadcaster: the upstream completed or failed.
+    final: bool = False
+    #: For a final push after a failure: why the upstream ended.
+    error: str | None = None
+
+
+class Subscriber(Protocol):
+    """What a broadcaster delivers to. Neither method may block or raise."""
+
+    def deliver(self, push: Push) -> None: ...
+
+    def end(self, push: Push) -> None:
+        """The upstream is over; ``push`` is its final push. The subscriber is already removed."""
+        ...
+
+
+class SubscribeFailed(Exception):
+    """A subscription could not be set up; ``code`` and ``str(self)`` go into the error reply."""
+
+    def __init__(self, code: str, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+
+
+@attrs.frozen
+class Synced:
+    """A subscription's starting point: the snapshot and the ``seq`` it is current to."""
+
+    snapshot: Snapshot
+    seq: int
+    #: Deliver from here on (the pending changes after ``seq`` first). Call it right after
+    #: queuing the reply that carries the snapshot, with no ``await`` in between.
+    go_live: Callable[[], None]
+    #: Leave the broadcaster at once (idempotent).
+    leave: Callable[[], None]
+
+
+@attrs.define(eq=False)
+class _Pending:
+    registered_at_seq: int
+    pushes: list[Push] = attrs.Factory(list)
+    overflowed: bool = False
+
+
+class Broadcaster:
+    """Shares one upstream feed of one resource among all its subscribers."""
+
+    def __init__(
+        self,
+        key: ResourceKey,
+        *,
+        open_feed: Callable[[], Feed],
+        read_snapshot: Callable[[], Awaitable[Snapshot]],
+        backend_timeout: float,
+        max_pending: int,
+        on_done: Callable[[Broadcaster], None],
+    ) -> None:
+        self.key = key
+        self._open_feed = open_feed
+        self._read_snapshot = read_snapshot
+        self._timeout = backend_timeout
+        self._max_pending = max_pending
+        self._on_done = on_done
+        self._cancel_scope = trio.CancelScope()
+        self._live: set[Subscriber] = set()
+        self._pending: dict[Subscriber, _Pending] = {}
+        self._started = trio.Event()
+        self._start_error: SubscribeFailed | None = None
+        self._final: Push | None = None
+        self._advanced = trio.Event()
+        #: seq of the last push; 0 until the first change.
+        self.seq = 0
+        #: Version of the last change seen (or of the first snapshot); None if unversioned.
+        self.version: int | None = None
+        # The newest snapshot and the seq it is current to, reused while no change happens so
+        # that a crowd joining at once costs one backend read, not one each.
+        self._cached: tuple[Snapshot, int] | None = None
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._live) + len(self._pending)
+
+    @property
+    def done(self) -> bool:
+        """Ended or cancelled: new subscribers must start a fresh broadcaster."""
+        return self._final is not None or self._start_error is not None or (
+            self._cancel_scope.cancel_called
+        )
+
+    # --- the task ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The broadcaster's task; it never raises but for cancellation."""
+        with self._cancel_scope:
+            try:
+                final = await self._pump()
+            except Exception as exc:
+                if not self._started.is_set():
+                    self._fail_start(exc)
+                    return
+                logger.opt(exception=exc).bind(resource=str(self.key)).error(
+                    "upstream of {resource} failed", resource=str(self.key)
+                )
+                final = self._final_push(error="upstream failed")
+            self._finish(final)
+
+    async def _pump(self) -> Push:
+        async with AsyncExitStack() as stack:
+            with trio.fail_after(self._timeout):
+                feed = await stack.enter_async_context(self._open_feed())
+                snapshot = await self._read_snapshot()
+            self.version = snapshot.version
+            self._cached = (snapshot, 0)
+            self._started.set()
+            logger.bind(resource=str(self.key)).debug("broadcaster for {} started", self.key)
+            async for change in feed:
+                self._publish(change)
+        return self._final_push(error=None)
+
+    def _publish(self, change: Change) -> None:
+        if change.version is not None:
+            if self.version is not None and change.version <= self.version:
+                return  # already part of the first snapshot
+            self.version = change.version
+        seq = self.seq + 1
+        try:
+            text = encode(
+                DataReply(
+                    id=None,
+                    resource=self.key.resource,
+                    resource_id=self.key.resource_id or None,
+                    data=change.data,
+                    seq=seq,
+                )
+            )
+        except (TypeError, ValueError):
+            logger.bind(resource=str(self.key)).error(
+                "dropped a change of {} that is not JSON-serializable", self.key
+            )
+            return
+        self.seq = seq
+        push = Push(self.key, seq, change.data, text, change.version)
+        for subscriber in self._live:
+            subscriber.deliver(push)
+        for subscriber, pending in self._pending.items():
+            if len(pending.pushes) < self._max_pending:
+                pending.pushes.append(push)
+            else:
+                pending.overflowed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._advanced.set()
+        self._advanced = trio.Event()
+
+    def _final_push(self, *, error: str | None) -> Push:
+        resource_id = self.key.resource_id or None
+        if error is None:
+            data: JSON = {"completed": True}
+            text = encode(
+                DataReply(
+                    id=None, resource=self.key.resource, resource_id=resource_id, data=data,
+                    seq=self.seq + 1,
+                )
+            )
+        else:
+            data = None
+            text = encode(
+                ErrorReply(
+                    id=None, error=error, code=ErrorCode.BACKEND_ERROR,
+                    resource=self.key.resource, resource_id=resource_id,
+                )
+            )
+        return Push(self.key, self.seq + 1, data, text, final=True, error=error)
+
+    def _finish(self, final: Push) -> None:
+        self._final = final
+        self._on_done(self)
+        subscribers = list(self._live)
+        self._live.clear()
+        for subscriber in subscribers:
+            subscriber.end(final)
+        self._wake()  # pending joiners see the end and fail their subscribe
+
+    def _fail_start(self, exc: Exception) -> None:
+        self._start_error = _as_subscribe_failed(exc, self.key)
+        self._on_done(self)
+        self._started.set()
+
+    # --- subscribers ------------------------------------------------------------------------
+
+    def add(self, subscriber: Subscriber) -> None:
+        """Register a joiner: it collects changes until `sync` makes it live."""
+        self._pending[subscriber] = _Pending(self.seq)
+
+    def remove(self, subscriber: Subscriber) -> None:
+        """Unregister (idempotent); the last one out cancels the broadcaster."""
+        self._live.discard(subscriber)
+        self._pending.pop(subscriber, None)
+        if not self._live and not self._pending and not self.done:
+            self._cancel_scope.cancel()
+            self._on_done(self)
+
+    async def sync(self, subscriber: Subscriber) -> Synced:
+        """Read the joiner's snapshot and line it up with the stream; see the module docstring."""
+        await self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+        pending = self._pending[subscriber]
+        cached = self._cached
+        if cached is not None and cached[1] == self.seq:
+            snapshot, seq = cached
+        else:
+            snapshot = await self._fresh_snapshot()
+            seq = await self._seq_of(snapshot, pending)
+            if seq == self.seq:
+                self._cached = (snapshot, seq)
+        if self._final is not None:
+            raise SubscribeFailed(ErrorCode.BACKEND_ERROR, "upstream ended while subscribing")
+        if pending.overflowed:
+            raise SubscribeFailed(
+                ErrorCode.BACKEND_ERROR, "too many changes while subscribing; try again"
+            )
+        return Synced(
+            snapshot, seq, lambda: self._go_live(subscriber, seq), lambda: self.remove(subscriber)
+        )
+
+    async def _fresh_snapshot(self) -> Snapshot:
+        try:
+            with trio.fail_after(self._timeout):
+                return await self._read_snapshot()
+        except Exception as exc:
+            raise _as_subscribe_failed(exc, self.key) from None
+
+    async def _seq_of(self, snapshot: Snapshot, pending: _Pending) -> int:
+        """The seq of the last change that ``snapshot`` includes."""
+        target = snapshot.version
+        if target is None or self.version is None:
+            # Unversioned backend: deliver everything since registration (duplicates are
+            # possible, losses are not).
+            return pending.registered_at_seq
+        # The snapshot may be ahead of the feed: wait for the feed to deliver up to it.
+        with trio.move_on_after(self._timeout) as scope:
+            while self.version < target and self._final is None:
+                await self._advanced.wait()
+        if scope.cancelled_caught:
+            raise SubscribeFailed(
+                ErrorCode.BACKEND_ERROR, "backend snapshot is ahead of its change feed"
+            )
+        seq = pending.registered_at_seq
+        for push in pending.pushes:
+            if push.version is not None and push.version <= target:
+                seq = push.seq
+        return seq
+
+    def _go_live(self, subscriber: Subscriber, after_seq: int) -> None:
+        pending = self._pending.pop(subscriber, None)
+        if pending is None:
+            return  # removed in the meantime
+        if self._final is not None:
+            subscriber.end(self._final)
+            return
+        self._live.add(subscriber)
+        for push in pending.pushes:
+            if push.seq > after_seq:
+                subscriber.deliver(push)
+
+
+def _as_subscribe_failed(exc: BaseException, key: ResourceKey) -> SubscribeFailed:
+    if isinstance(exc, SubscribeFailed):
+        return exc
+    if isinstance(exc, NotFound):
+        return SubscribeFailed(ErrorCode.NOT_FOUND, str(exc) or f"{key} not found")
+    if isinstance(exc, BackendError):
+        return SubscribeFailed(ErrorCode.BACKEND_ERROR, str(exc) or "backend error")
+    if isinstance(exc, trio.TooSlowError):
+        return SubscribeFailed(ErrorCode.BACKEND_ERROR, "backend timed out")
+    logger.opt(exception=exc).error("backend failed while subscribing to {}", key)
+    return SubscribeFailed(ErrorCode.BACKEND_ERROR, "backend error")
+

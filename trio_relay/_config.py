@@ -1,0 +1,84 @@
+"""Every limit and timeout of the relay, each with a documented default (docs/operations.md)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+__all__ = ["CloseCode", "RelayConfig", "RelayStatistics"]
+
+
+class CloseCode:
+    """WebSocket close codes the relay sends, and why (docs/protocol.md has the table)."""
+
+    NORMAL: Final = 1000
+    GOING_AWAY: Final = 1001  # the relay is shutting down
+    UNSUPPORTED_DATA: Final = 1003  # a binary frame
+    INVALID_PAYLOAD: Final = 1007  # text that is not UTF-8 (sent by wsproto)
+    POLICY_VIOLATION: Final = 1008  # auth timeout, PIN lockout, repeated abuse
+    MESSAGE_TOO_BIG: Final = 1009  # a frame over max_message_size (sent by trio-websocket)
+    INTERNAL_ERROR: Final = 1011  # a bug in the relay; the relay itself stays up
+    # 1013 "Try Again Later" is IANA-registered for exactly this: the client may reconnect and
+    # resume at once; it is kept apart from 1008 so that clients know it is not terminal.
+    SLOW_CONSUMER: Final = 1013
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Limits and timeouts. Durations are in seconds; sizes in bytes or frames as named."""
+
+    #: Largest text frame a client may send; a larger one closes the connection with 1009.
+    max_message_size: int = attrs.field(default=64 * 1024, validator=_positive)
+    #: Frames queued for one client before it counts as slow and is closed with 1013.
+    outbound_queue_size: int = attrs.field(default=1024, validator=_positive)
+    #: Pushes buffered for one in-process listener before it fails with ListenerOverflow.
+    listener_buffer: int = attrs.field(default=1024, validator=_positive)
+    #: Bound on every backend call (snapshot, send, create, opening a feed).
+    backend_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: WebSocket opening handshake.
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Time from connect to a successful ``auth``; then close 1008.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Time a closing handshake may take before the TCP connection is dropped.
+    close_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Time given to all clients to close on shutdown before they are dropped.
+    shutdown_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Live subscriptions per connection (``too_many_subscriptions`` past it).
+    max_subscriptions: int = attrs.field(default=128, validator=_positive)
+    #: Requests per second per connection, sustained (token bucket refill rate).
+    request_rate: float = attrs.field(default=20.0, validator=_positive)
+    #: Requests a connection may make in a burst (token bucket size).
+    request_burst: int = attrs.field(default=50, validator=_positive)
+    #: Bad or rate-limited requests a connection may make before it is closed with 1008.
+    max_strikes: int = attrs.field(default=50, validator=_positive)
+    #: First delay before a failed PIN is answered; it doubles with each failure in a row.
+    pin_backoff_initial: float = attrs.field(default=0.5, validator=_positive)
+    #: Longest delay before a failed PIN is answered.
+    pin_backoff_max: float = attrs.field(default=30.0, validator=_positive)
+    #: Failed PINs from one address, within ``pin_failure_window``, before it is locked out.
+    pin_lockout_failures: int = attrs.field(default=10, validator=_positive)
+    #: How long failures are remembered per address (and how long a lockout lasts).
+    pin_failure_window: float = attrs.field(default=600.0, validator=_positive)
+    #: Failed PINs from all addresses per ``pin_failure_window`` before every attempt is
+    #: refused until the window has passed (a distributed guess cannot outrun the cap).
+    pin_global_failures: int = attrs.field(default=100, validator=_positive)
+    #: Changes a joining subscriber may miss while its snapshot loads before it must retry.
+    max_pending_changes: int = attrs.field(default=4096, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class RelayStatistics:
+    """A snapshot of what the relay holds, as `Relay.statistics` returns it."""
+
+    connections: int
+    authenticated_connections: int
+    subscriptions: int
+    listeners: int
+    broadcasters: int
+    tasks: int

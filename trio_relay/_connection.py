@@ -1,0 +1,382 @@
+"""One web client's connection: a nursery holding a reader, a writer and its subscriptions.
+
+    connection nursery
+    ├── reader          decodes each frame and handles the request, in order
+    ├── writer          the only task that writes: drains the bounded outbound queue
+    ├── auth deadline   closes with 1008 unless ``auth`` succeeds in time
+    └── subscription*   one per subscribed resource: registered with its broadcaster for
+                        exactly as long as the task lives
+
+Every reply and push goes through the outbound queue, so a reply and the pushes that follow it
+keep their order. Pushes are put there with ``send_nowait``: when the queue is full the client
+is slow, and only this connection is closed (1013). Any end of the connection cancels the
+nursery, and with it every subscription, which leaves its broadcaster on the way out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import trio
+from loguru import logger
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ._backend import BackendError, NotFound
+from ._broadcaster import Push, SubscribeFailed
+from ._config import CloseCode
+from ._limits import TokenBucket, pin_matches
+from ._protocol import (
+    AuthFailed,
+    AuthRequest,
+    AuthRequired,
+    AuthSuccess,
+    CreateRequest,
+    DataReply,
+    ErrorCode,
+    ErrorReply,
+    ProtocolError,
+    Reply,
+    Request,
+    ResourceKey,
+    SendRequest,
+    SubscribeRequest,
+    Subscribed,
+    UnsubscribeRequest,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from ._relay import Relay
+
+__all__ = ["Connection"]
+
+T = TypeVar("T")
+
+_ids = itertools.count(1)
+
+SNAPSHOT_FIELDS = {"project": "chats", "chat": "messages", "modelProfiles": "modelProfiles"}
+
+
+class _Refused(Exception):
+    """A request is answered with an error reply; raised from deep in a handler."""
+
+    def __init__(self, code: str, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+
+
+class _WebSubscription:
+    """A connection's membership in one broadcaster, alive as long as its task is."""
+
+    def __init__(self, connection: Connection, key: ResourceKey) -> None:
+        self.connection = connection
+        self.key = key
+        self.cancel_scope = trio.CancelScope()
+        self.detach: Callable[[], None] = self.cancel_scope.cancel
+
+    def deliver(self, push: Push) -> None:
+        self.connection.push(push.text)
+
+    def end(self, push: Push) -> None:
+        self.connection.push(push.text)
+        self.connection.forget(self)
+        self.cancel_scope.cancel()
+
+
+class Connection:
+    """Serves one accepted WebSocket until either side ends it."""
+
+    def __init__(self, relay: Relay, ws: WebSocketConnection, peer: str) -> None:
+        self.relay = relay
+        self.ws = ws
+        self.peer = peer
+        self.id = f"c{next(_ids)}"
+        self.authenticated = False
+        self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
+        config = relay.config
+        self._config = config
+        self._out_send, self._out_receive = trio.open_memory_channel[str](
+            config.outbound_queue_size
+        )
+        self._close_request: tuple[int, str] | None = None
+        self._bucket = TokenBucket(config.request_rate, config.request_burst)
+        self._strikes = 0
+        self._auth_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self.log = logger.bind(conn=self.id, peer=peer)
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.log.info("connected")
+        self.reply(AuthRequired())
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._auth_deadline)
+        finally:
+            # Whatever ended us (client, server, cancellation), drop the stream if it is
+            # still open: a closing handshake we could not finish becomes a TCP close.
+            with trio.CancelScope(shield=True):
+                await _abort(self.ws)
+            closed = self.ws.closed
+            code, reason = self._close_request or (
+                (closed.code, closed.reason or "") if closed else (1006, "")
+            )
+            self.log.info("disconnected ({code} {reason})", code=code, reason=reason)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` once the frame being written is out; queued frames are dropped.
+
+        The writer sends the close frame; if the peer does not finish the closing handshake
+        within ``close_timeout`` (a slow consumer usually will not), the stream is dropped.
+        """
+        if self._close_request is not None:
+            return
+        self._close_request = (code, reason)
+        self.log.info("closing: {code} {reason}", code=code, reason=reason)
+        self._out_send.close()  # wakes an idle writer; it skips what is still queued
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_deadline)
+
+    async def _close_deadline(self) -> None:
+        await trio.sleep(self._config.close_timeout)
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _writer(self) -> None:
+        try:
+            async for text in self._out_receive:
+                if self._close_request is not None:
+                    break
+                await self.ws.send_message(text)
+            if self._close_request is not None:
+                code, reason = self._close_request
+                await self.ws.aclose(code, reason)
+        except ConnectionClosed:
+            pass
+        self._cancel()
+
+    async def _reader(self) -> None:
+        try:
+            while self._close_request is None:
+                message = await self.ws.get_message()
+                if isinstance(message, bytes):
+                    self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    return
+                await self._handle_text(message)
+        except ConnectionClosed:
+            self._cancel()
+
+    async def _auth_deadline(self) -> None:
+        with self._auth_scope:
+            await trio.sleep(self._config.auth_timeout)
+            self.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
+
+    # --- output -----------------------------------------------------------------------------
+
+    def push(self, text: str) -> None:
+        """Queue one frame without blocking; a full queue means a slow client: close it."""
+        try:
+            self._out_send.send_nowait(text)
+        except trio.WouldBlock:
+            self.relay._count_slow_close()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
+        except trio.ClosedResourceError:
+            pass  # closing: what it misses, it resumes after reconnecting
+
+    def reply(self, reply: Reply) -> None:
+        self.push(encode(reply))
+
+    def forget(self, subscription: _WebSubscription) -> None:
+        if self.subscriptions.get(subscription.key) is subscription:
+            del self.subscriptions[subscription.key]
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _handle_text(self, text: str) -> None:
+        try:
+            request = decode(text)
+        except ProtocolError as exc:
+            self.reply(exc.reply)
+            self._strike()
+            return
+        if not self._bucket.take(trio.current_time()):
+            self.reply(_error(request, ErrorCode.RATE_LIMITED, "too many requests; slow down"))
+            self._strike()
+            return
+        if not self.authenticated and not isinstance(request, AuthRequest):
+            self.reply(_error(request, ErrorCode.NOT_AUTHENTICATED, "Not authenticated"))
+            self._strike()
+            return
+        try:
+            await self._dispatch(request)
+        except _Refused as exc:
+            self.reply(_error(request, exc.code, str(exc)))
+        except Exception:
+            self.log.exception("bug while handling a {} request", request.type)
+            self.reply(_error(request, "internal_error", "internal error"))
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _strike(self) -> None:
+        self._strikes += 1
+        if self._strikes >= self._config.max_strikes:
+            self.close(CloseCode.POLICY_VIOLATION, "too many bad or rate-limited requests")
+
+    async def _dispatch(self, request: Request) -> None:
+        if isinstance(request, AuthRequest):
+            await self._auth(request)
+        elif isinstance(request, SubscribeRequest):
+            await self._subscribe(request)
+        elif isinstance(request, UnsubscribeRequest):
+            self._unsubscribe(request)
+        elif isinstance(request, SendRequest):
+            await self._call(self.relay.backend.send_message, request.resource_id,
+                             request.message)
+            self.log.debug("sent a message to chat {}", request.resource_id)
+            self.reply(DataReply(id=request.id, resource="chat",
+                                 resource_id=request.resource_id, data={"sent": True}))
+        elif isinstance(request, CreateRequest):
+            chat = await self._call(self.relay.backend.create_chat, request.resource_id,
+                                    request.title)
+            chat_id = chat.get("id") if isinstance(chat, dict) else None
+            if not isinstance(chat_id, str):
+                self.log.error("backend create_chat returned a chat without a string id")
+                raise _Refused(ErrorCode.BACKEND_ERROR, "backend returned an invalid chat")
+            self.reply(DataReply(id=request.id, resource="chat", resource_id=chat_id,
+                                 data={"chat": chat}))
+        else:  # pragma: no cover - decode() returns only the types above
+            _unreachable(request)
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Call the backend within ``backend_timeout``; its failures become error replies."""
+        try:
+            with trio.fail_after(self._config.backend_timeout):
+                return await fn(*args)
+        except trio.TooSlowError:
+            self.relay._count_backend_error()
+            raise _Refused(ErrorCode.BACKEND_ERROR, "backend timed out") from None
+        except NotFound as exc:
+            raise _Refused(ErrorCode.NOT_FOUND, str(exc) or "not found") from None
+        except BackendError as exc:
+            self.relay._count_backend_error()
+            raise _Refused(ErrorCode.BACKEND_ERROR, str(exc) or "backend error") from None
+        except Exception:
+            self.relay._count_backend_error()
+            self.log.exception("backend {} failed", getattr(fn, "__name__", "call"))
+            raise _Refused(ErrorCode.BACKEND_ERROR, "backend error") from None
+
+    async def _auth(self, request: AuthRequest) -> None:
+        guard = self.relay.pin_guard
+        address = self.peer.rsplit(":", 1)[0]
+        check = guard.check(address, trio.current_time())
+        if check.locked:
+            await trio.sleep(check.delay)
+            self.log.warning("auth refused: too many failed PINs")
+            self.reply(AuthFailed(id=request.id, error="Too many failed attempts"))
+            self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+            return
+        if not pin_matches(request.pin, self.relay.pin):
+            self.relay._count_failed_pin()
+            verdict = guard.failed(address, trio.current_time())
+            await trio.sleep(verdict.delay)
+            self.log.warning("auth failed")
+            self.reply(AuthFailed(id=request.id, error="Invalid PIN"))
+            if verdict.locked:
+                self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+            return
+        guard.succeeded(address)
+        projects = await self._call(self.relay.backend.list_projects)
+        profiles = await self._call(self.relay.backend.get_model_profiles)
+        self.authenticated = True
+        self._auth_scope.cancel()
+        self.log.info("authenticated")
+        self.reply(AuthSuccess(id=request.id,
+                               data={"projects": projects, "modelProfiles": profiles.items}))
+
+    async def _subscribe(self, request: SubscribeRequest) -> None:
+        key = request.key
+        if key not in self.subscriptions and (
+            len(self.subscriptions) >= self._config.max_subscriptions
+        ):
+            raise _Refused(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                           f"at most {self._config.max_subscriptions} subscriptions")
+        assert self._nursery is not None
+        await self._nursery.start(self._subscription, request)
+
+    async def _subscription(
+        self, request: SubscribeRequest, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Lives exactly as long as the subscription: cancelling it is unsubscribing."""
+        key = request.key
+        subscription = _WebSubscription(self, key)
+        with subscription.cancel_scope:
+            try:
+                async with self.relay._subscription(key, subscription) as synced:
+                    # Resubscribing replaces the old subscription in the same instant that
+                    # the new one goes live, so no push is delivered twice or missed.
+                    old = self.subscriptions.get(key)
+                    if old is not None:
+                        old.detach()
+                    self.subscriptions[key] = subscription
+                    subscription.detach = lambda: self._detach(subscription, synced.leave)
+                    self.reply(Subscribed(
+                        id=request.id, resource=key.resource,
+                        resource_id=key.resource_id or None,
+                        data={SNAPSHOT_FIELDS[key.resource]: synced.snapshot.items},
+                        seq=synced.seq,
+                    ))
+                    synced.go_live()
+                    self.log.info("subscribed to {}", key)
+                    task_status.started()
+                    await trio.sleep_forever()
+            except SubscribeFailed as exc:
+                self.reply(_error(request, exc.code, str(exc)))
+                task_status.started()
+            finally:
+                self.forget(subscription)
+
+    def _detach(self, subscription: _WebSubscription, remove: Callable[[], None]) -> None:
+        # Leave the broadcaster now, not when the task next runs, so no push slips in after
+        # the reply that says the subscription is gone.
+        remove()
+        self.forget(subscription)
+        subscription.cancel_scope.cancel()
+
+    def _unsubscribe(self, request: UnsubscribeRequest) -> None:
+        subscription = self.subscriptions.get(request.key)
+        if subscription is not None:
+            subscription.detach()
+            self.log.info("unsubscribed from {}", request.key)
+        self.reply(DataReply(id=request.id, resource=request.resource,
+                             resource_id=request.resource_id or None,
+                             data={"unsubscribed": subscription is not None}))
+
+
+def _error(request: Request, code: str, error: str) -> ErrorReply:
+    resource = getattr(request, "resource", None)
+    if isinstance(request, SendRequest):
+        resource = "chat"
+    resource_id: str | None = getattr(request, "resource_id", None) or None
+    return ErrorReply(id=request.id, error=error, code=code, resource=resource,
+                      resource_id=resource_id)
+
+
+async def _abort(ws: WebSocketConnection) -> None:
+    """Close the stream under us at once (used when a close could not be completed)."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await ws.aclose()
+
+
+def _unreachable(value: object) -> NoReturn:
+    raise AssertionError(f"unexpected request {value!r}")
+

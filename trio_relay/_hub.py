@@ -1,0 +1,127 @@
+"""`ChangeHub`: versioned in-process change feeds, so a backend gets exact subscriptions for free.
+
+A backend changes its state and then, with no ``await`` in between, calls `ChangeHub.publish`.
+Its snapshot methods read their state and `ChangeHub.version` with no ``await`` in between (or
+under the same lock as the writes). That is all the relay needs to hand out snapshots and
+pushes that neither overlap nor leave a gap.
+
+`publish` never blocks a backend: each open feed has a bounded buffer, and a feed whose reader
+falls that far behind fails with `FeedOverflow` instead of holding the publisher up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from typing import Final
+
+import attrs
+import trio
+
+from ._backend import Change
+from ._protocol import JSON
+
+__all__ = ["ChangeHub", "FeedOverflow"]
+
+DEFAULT_FEED_BUFFER: Final = 4096
+
+
+class FeedOverflow(Exception):
+    """A feed's reader fell more than its buffer behind, so changes would have been lost."""
+
+
+@attrs.define(eq=False)
+class _Watcher:
+    send: trio.MemorySendChannel[Change]
+    overflowed: bool = False
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class _Topic:
+    version: int = 0
+    watchers: set[_Watcher] = attrs.Factory(set)
+
+
+class ChangeHub:
+    """Publish changes by key; each key's versions count up from 0 while anyone watches it."""
+
+    def __init__(self, *, feed_buffer: int = DEFAULT_FEED_BUFFER) -> None:
+        self._feed_buffer = feed_buffer
+        # Only watched keys are held, so the hub's memory follows what is being watched.
+        self._topics: dict[Hashable, _Topic] = {}
+
+    def version(self, key: Hashable) -> int:
+        """The version of the last change published for ``key`` (0 if none while watched)."""
+        topic = self._topics.get(key)
+        return topic.version if topic is not None else 0
+
+    def publish(self, key: Hashable, data: JSON) -> Change:
+        """Deliver ``data`` to every open feed of ``key``, at once and without blocking."""
+        topic = self._topics.get(key)
+        if topic is None:
+            return Change(data, 0)
+        topic.version += 1
+        change = Change(data, topic.version)
+        for watcher in topic.watchers:
+            if watcher.overflowed:
+                continue
+            try:
+                watcher.send.send_nowait(change)
+            except trio.WouldBlock:
+                watcher.overflowed = True
+                watcher.send.close()
+            except trio.BrokenResourceError:  # the reader left; its feed is closing
+                pass
+        return change
+
+    def end(self, key: Hashable, error: BaseException | None = None) -> None:
+        """End every open feed of ``key``: they finish after what they hold, or raise
+        ``error`` (the upstream completed, or it failed)."""
+        topic = self._topics.get(key)
+        for watcher in topic.watchers if topic is not None else ():
+            watcher.error = error
+            watcher.send.close()
+
+    def watching(self, key: Hashable) -> int:
+        """How many feeds of ``key`` are open (for tests and statistics)."""
+        topic = self._topics.get(key)
+        return len(topic.watchers) if topic is not None else 0
+
+    @asynccontextmanager
+    async def open_feed(self, key: Hashable) -> AsyncIterator[AsyncIterator[Change]]:
+        """A change feed for ``key``, as `Backend.watch_chat` and friends return."""
+        send, receive = trio.open_memory_channel[Change](self._feed_buffer)
+        watcher = _Watcher(send)
+        topic = self._topics.setdefault(key, _Topic())
+        topic.watchers.add(watcher)
+        try:
+            yield _FeedIterator(receive, watcher)
+        finally:
+            topic.watchers.discard(watcher)
+            if not topic.watchers and self._topics.get(key) is topic:
+                del self._topics[key]
+            send.close()
+            receive.close()
+
+
+class _FeedIterator:
+    """Iterates one feed; a plain class, not an async generator, so nothing needs finalizing."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Change], watcher: _Watcher) -> None:
+        self._receive = receive
+        self._watcher = watcher
+
+    def __aiter__(self) -> _FeedIterator:
+        return self
+
+    async def __anext__(self) -> Change:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._watcher.overflowed:
+                size = self._receive.statistics().max_buffer_size
+                raise FeedOverflow(f"change feed fell more than {size} changes behind") from None
+            if self._watcher.error is not None:
+                raise self._watcher.error from None
+            raise StopAsyncIteration from None

@@ -1,0 +1,120 @@
+"""Rate limits and PIN brute-force protection, as plain state machines with the clock passed in.
+
+Nothing here sleeps or reads a clock: callers pass ``now`` (``trio.current_time()``), so the
+rules are tested synchronously and, inside the relay, follow trio's mock clock in tests.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import deque
+
+import attrs
+
+from ._config import RelayConfig
+
+__all__ = ["PinCheck", "PinGuard", "TokenBucket", "pin_matches"]
+
+
+def pin_matches(candidate: str, pin: str) -> bool:
+    """Compare in constant time, so response timing tells nothing about the PIN."""
+    return hmac.compare_digest(candidate.encode("utf-8"), pin.encode("utf-8"))
+
+
+@attrs.define
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; each request takes one."""
+
+    rate: float
+    burst: float
+    tokens: float = attrs.field(default=None)
+    updated: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = self.burst
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@attrs.frozen
+class PinCheck:
+    """What to do with one auth attempt: wait ``delay`` seconds before answering; if
+    ``locked``, refuse without comparing and close the connection."""
+
+    delay: float
+    locked: bool
+
+
+@attrs.define
+class _Failures:
+    times: deque[float] = attrs.Factory(deque)
+
+
+class PinGuard:
+    """Failed PINs back off exponentially per client address and are capped globally.
+
+    - Each failure from an address doubles the delay before its next failure is answered,
+      from ``pin_backoff_initial`` up to ``pin_backoff_max``.
+    - ``pin_lockout_failures`` failures from an address within ``pin_failure_window`` lock
+      it out until the oldest of them leaves the window.
+    - ``pin_global_failures`` failures from all addresses within the window lock everyone
+      out the same way, so that many addresses cannot share the guessing.
+    A success clears the address's failures.
+    """
+
+    def __init__(self, config: RelayConfig) -> None:
+        self._config = config
+        self._by_address: dict[str, _Failures] = {}
+        self._all: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self._config.pin_failure_window
+        while self._all and self._all[0] <= horizon:
+            self._all.popleft()
+        for address in [a for a, f in self._by_address.items() if f.times[-1] <= horizon]:
+            del self._by_address[address]
+        for failures in self._by_address.values():
+            while failures.times and failures.times[0] <= horizon:
+                failures.times.popleft()
+
+    def check(self, address: str, now: float) -> PinCheck:
+        """Before comparing: is this address (or everyone) locked out?"""
+        self._expire(now)
+        failures = self._by_address.get(address)
+        count = len(failures.times) if failures else 0
+        locked = (
+            count >= self._config.pin_lockout_failures
+            or len(self._all) >= self._config.pin_global_failures
+        )
+        return PinCheck(delay=self._delay(count) if locked else 0.0, locked=locked)
+
+    def failed(self, address: str, now: float) -> PinCheck:
+        """After a wrong PIN: how long to wait before answering, and whether to lock out."""
+        failures = self._by_address.setdefault(address, _Failures())
+        failures.times.append(now)
+        self._all.append(now)
+        count = len(failures.times)
+        locked = (
+            count >= self._config.pin_lockout_failures
+            or len(self._all) >= self._config.pin_global_failures
+        )
+        return PinCheck(delay=self._delay(count), locked=locked)
+
+    def succeeded(self, address: str) -> None:
+        self._by_address.pop(address, None)
+
+    def _delay(self, count: int) -> float:
+        if count <= 0:
+            return 0.0
+        initial = self._config.pin_backoff_initial
+        return float(min(self._config.pin_backoff_max, initial * 2 ** min(count - 1, 32)))
+
+    def tracked_addresses(self) -> int:
+        return len(self._by_address)

@@ -1,0 +1,429 @@
+"""The wire protocol, with no I/O: text in, requests out; replies in, text out.
+
+Like h11 and wsproto, this module never touches a socket. `decode` turns one WebSocket text
+frame into a typed request or raises `ProtocolError` carrying the error reply to send back;
+`encode` turns a reply or push into the text of one frame. Everything here is synchronous and
+tested without an event loop.
+
+Field names on the wire are camelCase (``resourceId``, ``modelProfiles``) because the seed's web
+client reads them; the attrs classes use snake_case and one private cattrs converter renames.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any, ClassVar, Final, Literal, NoReturn, Union, get_args
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "RESOURCES",
+    "AuthFailed",
+    "AuthRequest",
+    "AuthRequired",
+    "AuthSuccess",
+    "CreateRequest",
+    "DataReply",
+    "ErrorCode",
+    "ErrorReply",
+    "JSON",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "RequestId",
+    "Resource",
+    "ResourceKey",
+    "SendRequest",
+    "SubscribeRequest",
+    "Subscribed",
+    "UnsubscribeRequest",
+    "decode",
+    "encode",
+]
+
+#: Any JSON value, as the standard library's `json` module produces it.
+JSON = Any
+#: A request id: a non-empty string or an integer, echoed back unchanged.
+RequestId = Union[str, int]
+
+Resource = Literal["project", "chat", "modelProfiles"]
+RESOURCES: Final[tuple[str, ...]] = get_args(Resource)
+
+MAX_ID_LENGTH: Final = 256
+
+
+class ErrorCode:
+    """The stable, machine-readable ``code`` carried by every error reply."""
+
+    BAD_REQUEST: Final = "bad_request"
+    NOT_AUTHENTICATED: Final = "not_authenticated"
+    AUTH_FAILED: Final = "auth_failed"
+    NOT_FOUND: Final = "not_found"
+    RATE_LIMITED: Final = "rate_limited"
+    BACKEND_ERROR: Final = "backend_error"
+    TOO_MANY_SUBSCRIPTIONS: Final = "too_many_subscriptions"
+    UPSTREAM_ENDED: Final = "upstream_ended"
+
+
+@attrs.frozen(order=True)
+class ResourceKey:
+    """Names one watchable resource. ``modelProfiles`` has one instance, with id ``""``."""
+
+    resource: str
+    resource_id: str
+
+    def __str__(self) -> str:
+        return f"{self.resource}:{self.resource_id}" if self.resource_id else self.resource
+
+
+# --- requests (client to relay) ---------------------------------------------------------------
+
+
+@attrs.frozen
+class AuthRequest:
+    type: ClassVar[str] = "auth"
+    id: RequestId
+    pin: str = attrs.field(repr=False)  # never in a repr, so never in a log line
+
+
+@attrs.frozen
+class SubscribeRequest:
+    type: ClassVar[str] = "subscribe"
+    id: RequestId
+    resource: Resource
+    resource_id: str = ""
+    since_seq: int | None = None
+
+    @property
+    def key(self) -> ResourceKey:
+        return ResourceKey(self.resource, self.resource_id)
+
+
+@attrs.frozen
+class UnsubscribeRequest:
+    type: ClassVar[str] = "unsubscribe"
+    id: RequestId
+    resource: Resource
+    resource_id: str = ""
+
+    @property
+    def key(self) -> ResourceKey:
+        return ResourceKey(self.resource, self.resource_id)
+
+
+@attrs.frozen
+class SendRequest:
+    """Send a message to a chat: ``resourceId`` is the chat id, ``message`` any JSON value."""
+
+    type: ClassVar[str] = "send"
+    id: RequestId
+    resource_id: str
+    message: JSON = attrs.field(repr=False)  # message contents stay out of logs
+
+
+@attrs.frozen
+class CreateRequest:
+    """Create a chat (extension): ``resourceId`` is the project id, ``message`` holds ``title``."""
+
+    type: ClassVar[str] = "create"
+    id: RequestId
+    resource: Literal["chat"]
+    resource_id: str
+    title: str | None = None
+
+
+Request = Union[AuthRequest, SubscribeRequest, UnsubscribeRequest, SendRequest, CreateRequest]
+
+_REQUEST_TYPES: Final[dict[str, type[Request]]] = {
+    cls.type: cls
+    for cls in (AuthRequest, SubscribeRequest, UnsubscribeRequest, SendRequest, CreateRequest)
+}
+
+# --- replies and pushes (relay to client) -----------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class AuthRequired:
+    type: ClassVar[str] = "auth_required"
+    id: RequestId | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AuthSuccess:
+    type: ClassVar[str] = "auth_success"
+    id: RequestId | None
+    data: JSON  # {"projects": [...], "modelProfiles": [...]}
+
+
+@attrs.frozen(kw_only=True)
+class AuthFailed:
+    type: ClassVar[str] = "auth_failed"
+    id: RequestId | None
+    error: str
+    code: str = ErrorCode.AUTH_FAILED
+
+
+@attrs.frozen(kw_only=True)
+class Subscribed:
+    type: ClassVar[str] = "subscribed"
+    id: RequestId | None
+    resource: str
+    resource_id: str | None = None
+    data: JSON
+    seq: int
+
+
+@attrs.frozen(kw_only=True)
+class DataReply:
+    """A ``data`` frame: a reply to send/unsubscribe/create, or (``id`` None) a push."""
+
+    type: ClassVar[str] = "data"
+    id: RequestId | None
+    resource: str | None = None
+    resource_id: str | None = None
+    data: JSON
+    seq: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ErrorReply:
+    type: ClassVar[str] = "error"
+    id: RequestId | None
+    error: str
+    code: str
+    resource: str | None = None
+    resource_id: str | None = None
+
+
+Reply = Union[AuthRequired, AuthSuccess, AuthFailed, Subscribed, DataReply, ErrorReply]
+
+
+class ProtocolError(Exception):
+    """A frame could not be decoded. ``reply`` is the error frame to send back."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(reply.error)
+        self.reply = reply
+
+
+# --- the converter ----------------------------------------------------------------------------
+
+_WIRE_NAMES: Final = {"resource_id": "resourceId", "since_seq": "sinceSeq"}
+
+
+class _FieldError(TypeError):
+    """Raised by our strict hooks; its text completes "field 'x' ..."."""
+
+
+def _strict_str(value: object, _: object) -> str:
+    if not isinstance(value, str):
+        raise _FieldError("must be a string")
+    return value
+
+
+def _optional_str(value: object, _: object) -> str | None:
+    return None if value is None else _strict_str(value, None)
+
+
+def _optional_seq(value: object, _: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _FieldError("must be a non-negative integer")
+    return value
+
+
+def _resource(value: object, _: object) -> str:
+    if value not in RESOURCES:
+        raise _FieldError(f"must be one of {', '.join(RESOURCES)}")
+    return value  # type: ignore[return-value]  # checked against the Literal just above
+
+
+def _chat_only(value: object, _: object) -> str:
+    if value != "chat":
+        raise _FieldError("must be 'chat' (only chats can be created)")
+    return "chat"
+
+
+def _any(value: object, _: object) -> object:
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter()
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(str | None, _optional_str)
+    conv.register_structure_hook(int | None, _optional_seq)
+    # Literals and unions are not classes, so they are matched by predicate.
+    conv.register_structure_hook_func(lambda t: t == Resource, _resource)
+    conv.register_structure_hook_func(lambda t: t == Literal["chat"], _chat_only)
+    conv.register_structure_hook_func(lambda t: t == RequestId, _any)  # checked before
+    renames = {attr: override(rename=wire) for attr, wire in _WIRE_NAMES.items()}
+    for req in _REQUEST_TYPES.values():
+        names = {a.name for a in attrs.fields(req)}
+        overrides = {k: v for k, v in renames.items() if k in names}
+        conv.register_structure_hook(req, make_dict_structure_fn(req, conv, **overrides))
+    for rep in get_args(Reply):
+        names = {a.name for a in attrs.fields(rep)}
+        overrides = {k: v for k, v in renames.items() if k in names}
+        # ``id`` is always on the wire (``null`` for pushes); absent optionals are left out.
+        unstructure = make_dict_unstructure_fn(
+            rep, conv, _cattrs_omit_if_default=True, id=override(omit_if_default=False), **overrides
+        )
+        conv.register_unstructure_hook(rep, _with_type(rep.type, unstructure))
+    return conv
+
+
+def _with_type(type_: str, unstructure: Any) -> Any:
+    def hook(reply: Any) -> dict[str, Any]:
+        fields = unstructure(reply)
+        return {"id": fields.pop("id"), "type": type_, **fields}
+
+    return hook
+
+
+_converter: Final = _make_converter()
+
+# --- decode -----------------------------------------------------------------------------------
+
+# A JSON escape of a UTF-16 surrogate: json.loads accepts a lone one, which can never be
+# encoded back to UTF-8, so such frames are checked before they go any further.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _has_lone_surrogate(value: JSON) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _valid_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+
+
+def _bad_request(request_id: RequestId | None, error: str) -> ProtocolError:
+    return ProtocolError(ErrorReply(id=request_id, error=error, code=ErrorCode.BAD_REQUEST))
+
+
+def decode(text: str) -> Request:
+    """Decode one text frame into a request, or raise `ProtocolError` with the reply to send."""
+    try:
+        raw = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _bad_request(None, "frame is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise _bad_request(None, "frame must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(raw):
+        raise _bad_request(None, "frame contains a lone UTF-16 surrogate escape")
+    request_id = raw.get("id")
+    if not _valid_id(request_id):
+        raise _bad_request(
+            None,
+            f"field 'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters"
+            " or an integer",
+        )
+    request_type = raw.get("type")
+    cls = _REQUEST_TYPES.get(request_type) if isinstance(request_type, str) else None
+    if cls is None:
+        raise _bad_request(request_id, f"field 'type' must be one of {', '.join(_REQUEST_TYPES)}")
+    if cls is CreateRequest:
+        raw = _lift_title(raw, request_id)
+    try:
+        request: Request = _converter.structure(raw, cls)
+    except Exception as exc:  # cattrs reports through (groups of) exceptions of any type
+        raise _bad_request(request_id, _describe(exc)) from None
+    return _checked(request)
+
+
+def _checked(request: Request) -> Request:
+    """The rules that span fields, which the converter cannot express."""
+    if isinstance(request, (SubscribeRequest, UnsubscribeRequest)):
+        if request.resource == "modelProfiles":
+            # There is one modelProfiles resource: any id names it.
+            return attrs.evolve(request, resource_id="")
+        if not request.resource_id:
+            raise _bad_request(
+                request.id, f"field 'resourceId' is required for resource '{request.resource}'"
+            )
+    elif isinstance(request, (SendRequest, CreateRequest)) and not request.resource_id:
+        raise _bad_request(request.id, "field 'resourceId' is required")
+    if isinstance(request, SendRequest) and request.message in (None, "", {}):
+        raise _bad_request(request.id, "field 'message' must not be empty")
+    return request
+
+
+def _lift_title(raw: dict[str, JSON], request_id: RequestId) -> dict[str, JSON]:
+    # ``create`` carries its title inside ``message`` ({"title": ...}), as ``send`` carries text.
+    message = raw.get("message")
+    if message is None:
+        return raw
+    if not isinstance(message, dict):
+        raise _bad_request(request_id, "field 'message' must be an object such as {\"title\": ...}")
+    return {**raw, "title": message.get("title")}
+
+
+def _describe(exc: BaseException) -> str:
+    """One clear sentence naming the first bad field, from cattrs' exception group."""
+    leaves: list[BaseException] = []
+
+    def collect(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                collect(sub)
+        else:
+            leaves.append(e)
+
+    collect(exc)
+    for leaf in leaves:
+        name = next(
+            (n.name for n in getattr(leaf, "__notes__", ()) if hasattr(n, "name")), None
+        )
+        if name is None:
+            continue
+        wire = _WIRE_NAMES.get(name, name)
+        if name == "title":
+            wire = "message.title"
+        if isinstance(leaf, KeyError):
+            return f"field '{wire}' is required"
+        if isinstance(leaf, _FieldError):
+            return f"field '{wire}' {leaf}"
+        return f"field '{wire}' is invalid"
+    return "request is malformed"
+
+
+# --- encode -----------------------------------------------------------------------------------
+
+
+def encode(reply: Reply) -> str:
+    """Encode a reply or push as the text of one frame (compact JSON, UTF-8 safe)."""
+    obj = _converter.unstructure(reply)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Backend data held a lone surrogate: escape it rather than fail on the wire.
+        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return text

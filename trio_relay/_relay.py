@@ -1,0 +1,444 @@
+"""`open_relay`: the relay as an object that owns a nursery, for embedding in a Trio program.
+
+    open_relay nursery ........................ the relay's lifetime
+    ├── broadcaster (own cancel scope)*        one per watched resource
+    ├── serve (own cancel scope)*              accepts connections; cancelled first on exit
+    └── connections nursery
+        └── connection nursery*                see trio_relay._connection
+
+Leaving ``async with open_relay(...)`` stops accepting, closes every client with 1001 (within
+``shutdown_timeout``), then cancels the broadcasters, whose feeds close on the way out.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, NoReturn
+
+import attrs
+import trio
+from loguru import logger
+from trio_websocket import WebSocketRequest, WebSocketServer
+
+from ._backend import Backend, Feed, Snapshot
+from ._broadcaster import Broadcaster, Push, Subscriber, SubscribeFailed, Synced
+from ._config import CloseCode, RelayConfig, RelayStatistics
+from ._connection import Connection
+from ._limits import PinGuard
+from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "ListenerOverflow",
+    "Relay",
+    "RelayError",
+    "SubscriptionError",
+    "Update",
+    "UpstreamError",
+    "open_relay",
+]
+
+# trio-websocket's default of 1 would stop its reader (and so pong replies) whenever one
+# request is being handled; a small queue keeps pings flowing while bounding memory.
+_MESSAGE_QUEUE_SIZE: Final = 8
+
+
+class RelayError(Exception):
+    """Base of the errors the relay raises to the embedding application."""
+
+
+class SubscriptionError(RelayError):
+    """`Relay.listen` could not subscribe; ``code`` is the wire error code."""
+
+    def __init__(self, code: str, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+
+
+class UpstreamError(RelayError):
+    """The resource's upstream feed failed; the listener ends with this."""
+
+
+class ListenerOverflow(RelayError):
+    """A listener fell more than its buffer behind and was dropped so others could go on."""
+
+
+@attrs.frozen
+class Update:
+    """One push, as an in-process listener receives it (the same as web clients get)."""
+
+    resource: str
+    resource_id: str
+    seq: int
+    data: JSON
+
+
+class _ListenerSubscriber:
+    def __init__(self, send: trio.MemorySendChannel[Update]) -> None:
+        self._send = send
+        self.overflowed = False
+        self.error: str | None = None
+
+    def deliver(self, push: Push) -> None:
+        try:
+            self._send.send_nowait(
+                Update(push.key.resource, push.key.resource_id, push.seq, push.data)
+            )
+        except trio.WouldBlock:
+            self.overflowed = True
+            self._send.close()
+        except trio.ClosedResourceError:
+            pass
+
+    def end(self, push: Push) -> None:
+        if push.error is not None:
+            self.error = push.error
+        else:
+            self.deliver(push)
+        self._send.close()
+
+
+class Listener:
+    """An in-process subscription: the snapshot, then every update, as an async iterator.
+
+    Iteration ends after the ``{"completed": True}`` update when the upstream completes; it
+    raises `UpstreamError` if the upstream failed and `ListenerOverflow` if this listener fell
+    more than its buffer behind.
+    """
+
+    def __init__(
+        self,
+        key: ResourceKey,
+        synced: Synced,
+        receive: trio.MemoryReceiveChannel[Update],
+        subscriber: _ListenerSubscriber,
+    ) -> None:
+        self.resource = key.resource
+        self.resource_id = key.resource_id
+        #: The items of the snapshot: chats, messages or model profiles.
+        self.snapshot: list[JSON] = synced.snapshot.items
+        #: The seq the snapshot is current to; updates continue from seq + 1.
+        self.seq = synced.seq
+        self._receive = receive
+        self._subscriber = subscriber
+
+    def __aiter__(self) -> Listener:
+        return self
+
+    async def __anext__(self) -> Update:
+        try:
+            update = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._subscriber.overflowed:
+                raise ListenerOverflow(
+                    f"listener on {self.resource} fell behind by more than its buffer"
+                ) from None
+            if self._subscriber.error is not None:
+                raise UpstreamError(self._subscriber.error) from None
+            raise StopAsyncIteration from None
+        self.seq = update.seq
+        return update
+
+
+class Relay:
+    """A running relay; get one from `open_relay`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        pin: str,
+        config: RelayConfig,
+        nursery: trio.Nursery,
+        connections_nursery: trio.Nursery,
+    ) -> None:
+        if not pin:
+            raise ValueError("pin must not be empty")
+        self.backend = backend
+        self.pin = pin
+        self.config = config
+        self.pin_guard = PinGuard(config)
+        self._nursery = nursery
+        self._connections_nursery = connections_nursery
+        self._connections: set[Connection] = set()
+        self._broadcasters: dict[ResourceKey, Broadcaster] = {}
+        self._serve_scopes: set[trio.CancelScope] = set()
+        self._listeners = 0
+        self._closing = False
+        self._started_at = trio.current_time()
+        self.counters: dict[str, int] = {
+            "slow_closes": 0, "failed_pins": 0, "backend_errors": 0,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Relay connections={len(self._connections)}>"
+
+    # --- serving ----------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve WebSocket clients on ``host``:``port`` until cancelled or the relay closes.
+
+        With ``await nursery.start(relay.serve, host, port)`` it returns the bound port once
+        listening (``port=0`` picks a free one).
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound: int = listeners[0].socket.getsockname()[1]
+        await self.serve_listeners(listeners, task_status=_Mapped(task_status, lambda _: bound))
+
+    async def serve_listeners(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[Sequence[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on trio listeners you opened (TCP, TLS, or in-memory ones in tests).
+
+        Returns when the relay closes; the listeners are closed on the way out.
+        """
+        if self._closing:
+            raise RelayError("the relay is closing")
+        server = WebSocketServer(
+            self._handle_request,
+            list(listeners),
+            handler_nursery=self._connections_nursery,
+            message_queue_size=_MESSAGE_QUEUE_SIZE,
+            max_message_size=self.config.max_message_size,
+            connect_timeout=self.config.handshake_timeout,
+            disconnect_timeout=self.config.close_timeout,
+        )
+        with trio.CancelScope() as scope:
+            self._serve_scopes.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(server.run)
+                    logger.info("relay listening on {}", ", ".join(map(str, server.listeners)))
+                    task_status.started(listeners)
+            finally:
+                self._serve_scopes.discard(scope)
+
+    async def start_serving(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start `serve` in the relay's own nursery; return the bound port once listening."""
+        return int(await self._nursery.start(self.serve, host, port))
+
+    async def _handle_request(self, request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        remote = request.remote
+        peer = f"{remote.address}:{remote.port}" if hasattr(remote, "address") else "memory"
+        connection = Connection(self, ws, peer)
+        self._connections.add(connection)
+        try:
+            if self._closing:
+                connection.close(CloseCode.GOING_AWAY, "relay shutting down")
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    # --- in-process use ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def listen(
+        self, resource: str, resource_id: str = "", *, buffer: int | None = None
+    ) -> AsyncIterator[Listener]:
+        """Watch a resource from inside the host application, beside the web clients.
+
+        Shares the resource's broadcaster with every web subscriber; raises
+        `SubscriptionError` (with the wire ``code``, e.g. ``not_found``) if it cannot start.
+        """
+        if resource not in RESOURCES:
+            raise ValueError(f"resource must be one of {', '.join(RESOURCES)}")
+        if resource == "modelProfiles":
+            resource_id = ""
+        elif not resource_id:
+            raise ValueError(f"resource_id is required for {resource}")
+        key = ResourceKey(resource, resource_id)
+        send, receive = trio.open_memory_channel[Update](buffer or self.config.listener_buffer)
+        subscriber = _ListenerSubscriber(send)
+        with send, receive:
+            try:
+                async with self._subscription(key, subscriber) as synced:
+                    listener = Listener(key, synced, receive, subscriber)
+                    synced.go_live()
+                    self._listeners += 1
+                    try:
+                        yield listener
+                    finally:
+                        self._listeners -= 1
+            except SubscribeFailed as exc:
+                raise SubscriptionError(exc.code, str(exc)) from None
+
+    async def send(self, chat_id: str, message: JSON) -> None:
+        """Send a message to a chat as the host; every subscriber sees it, web and in-process."""
+        with trio.fail_after(self.config.backend_timeout):
+            await self.backend.send_message(chat_id, message)
+
+    async def create_chat(self, project_id: str, title: str | None = None) -> JSON:
+        """Create a chat as the host; the project's subscribers get a push."""
+        with trio.fail_after(self.config.backend_timeout):
+            return await self.backend.create_chat(project_id, title)
+
+    def statistics(self) -> RelayStatistics:
+        """What the relay holds right now; after every client has left it returns to idle."""
+        return RelayStatistics(
+            connections=len(self._connections),
+            authenticated_connections=sum(c.authenticated for c in self._connections),
+            subscriptions=sum(len(c.subscriptions) for c in self._connections),
+            listeners=self._listeners,
+            broadcasters=len(self._broadcasters),
+            tasks=_count_tasks(self._nursery),
+        )
+
+    @property
+    def uptime(self) -> float:
+        return trio.current_time() - self._started_at
+
+    # --- broadcasters -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _subscription(self, key: ResourceKey, subscriber: Subscriber) -> AsyncIterator[Synced]:
+        """Join (or start) the resource's broadcaster for the duration of the block."""
+        if self._closing:
+            raise SubscribeFailed(ErrorCode.BACKEND_ERROR, "the relay is closing")
+        broadcaster = self._broadcasters.get(key)
+        if broadcaster is None:
+            open_feed, read_snapshot = self._upstream(key)
+            broadcaster = Broadcaster(
+                key,
+                open_feed=open_feed,
+                read_snapshot=read_snapshot,
+                backend_timeout=self.config.backend_timeout,
+                max_pending=self.config.max_pending_changes,
+                on_done=self._broadcaster_done,
+            )
+            self._broadcasters[key] = broadcaster
+            self._nursery.start_soon(broadcaster.run, name=f"broadcaster {key}")
+        broadcaster.add(subscriber)
+        try:
+            yield await broadcaster.sync(subscriber)
+        finally:
+            broadcaster.remove(subscriber)
+
+    def _broadcaster_done(self, broadcaster: Broadcaster) -> None:
+        if self._broadcasters.get(broadcaster.key) is broadcaster:
+            del self._broadcasters[broadcaster.key]
+
+    def _upstream(
+        self, key: ResourceKey
+    ) -> tuple[Callable[[], Feed], Callable[[], Awaitable[Snapshot]]]:
+        """The seam where a broadcaster meets its source (a backend today, Redis tomorrow)."""
+        backend, rid = self.backend, key.resource_id
+        if key.resource == "project":
+            return (lambda: backend.watch_project(rid)), (lambda: backend.list_chats(rid))
+        if key.resource == "chat":
+            return (lambda: backend.watch_chat(rid)), (lambda: backend.get_history(rid))
+        return backend.watch_model_profiles, backend.get_model_profiles
+
+    # --- counters for metrics ---------------------------------------------------------------
+
+    def _count_slow_close(self) -> None:
+        self.counters["slow_closes"] += 1
+
+    def _count_failed_pin(self) -> None:
+        self.counters["failed_pins"] += 1
+
+    def _count_backend_error(self) -> None:
+        self.counters["backend_errors"] += 1
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _begin_shutdown(self) -> None:
+        self._closing = True
+        for scope in list(self._serve_scopes):
+            scope.cancel()
+        for connection in list(self._connections):
+            connection.close(CloseCode.GOING_AWAY, "relay shutting down")
+
+
+class _Mapped:
+    """A task_status that reports ``convert(value)`` to the task_status it wraps."""
+
+    def __init__(self, inner: trio.TaskStatus[Any], convert: Callable[[Any], Any]) -> None:
+        self._inner = inner
+        self._convert = convert
+
+    def started(self, value: Any = None) -> None:
+        self._inner.started(self._convert(value))
+
+
+def _count_tasks(nursery: trio.Nursery) -> int:
+    count = 0
+    for task in nursery.child_tasks:
+        count += 1
+        for child in task.child_nurseries:
+            count += _count_tasks(child)
+    return count
+
+
+
+@asynccontextmanager
+async def open_relay(
+    backend: Backend,
+    *,
+    pin: str,
+    config: RelayConfig | None = None,
+) -> AsyncIterator[Relay]:
+    """Run a relay for the duration of the block.
+
+    ::
+
+        async with trio_relay.open_relay(backend, pin="123456") as relay:
+            port = await relay.start_serving("127.0.0.1", 8765)
+            async with relay.listen("chat", chat_id) as updates:
+                await relay.send(chat_id, "hello from the host")
+                async for update in updates:
+                    ...
+
+    A single error from inside is raised as itself, never wrapped in an exception group.
+    """
+    config = config or RelayConfig()
+    try:
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as connections_nursery:
+                relay = Relay(
+                    backend,
+                    pin=pin,
+                    config=config,
+                    nursery=nursery,
+                    connections_nursery=connections_nursery,
+                )
+                try:
+                    yield relay
+                finally:
+                    relay._begin_shutdown()
+                    # Clients get shutdown_timeout to finish their closing handshakes.
+                    connections_nursery.cancel_scope.deadline = (
+                        trio.current_time() + config.shutdown_timeout
+                    )
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _raise_single(group)
+
+
+def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                collect(sub)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    if len(leaves) == 1:
+        raise leaves[0] from leaves[0].__cause__
+    raise group
