@@ -184,7 +184,7 @@ class Broadcaster:
         push = Push(self.key, seq, change.data, text, change.version)
         for subscriber in self._live:
             subscriber.deliver(push)
-        for subscriber, pending in self._pending.items():
+        for pending in self._pending.values():
             if len(pending.pushes) < self._max_pending:
                 pending.pushes.append(push)
             else:

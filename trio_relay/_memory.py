@@ -34,6 +34,8 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
 
     async def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
         """Open a connection; returns the client's end of the stream."""
+        client: trio.abc.Stream
+        server: trio.abc.Stream
         if lockstep:
             client, server = trio.testing.lockstep_stream_pair()
         else:

@@ -84,7 +84,9 @@ class MemoryBackend:
         """Publish a raw upstream event that changes no stored state (streamed output)."""
         return self.hub.publish(ResourceKey(resource, resource_id), data)
 
-    def end_feeds(self, resource: str, resource_id: str, error: BaseException | None = None) -> None:
+    def end_feeds(
+        self, resource: str, resource_id: str, error: BaseException | None = None
+    ) -> None:
         """Complete (or, with ``error``, fail) every open feed of a resource."""
         self.hub.end(ResourceKey(resource, resource_id), error)
 
@@ -117,7 +119,8 @@ class MemoryBackend:
         await self._fault("get_history")
         if chat_id not in self.chats:
             raise NotFound(f"chat {chat_id!r} not found")
-        return Snapshot(list(self.messages[chat_id]), self.hub.version(ResourceKey("chat", chat_id)))
+        version = self.hub.version(ResourceKey("chat", chat_id))
+        return Snapshot(list(self.messages[chat_id]), version)
 
     async def send_message(self, chat_id: str, message: JSON) -> None:
         await self._fault("send_message")

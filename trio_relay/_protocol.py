@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any, ClassVar, Final, Literal, NoReturn, Union, get_args
+from typing import Any, ClassVar, Final, Literal, NoReturn, get_args
 
 import attrs
 import cattrs
@@ -51,7 +51,7 @@ __all__ = [
 #: Any JSON value, as the standard library's `json` module produces it.
 JSON = Any
 #: A request id: a non-empty string or an integer, echoed back unchanged.
-RequestId = Union[str, int]
+RequestId = str | int
 
 Resource = Literal["project", "chat", "modelProfiles"]
 RESOURCES: Final[tuple[str, ...]] = get_args(Resource)
@@ -139,7 +139,7 @@ class CreateRequest:
     title: str | None = None
 
 
-Request = Union[AuthRequest, SubscribeRequest, UnsubscribeRequest, SendRequest, CreateRequest]
+Request = AuthRequest | SubscribeRequest | UnsubscribeRequest | SendRequest | CreateRequest
 
 _REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     cls.type: cls
@@ -202,7 +202,7 @@ class ErrorReply:
     resource_id: str | None = None
 
 
-Reply = Union[AuthRequired, AuthSuccess, AuthFailed, Subscribed, DataReply, ErrorReply]
+Reply = AuthRequired | AuthSuccess | AuthFailed | Subscribed | DataReply | ErrorReply
 
 
 class ProtocolError(Exception):
@@ -243,7 +243,7 @@ def _optional_seq(value: object, _: object) -> int | None:
 def _resource(value: object, _: object) -> str:
     if value not in RESOURCES:
         raise _FieldError(f"must be one of {', '.join(RESOURCES)}")
-    return value  # type: ignore[return-value]  # checked against the Literal just above
+    return str(value)
 
 
 def _chat_only(value: object, _: object) -> str:
@@ -265,7 +265,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(lambda t: t == Resource, _resource)
     conv.register_structure_hook_func(lambda t: t == Literal["chat"], _chat_only)
     conv.register_structure_hook_func(lambda t: t == RequestId, _any)  # checked before
-    renames = {attr: override(rename=wire) for attr, wire in _WIRE_NAMES.items()}
+    renames: dict[str, Any] = {attr: override(rename=wire) for attr, wire in _WIRE_NAMES.items()}
     for req in _REQUEST_TYPES.values():
         names = {a.name for a in attrs.fields(req)}
         overrides = {k: v for k, v in renames.items() if k in names}
@@ -338,13 +338,13 @@ def decode(text: str) -> Request:
         raise _bad_request(None, "frame must be a JSON object")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(raw):
         raise _bad_request(None, "frame contains a lone UTF-16 surrogate escape")
-    request_id = raw.get("id")
-    if not _valid_id(request_id):
+    if not _valid_id(raw.get("id")):
         raise _bad_request(
             None,
             f"field 'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters"
             " or an integer",
         )
+    request_id: RequestId = raw["id"]
     request_type = raw.get("type")
     cls = _REQUEST_TYPES.get(request_type) if isinstance(request_type, str) else None
     if cls is None:

@@ -20,10 +20,10 @@ from typing import Any, Final, NoReturn
 import attrs
 import trio
 from loguru import logger
-from trio_websocket import WebSocketRequest, WebSocketServer
+from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
 
 from ._backend import Backend, Feed, Snapshot
-from ._broadcaster import Broadcaster, Push, Subscriber, SubscribeFailed, Synced
+from ._broadcaster import Broadcaster, Push, SubscribeFailed, Subscriber, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
 from ._limits import PinGuard
@@ -209,7 +209,7 @@ class Relay:
             raise RelayError("the relay is closing")
         server = WebSocketServer(
             self._handle_request,
-            list(listeners),
+            list(listeners),  # type: ignore[arg-type]  # any trio Listener works
             handler_nursery=self._connections_nursery,
             message_queue_size=_MESSAGE_QUEUE_SIZE,
             max_message_size=self.config.max_message_size,
@@ -233,7 +233,7 @@ class Relay:
     async def _handle_request(self, request: WebSocketRequest) -> None:
         ws = await request.accept()
         remote = request.remote
-        peer = f"{remote.address}:{remote.port}" if hasattr(remote, "address") else "memory"
+        peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else "memory"
         connection = Connection(self, ws, peer)
         self._connections.add(connection)
         try:
@@ -304,7 +304,9 @@ class Relay:
     # --- broadcasters -----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _subscription(self, key: ResourceKey, subscriber: Subscriber) -> AsyncIterator[Synced]:
+    async def _subscription(
+        self, key: ResourceKey, subscriber: Subscriber
+    ) -> AsyncIterator[Synced]:
         """Join (or start) the resource's broadcaster for the duration of the block."""
         if self._closing:
             raise SubscribeFailed(ErrorCode.BACKEND_ERROR, "the relay is closing")

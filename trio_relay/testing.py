@@ -152,10 +152,13 @@ class MemoryRelay:
         self._nursery = nursery
         self._timeout = timeout
 
-    async def connect(self, *, lockstep: bool = False, authenticate: str | None = None) -> TestClient:
+    async def connect(
+        self, *, lockstep: bool = False, authenticate: str | None = None
+    ) -> TestClient:
         """Open a client connection (``lockstep``: the relay's writes wait for our reads)."""
         stream = await self.listener.connect(lockstep=lockstep)
-        ws = await wrap_client_stream(self._nursery, stream, "relay.test", "/ws")
+        # trio-websocket's hints name socket streams, but any trio Stream works.
+        ws = await wrap_client_stream(self._nursery, stream, "relay.test", "/ws")  # type: ignore[arg-type]
         client = TestClient(ws, stream, self._timeout)
         if authenticate is not None:
             await client.authenticate(authenticate)
@@ -168,12 +171,12 @@ async def open_memory_relay(
     *,
     pin: str = "1234",
     config: RelayConfig | None = None,
-    timeout: float = 30.0,
+    client_timeout: float = 30.0,
 ) -> AsyncIterator[MemoryRelay]:
-    """A relay on an in-memory listener. ``timeout`` bounds every client wait (mock time)."""
+    """A relay on an in-memory listener; ``client_timeout`` bounds every client wait."""
     listener = MemoryListener()
     async with open_relay(backend, pin=pin, config=config) as relay:
         async with trio.open_nursery() as client_nursery:
             await relay._nursery.start(relay.serve_listeners, [listener])
-            yield MemoryRelay(relay, listener, client_nursery, timeout)
+            yield MemoryRelay(relay, listener, client_nursery, client_timeout)
             client_nursery.cancel_scope.cancel()

@@ -1,0 +1,7 @@
+"""``python -m trio_relay`` is the ``trio-relay`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
