@@ -119,11 +119,10 @@ class Connection:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._auth_deadline)
+                if self._close_request is not None:  # closed before it started
+                    nursery.start_soon(self._close_deadline)
         finally:
-            # Whatever ended us (client, server, cancellation), drop the stream if it is
-            # still open: a closing handshake we could not finish becomes a TCP close.
-            with trio.CancelScope(shield=True):
-                await _abort(self.ws)
+            self._nursery = None  # nothing may be started in it any more
             closed = self.ws.closed
             code, reason = self._close_request or (
                 (closed.code, closed.reason or "") if closed else (1006, "")
@@ -368,13 +367,6 @@ def _error(request: Request, code: str, error: str) -> ErrorReply:
     resource_id: str | None = getattr(request, "resource_id", None) or None
     return ErrorReply(id=request.id, error=error, code=code, resource=resource,
                       resource_id=resource_id)
-
-
-async def _abort(ws: WebSocketConnection) -> None:
-    """Close the stream under us at once (used when a close could not be completed)."""
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        await ws.aclose()
 
 
 def _unreachable(value: object) -> NoReturn:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Final, NoReturn
 
 import attrs
 import trio
 from loguru import logger
-from trio_websocket import Endpoint, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, wrap_server_stream
 
 from ._backend import Backend, Feed, Snapshot
 from ._broadcaster import Broadcaster, Push, SubscribeFailed, Subscriber, Synced
@@ -207,21 +208,19 @@ class Relay:
         """
         if self._closing:
             raise RelayError("the relay is closing")
-        server = WebSocketServer(
-            self._handle_request,
-            list(listeners),  # type: ignore[arg-type]  # any trio Listener works
-            handler_nursery=self._connections_nursery,
-            message_queue_size=_MESSAGE_QUEUE_SIZE,
-            max_message_size=self.config.max_message_size,
-            connect_timeout=self.config.handshake_timeout,
-            disconnect_timeout=self.config.close_timeout,
-        )
         with trio.CancelScope() as scope:
             self._serve_scopes.add(scope)
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(server.run)
-                    logger.info("relay listening on {}", ", ".join(map(str, server.listeners)))
+                    await nursery.start(
+                        partial(
+                            trio.serve_listeners,
+                            self._handle_stream,
+                            list(listeners),
+                            handler_nursery=self._connections_nursery,
+                        )
+                    )
+                    logger.info("relay listening on {}", ", ".join(map(_describe, listeners)))
                     task_status.started(listeners)
             finally:
                 self._serve_scopes.discard(scope)
@@ -230,18 +229,37 @@ class Relay:
         """Start `serve` in the relay's own nursery; return the bound port once listening."""
         return int(await self._nursery.start(self.serve, host, port))
 
-    async def _handle_request(self, request: WebSocketRequest) -> None:
-        ws = await request.accept()
-        remote = request.remote
-        peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else "memory"
-        connection = Connection(self, ws, peer)
-        self._connections.add(connection)
-        try:
-            if self._closing:
-                connection.close(CloseCode.GOING_AWAY, "relay shutting down")
-            await connection.run()
-        finally:
-            self._connections.discard(connection)
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """One accepted stream: the WebSocket handshake, then the connection, in one nursery.
+
+        We own the stream (rather than letting trio-websocket's server own it) so that it is
+        closed however the connection ends: trio-websocket leaves it open after an abrupt
+        disconnect, which would hold the socket until garbage collection.
+        """
+        async with stream, trio.open_nursery() as nursery:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                try:
+                    request = await wrap_server_stream(
+                        nursery, stream, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
+                    )
+                    ws = await request.accept()
+                except ConnectionClosed:
+                    pass
+            if ws is not None:
+                remote = request.remote
+                peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) \
+                    else "memory"
+                connection = Connection(self, ws, peer)
+                self._connections.add(connection)
+                try:
+                    if self._closing:
+                        connection.close(CloseCode.GOING_AWAY, "relay shutting down")
+                    await connection.run()
+                finally:
+                    self._connections.discard(connection)
+            # Stops trio-websocket's reader task, whatever state the handshake was left in.
+            nursery.cancel_scope.cancel()
 
     # --- in-process use ---------------------------------------------------------------------
 
@@ -374,6 +392,14 @@ class _Mapped:
 
     def started(self, value: Any = None) -> None:
         self._inner.started(self._convert(value))
+
+
+def _describe(listener: trio.abc.Listener[Any]) -> str:
+    socket = getattr(listener, "socket", None)
+    if socket is not None:
+        host, port = socket.getsockname()[:2]
+        return f"{host}:{port}"
+    return type(listener).__name__
 
 
 def _count_tasks(nursery: trio.Nursery) -> int:
