@@ -1,0 +1,599 @@
+"""`SqliteBackend`: a complete `Backend` on the standard library's sqlite3, with the echo agent.
+
+It is the relay's default backend and its reference: projects, chats, messages and model
+profiles live in ``<data_dir>/trio-relay.sqlite3`` and every change is published through a
+`ChangeHub`, so subscriptions are exact.
+
+The consistency rule: a write and its ``hub.publish`` happen under ``self._lock``, with no
+``await`` between the write returning and the publish, and a snapshot reads ``hub.version``
+and its rows under the same lock. A snapshot therefore holds exactly the writes of the changes
+up to its version. Streamed agent output (``reply_started``, ``chunk``, ``error``) changes no
+rows, so it is published without the lock (the agent's ``emit`` is synchronous); a snapshot
+takes its version before it reads its rows, so such an event published during the read gets a
+later version and still reaches the subscriber.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Final, NoReturn, TypeVar
+
+import attrs
+import trio
+from loguru import logger
+
+from ._backend import BackendError, Feed, NotFound, Snapshot
+from ._echo_agent import EchoAgent
+from ._hub import ChangeHub
+from ._protocol import JSON, ResourceKey
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "DATABASE_NAME",
+    "MODEL_PROFILES_KEY",
+    "SEED_MODEL_PROFILES",
+    "WELCOME_TEXT",
+    "SqliteBackend",
+    "open_sqlite_backend",
+]
+
+DATABASE_NAME: Final = "trio-relay.sqlite3"
+DEFAULT_CHAT_TITLE: Final = "New chat"
+DEFAULT_MODEL_PROFILE: Final = "echo"
+MODEL_PROFILES_KEY: Final = ResourceKey("modelProfiles", "")
+
+# PRAGMA user_version of the schema below. 0 means a fresh file: the only time we seed.
+_SCHEMA_VERSION: Final = 1
+
+# One statement each: executescript() would commit the transaction they run in.
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS projects (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS chats (
+        id TEXT PRIMARY KEY,
+        project_id TEXT NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        title TEXT NOT NULL,
+        model_profile_id TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS chats_by_project ON chats (project_id, created_at)",
+    # seq: timestamps can tie or step back with the wall clock; insertion order cannot.
+    """CREATE TABLE IF NOT EXISTS messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        chat_id TEXT NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, seq)",
+    # position: profiles are listed in the order the host gave them.
+    """CREATE TABLE IF NOT EXISTS model_profiles (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        position INTEGER NOT NULL
+    )""",
+)
+
+# Column aliases give the wire's camelCase names, so a row converts to its JSON form as is.
+_PROJECT_COLUMNS: Final = "id, name, created_at AS createdAt"
+_CHAT_COLUMNS: Final = (
+    "id, project_id AS projectId, title, model_profile_id AS modelProfileId,"
+    " created_at AS createdAt"
+)
+_MESSAGE_COLUMNS: Final = "id, chat_id AS chatId, role, content, created_at AS createdAt"
+_PROFILE_COLUMNS: Final = "id, name, agent"
+
+WELCOME_TEXT: Final = (
+    "Welcome to trio-relay! This demo chat talks to the echo agent: type something and "
+    "it will be streamed back to you."
+)
+SEED_MODEL_PROFILES: Final = (
+    {"id": "echo", "name": "Echo", "agent": "echo"},
+    {"id": "echo-fast", "name": "Echo (fast)", "agent": "echo"},
+    {"id": "echo-slow", "name": "Echo (slow)", "agent": "echo"},
+)
+# The seeded profiles that pace the echo agent differently from the backend's own agent.
+_PROFILE_CHUNK_DELAYS: Final = {"echo-fast": 0.01, "echo-slow": 0.3}
+
+_MESSAGE_FIELDS: Final = ("text", "content", "message")
+
+_T = TypeVar("_T")
+_Row = dict[str, JSON]
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> str:
+    # Milliseconds and "Z": the ISO-8601 form every JavaScript Date parses.
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _chat_key(chat_id: str) -> ResourceKey:
+    return ResourceKey("chat", chat_id)
+
+
+def _project_key(project_id: str) -> ResourceKey:
+    return ResourceKey("project", project_id)
+
+
+# --- sqlite: these run in the worker thread, never on the event loop ---------------------------
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
+    # The connection is in autocommit mode, so transactions are explicit and none is left open
+    # between calls. A write takes sqlite's write lock up front (IMMEDIATE) rather than
+    # upgrading halfway, which could fail if another process writes to the file too.
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
+def _row(row: sqlite3.Row | None) -> _Row | None:
+    return None if row is None else dict(row)
+
+
+def _rows(rows: list[sqlite3.Row]) -> list[JSON]:
+    return [dict(row) for row in rows]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # check_same_thread=False: trio picks any worker thread; the limiter of 1 serializes use.
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with _transaction(conn):
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > _SCHEMA_VERSION:
+                raise BackendError(
+                    f"{path} has schema version {version}; this trio-relay knows up to"
+                    f" {_SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            if version == 0:
+                _seed(conn)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _seed(conn: sqlite3.Connection) -> None:
+    now = _now()
+    conn.execute(
+        "INSERT INTO projects (id, name, created_at) VALUES (?, ?, ?)",
+        ("demo", "Demo project", now),
+    )
+    conn.execute(
+        "INSERT INTO chats (id, project_id, title, model_profile_id, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        ("welcome", "demo", "Welcome", DEFAULT_MODEL_PROFILE, now),
+    )
+    conn.execute(
+        "INSERT INTO messages (id, chat_id, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
+        (_new_id(), "welcome", "assistant", WELCOME_TEXT, now),
+    )
+    _replace_profiles(conn, list(SEED_MODEL_PROFILES))
+
+
+def _replace_profiles(conn: sqlite3.Connection, profiles: list[_Row]) -> None:
+    conn.execute("DELETE FROM model_profiles")
+    conn.executemany(
+        "INSERT INTO model_profiles (id, name, agent, position) VALUES (?, ?, ?, ?)",
+        [(p["id"], p["name"], p["agent"], i) for i, p in enumerate(profiles)],
+    )
+
+
+def _select_projects(conn: sqlite3.Connection) -> list[JSON]:
+    return _rows(
+        conn.execute(
+            f"SELECT {_PROJECT_COLUMNS} FROM projects ORDER BY created_at, rowid"
+        ).fetchall()
+    )
+
+
+def _select_profiles(conn: sqlite3.Connection) -> list[JSON]:
+    return _rows(
+        conn.execute(f"SELECT {_PROFILE_COLUMNS} FROM model_profiles ORDER BY position").fetchall()
+    )
+
+
+def _select_chat(conn: sqlite3.Connection, chat_id: str) -> _Row:
+    chat = _row(
+        conn.execute(f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = ?", (chat_id,)).fetchone()
+    )
+    if chat is None:
+        raise NotFound(f"chat {chat_id!r} not found")
+    return chat
+
+
+def _check_project(conn: sqlite3.Connection, project_id: str) -> None:
+    if conn.execute("SELECT 1 FROM projects WHERE id = ?", (project_id,)).fetchone() is None:
+        raise NotFound(f"project {project_id!r} not found")
+
+
+def _select_chats(project_id: str, conn: sqlite3.Connection) -> list[JSON]:
+    with _transaction(conn, write=False):  # the project check and the list agree
+        _check_project(conn, project_id)
+        rows = conn.execute(
+            f"SELECT {_CHAT_COLUMNS} FROM chats WHERE project_id = ? ORDER BY created_at, rowid",
+            (project_id,),
+        ).fetchall()
+    return _rows(rows)
+
+
+def _select_history(chat_id: str, conn: sqlite3.Connection) -> list[JSON]:
+    with _transaction(conn, write=False):
+        _select_chat(conn, chat_id)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY seq",
+            (chat_id,),
+        ).fetchall()
+    return _rows(rows)
+
+
+def _insert_message(
+    chat_id: str, message_id: str, role: str, content: str, conn: sqlite3.Connection
+) -> tuple[_Row, _Row]:
+    """Store a message; return it and its chat. `NotFound` if the chat is gone."""
+    with _transaction(conn):
+        chat = _select_chat(conn, chat_id)
+        conn.execute(
+            "INSERT INTO messages (id, chat_id, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
+            (message_id, chat_id, role, content, _now()),
+        )
+        message = _row(
+            conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        )
+    assert message is not None
+    return message, chat
+
+
+def _insert_chat(
+    project_id: str, title: str, model_profile_id: str, conn: sqlite3.Connection
+) -> _Row:
+    chat_id = _new_id()
+    with _transaction(conn):
+        _check_project(conn, project_id)
+        conn.execute(
+            "INSERT INTO chats (id, project_id, title, model_profile_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (chat_id, project_id, title, model_profile_id, _now()),
+        )
+        return _select_chat(conn, chat_id)
+
+
+def _update_chat_title(chat_id: str, title: str, conn: sqlite3.Connection) -> _Row:
+    with _transaction(conn):
+        conn.execute("UPDATE chats SET title = ? WHERE id = ?", (title, chat_id))
+        return _select_chat(conn, chat_id)
+
+
+def _delete_chat(chat_id: str, conn: sqlite3.Connection) -> _Row:
+    with _transaction(conn):
+        chat = _select_chat(conn, chat_id)
+        conn.execute("DELETE FROM messages WHERE chat_id = ?", (chat_id,))
+        conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+    return chat
+
+
+def _store_profiles(profiles: list[_Row], conn: sqlite3.Connection) -> None:
+    with _transaction(conn):
+        _replace_profiles(conn, profiles)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _message_text(message: JSON) -> str:
+    """The text of a client's ``message``: a string, or an object's text/content/message."""
+    if isinstance(message, str) and message:
+        return message
+    if isinstance(message, dict):
+        for field in _MESSAGE_FIELDS:
+            value = message.get(field)
+            if isinstance(value, str) and value:
+                return value
+    raise BackendError(
+        "message must be a non-empty string or an object with a non-empty string"
+        " under 'text', 'content' or 'message'"
+    )
+
+
+def _checked_profiles(profiles: list[JSON]) -> list[_Row]:
+    checked: list[_Row] = []
+    seen: set[str] = set()
+    for i, profile in enumerate(profiles):
+        if not isinstance(profile, dict):
+            raise ValueError(f"model profile {i} must be a dict")
+        for field in ("id", "name", "agent"):
+            if not isinstance(profile.get(field), str) or not profile[field]:
+                raise ValueError(f"model profile {i} needs a non-empty string {field!r}")
+        if profile["id"] in seen:
+            raise ValueError(f"model profile id {profile['id']!r} appears twice")
+        seen.add(profile["id"])
+        checked.append({"id": profile["id"], "name": profile["name"], "agent": profile["agent"]})
+    return checked
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Job:
+    content: str
+    model_profile_id: str
+
+
+@attrs.define(eq=False)
+class _ChatQueue:
+    """The replies waiting in one chat; it exists only while a reply is running or queued."""
+
+    jobs: deque[_Job] = attrs.Factory(deque)
+    running: trio.CancelScope | None = None
+
+
+class SqliteBackend:
+    """The `Backend` over one sqlite file. Get one from `open_sqlite_backend`.
+
+    Besides the protocol's methods it offers the host's side: `rename_chat`, `delete_chat`
+    and `set_model_profiles`, each pushed to the relevant feed.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        limiter: trio.CapacityLimiter,
+        nursery: trio.Nursery,
+        agent: EchoAgent,
+        path: Path,
+    ) -> None:
+        self.hub = ChangeHub()
+        self.agent = agent
+        self.path = path
+        self._conn = conn
+        self._limiter = limiter
+        self._nursery = nursery
+        self._lock = trio.Lock()
+        self._queues: dict[str, _ChatQueue] = {}
+        self._closed = False
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise BackendError("backend is closed")
+        return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
+
+    async def _snapshot(
+        self, key: ResourceKey, read: Callable[[sqlite3.Connection], list[JSON]]
+    ) -> Snapshot:
+        async with self._lock:
+            # Writes wait for the lock, so the version taken first still matches the rows.
+            version = self.hub.version(key)
+            items = await self._run(read)
+        return Snapshot(items, version)
+
+    # --- reads ---
+
+    async def list_projects(self) -> list[JSON]:
+        return await self._run(_select_projects)
+
+    async def get_model_profiles(self) -> Snapshot:
+        return await self._snapshot(MODEL_PROFILES_KEY, _select_profiles)
+
+    async def list_chats(self, project_id: str) -> Snapshot:
+        return await self._snapshot(_project_key(project_id), partial(_select_chats, project_id))
+
+    async def get_history(self, chat_id: str) -> Snapshot:
+        return await self._snapshot(_chat_key(chat_id), partial(_select_history, chat_id))
+
+    # --- writes ---
+
+    async def send_message(self, chat_id: str, message: JSON) -> None:
+        content = _message_text(message)
+        write = partial(_insert_message, chat_id, _new_id(), "user", content)
+        async with self._lock:
+            stored, chat = await self._run(write)
+            self.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
+            # Queued under the lock, so replies run in the order the messages were stored.
+            self._queue_reply(chat_id, _Job(content, chat["modelProfileId"]))
+        logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
+
+    async def create_chat(
+        self,
+        project_id: str,
+        title: str | None = None,
+        *,
+        model_profile_id: str = DEFAULT_MODEL_PROFILE,
+    ) -> JSON:
+        if title is not None and not isinstance(title, str):
+            raise BackendError("title must be a string")
+        title = (title or "").strip() or DEFAULT_CHAT_TITLE
+        write = partial(_insert_chat, project_id, title, model_profile_id)
+        async with self._lock:
+            chat = await self._run(write)
+            self.hub.publish(_project_key(project_id), {"type": "chat_created", "chat": chat})
+        logger.info("created chat {} in project {}", chat["id"], project_id)
+        return chat
+
+    async def rename_chat(self, chat_id: str, title: str) -> JSON:
+        """Retitle a chat and return it; pushes ``chat_renamed`` to its project's feed."""
+        if not isinstance(title, str) or not title.strip():
+            raise BackendError("title must be a non-empty string")
+        write = partial(_update_chat_title, chat_id, title.strip())
+        async with self._lock:
+            chat = await self._run(write)
+            self.hub.publish(
+                _project_key(chat["projectId"]), {"type": "chat_renamed", "chat": chat}
+            )
+        return chat
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
+        async with self._lock:
+            chat = await self._run(partial(_delete_chat, chat_id))
+            self.hub.publish(
+                _project_key(chat["projectId"]), {"type": "chat_deleted", "chatId": chat_id}
+            )
+            queue = self._queues.pop(chat_id, None)
+            if queue is not None:
+                queue.jobs.clear()
+                if queue.running is not None:
+                    queue.running.cancel()
+        logger.info("deleted chat {}", chat_id)
+
+    async def set_model_profiles(self, profiles: list[JSON]) -> None:
+        """Replace all model profiles (each ``{"id", "name", "agent"}``) and push the list.
+
+        Raises `ValueError` for a malformed list: this is the host's call, not a client's.
+        """
+        checked = _checked_profiles(profiles)
+        async with self._lock:
+            await self._run(partial(_store_profiles, checked))
+            self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": checked})
+        logger.info("model profiles replaced ({} profiles)", len(checked))
+
+    # --- feeds ---
+
+    def watch_project(self, project_id: str) -> Feed:
+        return self.hub.open_feed(_project_key(project_id))
+
+    def watch_chat(self, chat_id: str) -> Feed:
+        return self.hub.open_feed(_chat_key(chat_id))
+
+    def watch_model_profiles(self) -> Feed:
+        return self.hub.open_feed(MODEL_PROFILES_KEY)
+
+    # --- replies ---
+
+    def agent_for(self, model_profile_id: str) -> EchoAgent:
+        """The agent that answers in a chat of the given model profile."""
+        delay = _PROFILE_CHUNK_DELAYS.get(model_profile_id)
+        return self.agent if delay is None else attrs.evolve(self.agent, chunk_delay=delay)
+
+    def _queue_reply(self, chat_id: str, job: _Job) -> None:
+        queue = self._queues.get(chat_id)
+        if queue is None:
+            queue = self._queues[chat_id] = _ChatQueue()
+            self._nursery.start_soon(self._drain, chat_id, queue)
+        queue.jobs.append(job)
+
+    async def _drain(self, chat_id: str, queue: _ChatQueue) -> None:
+        """Run a chat's replies one at a time, then forget the chat's queue."""
+        try:
+            while queue.jobs:
+                job = queue.jobs.popleft()
+                with trio.CancelScope() as queue.running:
+                    await self._reply(chat_id, job)
+                queue.running = None
+        finally:
+            # No checkpoint since the loop found the queue empty, so no job can be stranded.
+            if self._queues.get(chat_id) is queue:
+                del self._queues[chat_id]
+
+    async def _reply(self, chat_id: str, job: _Job) -> None:
+        key = _chat_key(chat_id)
+        log = logger.bind(resource=str(key))
+        message_id = _new_id()
+
+        def emit(piece: str) -> None:
+            self.hub.publish(key, {"type": "chunk", "messageId": message_id, "text": piece})
+
+        self.hub.publish(key, {"type": "reply_started", "messageId": message_id})
+        try:
+            text = await self.agent_for(job.model_profile_id).reply(job.content, emit)
+        except Exception:
+            # Handlers should set diagnose=False (as the CLI does): its variable dumps would
+            # print the message's content.
+            log.exception("agent failed")
+            self.hub.publish(
+                key, {"type": "error", "messageId": message_id, "error": "agent failed"}
+            )
+            return
+        write = partial(_insert_message, chat_id, message_id, "assistant", text)
+        try:
+            async with self._lock:
+                stored, _ = await self._run(write)
+                self.hub.publish(key, {"type": "message", "message": stored})
+        except NotFound:
+            log.debug("chat deleted before its reply was stored")
+        except Exception:
+            log.exception("could not store the reply")
+            self.hub.publish(
+                key, {"type": "error", "messageId": message_id, "error": "reply not saved"}
+            )
+
+
+@asynccontextmanager
+async def open_sqlite_backend(
+    data_dir: str | os.PathLike[str], *, agent: EchoAgent | None = None
+) -> AsyncIterator[SqliteBackend]:
+    """Open (creating and seeding if new) the database in ``data_dir`` and run its replies.
+
+    Leaving the context cancels the replies still running and closes the database.
+    """
+    path = Path(data_dir) / DATABASE_NAME
+    limiter = trio.CapacityLimiter(1)
+    conn = await trio.to_thread.run_sync(_connect, path, limiter=limiter)
+    logger.info("sqlite backend opened at {}", path)
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                backend = SqliteBackend(
+                    conn, limiter=limiter, nursery=nursery, agent=agent or EchoAgent(), path=path
+                )
+                try:
+                    yield backend
+                finally:
+                    # Refuse new calls, and stop the replies: none outlives the backend.
+                    backend._closed = True
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps whatever the caller's block raised; hand it back unwrapped so
+            # `async with open_sqlite_backend(...)` raises what its body raised.
+            if len(group.exceptions) != 1:
+                raise
+            _reraise(group.exceptions[0])
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(conn.close, limiter=limiter)
+        logger.info("sqlite backend at {} closed", path)
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    context, cause = exc.__context__, exc.__cause__
+    try:
+        raise exc
+    finally:
+        # Raising inside an except block would chain the group as context; undo that.
+        exc.__context__, exc.__cause__ = context, cause
+        del exc
