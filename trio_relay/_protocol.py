@@ -12,6 +12,7 @@ client reads them; the attrs classes use snake_case and one private cattrs conve
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from typing import Any, ClassVar, Final, Literal, NoReturn, get_args
@@ -273,7 +274,10 @@ def _make_converter() -> cattrs.Converter:
     for rep in get_args(Reply):
         names = {a.name for a in attrs.fields(rep)}
         overrides = {k: v for k, v in renames.items() if k in names}
-        # ``id`` is always on the wire (``null`` for pushes); absent optionals are left out.
+        # ``id`` is always on the wire (``null`` for pushes), and so is an error's ``code``;
+        # absent optionals are left out.
+        if "code" in names:
+            overrides["code"] = override(omit_if_default=False)
         unstructure = make_dict_unstructure_fn(
             rep, conv, _cattrs_omit_if_default=True, id=override(omit_if_default=False), **overrides
         )
@@ -302,17 +306,28 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses to inf, which cannot be sent back as JSON
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _has_lone_surrogate(value: JSON) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(v) for v in value)
+    # Iterative: a frame may nest as deep as json.loads allows.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -331,7 +346,7 @@ def _bad_request(request_id: RequestId | None, error: str) -> ProtocolError:
 def decode(text: str) -> Request:
     """Decode one text frame into a request, or raise `ProtocolError` with the reply to send."""
     try:
-        raw = json.loads(text, parse_constant=_reject_constant)
+        raw = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
     except (ValueError, RecursionError):
         raise _bad_request(None, "frame is not valid JSON") from None
     if not isinstance(raw, dict):
@@ -379,7 +394,7 @@ def _lift_title(raw: dict[str, JSON], request_id: RequestId) -> dict[str, JSON]:
     # ``create`` carries its title inside ``message`` ({"title": ...}), as ``send`` carries text.
     message = raw.get("message")
     if message is None:
-        return raw
+        return {**raw, "title": None}  # only message.title names the title
     if not isinstance(message, dict):
         raise _bad_request(request_id, "field 'message' must be an object such as {\"title\": ...}")
     return {**raw, "title": message.get("title")}
