@@ -193,7 +193,17 @@ class Connection:
             pass  # closing: what it misses, it resumes after reconnecting
 
     def reply(self, reply: Reply) -> None:
-        self.push(encode(reply))
+        try:
+            text = encode(reply)
+        except (TypeError, ValueError):
+            # Only backend data can fail to encode: answer the request all the same.
+            self.log.error("a {} reply held backend data that is not JSON", reply.type)
+            text = encode(ErrorReply(
+                id=reply.id, error="backend returned data that is not JSON",
+                code=ErrorCode.BACKEND_ERROR, resource=getattr(reply, "resource", None),
+                resource_id=getattr(reply, "resource_id", None),
+            ))
+        self.push(text)
 
     def forget(self, subscription: _WebSubscription) -> None:
         if self.subscriptions.get(subscription.key) is subscription:
@@ -320,6 +330,17 @@ class Connection:
         with subscription.cancel_scope:
             try:
                 async with self.relay._subscription(key, subscription) as synced:
+                    try:
+                        reply = encode(Subscribed(
+                            id=request.id, resource=key.resource,
+                            resource_id=key.resource_id or None,
+                            data={SNAPSHOT_FIELDS[key.resource]: synced.snapshot.items},
+                            seq=synced.seq,
+                        ))
+                    except (TypeError, ValueError):
+                        self.log.error("the snapshot of {} is not JSON", key)
+                        raise SubscribeFailed(ErrorCode.BACKEND_ERROR,
+                                              "backend returned data that is not JSON") from None
                     # Resubscribing replaces the old subscription in the same instant that
                     # the new one goes live, so no push is delivered twice or missed.
                     old = self.subscriptions.get(key)
@@ -327,12 +348,7 @@ class Connection:
                         old.detach()
                     self.subscriptions[key] = subscription
                     subscription.detach = lambda: self._detach(subscription, synced.leave)
-                    self.reply(Subscribed(
-                        id=request.id, resource=key.resource,
-                        resource_id=key.resource_id or None,
-                        data={SNAPSHOT_FIELDS[key.resource]: synced.snapshot.items},
-                        seq=synced.seq,
-                    ))
+                    self.push(reply)
                     synced.go_live()
                     self.log.info("subscribed to {}", key)
                     task_status.started()

@@ -34,6 +34,7 @@ class FeedOverflow(Exception):
 class _Watcher:
     send: trio.MemorySendChannel[Change]
     overflowed: bool = False
+    ended: bool = False
     error: BaseException | None = None
 
 
@@ -64,7 +65,7 @@ class ChangeHub:
         topic.version += 1
         change = Change(data, topic.version)
         for watcher in topic.watchers:
-            if watcher.overflowed:
+            if watcher.overflowed or watcher.ended:
                 continue
             try:
                 watcher.send.send_nowait(change)
@@ -80,6 +81,7 @@ class ChangeHub:
         ``error`` (the upstream completed, or it failed)."""
         topic = self._topics.get(key)
         for watcher in topic.watchers if topic is not None else ():
+            watcher.ended = True
             watcher.error = error
             watcher.send.close()
 

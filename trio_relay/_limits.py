@@ -97,6 +97,7 @@ class PinGuard:
 
     def failed(self, address: str, now: float) -> PinCheck:
         """After a wrong PIN: how long to wait before answering, and whether to lock out."""
+        self._expire(now)
         failures = self._by_address.setdefault(address, _Failures())
         failures.times.append(now)
         self._all.append(now)

@@ -433,12 +433,16 @@ def _describe(exc: BaseException) -> str:
 
 
 def encode(reply: Reply) -> str:
-    """Encode a reply or push as the text of one frame (compact JSON, UTF-8 safe)."""
+    """Encode a reply or push as the text of one frame (compact JSON, UTF-8 safe).
+
+    Raises `ValueError` or `TypeError` if the reply holds data that is not JSON (NaN, a
+    datetime, ...): a browser's ``JSON.parse`` would reject such a frame.
+    """
     obj = _converter.unstructure(reply)
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         # Backend data held a lone surrogate: escape it rather than fail on the wire.
-        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
     return text
