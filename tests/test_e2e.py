@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +125,8 @@ async def _serve_subprocess(data_dir: Path, pin: str) -> AsyncIterator[tuple[tri
                "--data-dir", str(data_dir)]
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                check=False, task_status=task_status,
-            )
+            partial(trio.run_process, command, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=env, check=False)
         )
         assert process.stdout is not None
         buffer = bytearray()
@@ -207,10 +206,8 @@ async def test_serve_generates_a_pin_when_none_is_given(tmp_path: Path) -> None:
                "--data-dir", str(tmp_path)]
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                check=False, task_status=task_status,
-            )
+            partial(trio.run_process, command, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=env, check=False)
         )
         assert process.stdout is not None
         buffer = bytearray()

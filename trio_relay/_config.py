@@ -14,8 +14,9 @@ class CloseCode:
 
     NORMAL: Final = 1000
     GOING_AWAY: Final = 1001  # the relay is shutting down
+    PROTOCOL_ERROR: Final = 1002  # a frame that breaks the WebSocket protocol
     UNSUPPORTED_DATA: Final = 1003  # a binary frame
-    INVALID_PAYLOAD: Final = 1007  # text that is not UTF-8 (sent by wsproto)
+    INVALID_PAYLOAD: Final = 1007  # a text frame that is not UTF-8
     POLICY_VIOLATION: Final = 1008  # auth timeout, PIN lockout, repeated abuse
     MESSAGE_TOO_BIG: Final = 1009  # a frame over max_message_size (sent by trio-websocket)
     INTERNAL_ERROR: Final = 1011  # a bug in the relay; the relay itself stays up

@@ -130,7 +130,7 @@ class Connection:
             self.log.info("disconnected ({code} {reason})", code=code, reason=reason)
 
     def close(self, code: int, reason: str) -> None:
-        """Close with ``code`` once the frame being written is out; queued frames are dropped.
+        """Close with ``code`` after the frames already queued (a slow consumer's are dropped).
 
         The writer sends the close frame; if the peer does not finish the closing handshake
         within ``close_timeout`` (a slow consumer usually will not), the stream is dropped.
@@ -139,7 +139,7 @@ class Connection:
             return
         self._close_request = (code, reason)
         self.log.info("closing: {code} {reason}", code=code, reason=reason)
-        self._out_send.close()  # wakes an idle writer; it skips what is still queued
+        self._out_send.close()  # nothing more is queued; the writer closes after the rest
         if self._nursery is not None:
             self._nursery.start_soon(self._close_deadline)
 
@@ -154,7 +154,11 @@ class Connection:
     async def _writer(self) -> None:
         try:
             async for text in self._out_receive:
-                if self._close_request is not None:
+                # A slow client's backlog is dropped (it resumes by seq); any other close
+                # first sends what is queued, so every request still gets its reply.
+                if self._close_request is not None and (
+                    self._close_request[0] == CloseCode.SLOW_CONSUMER
+                ):
                     break
                 await self.ws.send_message(text)
             if self._close_request is not None:

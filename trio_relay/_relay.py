@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 import attrs
 import trio
 from loguru import logger
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ._backend import Backend, Feed, Snapshot
 from ._broadcaster import Broadcaster, Push, SubscribeFailed, Subscriber, Synced
@@ -29,6 +29,7 @@ from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
 from ._limits import PinGuard
 from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
+from ._transport import OwnedStream
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -46,6 +47,9 @@ __all__ = [
 # trio-websocket's default of 1 would stop its reader (and so pong replies) whenever one
 # request is being handled; a small queue keeps pings flowing while bounding memory.
 _MESSAGE_QUEUE_SIZE: Final = 8
+# Close codes wsproto reports for frames it cannot parse, which trio-websocket then fails to
+# send: the relay sends them itself.
+_OWED_CLOSES: Final = frozenset({CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_PAYLOAD})
 
 
 class RelayError(Exception):
@@ -232,34 +236,45 @@ class Relay:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """One accepted stream: the WebSocket handshake, then the connection, in one nursery.
 
-        We own the stream (rather than letting trio-websocket's server own it) so that it is
-        closed however the connection ends: trio-websocket leaves it open after an abrupt
-        disconnect, which would hold the socket until garbage collection.
+        The relay, not trio-websocket, closes the stream, however the connection ends (see
+        `trio_relay._transport`).
         """
-        async with stream, trio.open_nursery() as nursery:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(self.config.handshake_timeout):
-                try:
-                    request = await wrap_server_stream(
-                        nursery, stream, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
-                    )
-                    ws = await request.accept()
-                except ConnectionClosed:
-                    pass
-            if ws is not None:
-                remote = request.remote
-                peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) \
-                    else "memory"
-                connection = Connection(self, ws, peer)
-                self._connections.add(connection)
-                try:
-                    if self._closing:
-                        connection.close(CloseCode.GOING_AWAY, "relay shutting down")
-                    await connection.run()
-                finally:
-                    self._connections.discard(connection)
-            # Stops trio-websocket's reader task, whatever state the handshake was left in.
-            nursery.cancel_scope.cancel()
+        owned = OwnedStream(stream)
+        ws: WebSocketConnection | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(self.config.handshake_timeout) as handshake:
+                    # A bad handshake makes trio-websocket answer 400 and close: stop waiting.
+                    owned.on_close = handshake.cancel
+                    try:
+                        request = await wrap_server_stream(
+                            nursery, owned, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
+                        )
+                        ws = await request.accept()
+                    except ConnectionClosed:
+                        ws = None
+                owned.on_close = None
+                if ws is not None:
+                    await self._serve_connection(ws, _peer_of(stream))
+                # Stops trio-websocket's reader task, whatever state it was left in.
+                nursery.cancel_scope.cancel()
+        finally:
+            closed = ws.closed if ws is not None else None
+            owed = closed.code if closed is not None and closed.code in _OWED_CLOSES else None
+            with trio.CancelScope(shield=True):  # bounded inside by close_timeout
+                await owned.close_for_real(
+                    owed, (closed.reason or "") if closed else "", self.config.close_timeout
+                )
+
+    async def _serve_connection(self, ws: WebSocketConnection, peer: str) -> None:
+        connection = Connection(self, ws, peer)
+        self._connections.add(connection)
+        try:
+            if self._closing:
+                connection.close(CloseCode.GOING_AWAY, "relay shutting down")
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
 
     # --- in-process use ---------------------------------------------------------------------
 
@@ -392,6 +407,22 @@ class _Mapped:
 
     def started(self, value: Any = None) -> None:
         self._inner.started(self._convert(value))
+
+
+def _peer_of(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the client, through TLS if need be; in-memory streams may name one."""
+    named = getattr(stream, "peer", None)
+    if isinstance(named, str):
+        return named
+    transport = getattr(stream, "transport_stream", stream)
+    socket = getattr(transport, "socket", None)
+    if socket is not None:
+        try:
+            host, port = socket.getpeername()[:2]
+        except OSError:  # already reset by the peer
+            return "unknown"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "memory"
 
 
 def _describe(listener: trio.abc.Listener[Any]) -> str:

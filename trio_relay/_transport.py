@@ -1,0 +1,76 @@
+"""`OwnedStream`: the relay's hold on each accepted stream, under trio-websocket.
+
+Two gaps in trio-websocket 0.12 are closed here, with its public API only:
+
+- After an abrupt disconnect it never closes the stream, so the socket would live until
+  garbage collection. The relay closes every stream itself when the connection ends.
+- When wsproto fails to parse a frame (invalid UTF-8 in a text frame: 1007; a protocol error:
+  1002) trio-websocket records the close code but drops the TCP connection without sending the
+  close frame, so the client would see 1006. `OwnedStream` notices that no close frame went
+  out and sends one before the stream is closed.
+
+trio-websocket writes each WebSocket frame with one ``send_all`` call, so a close frame is
+recognised by its first byte (FIN + opcode 8); server frames are never masked.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+__all__ = ["OwnedStream", "close_frame"]
+
+_CLOSE_FRAME_FIRST_BYTE: Final = 0x88
+_MAX_REASON: Final = 123  # a control frame's payload is at most 125 bytes
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked (server) close frame."""
+    payload = struct.pack("!H", code) + reason.encode("utf-8")[:_MAX_REASON]
+    return bytes([_CLOSE_FRAME_FIRST_BYTE, len(payload)]) + payload
+
+
+class OwnedStream(trio.abc.Stream):
+    """Passes everything through, but only the relay may really close the stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.inner = stream
+        self.close_frame_sent = False
+        #: Called when trio-websocket closes (during the handshake: it has given up).
+        self.on_close: Callable[[], object] | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+            self.close_frame_sent = True
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        # trio-websocket closes from inside its reader; the relay closes when the whole
+        # connection is over (`close_for_real`), after a close frame if one is owed.
+        if self.on_close is not None:
+            self.on_close()
+        await trio.lowlevel.checkpoint()
+
+    async def close_for_real(self, owed_code: int | None, reason: str, grace: float) -> None:
+        """Send the close frame trio-websocket owed (if any), then close the stream; each step
+        bounded by ``grace`` seconds, so a peer that reads nothing cannot hold the stream open."""
+        if owed_code is not None and not self.close_frame_sent:
+            with trio.move_on_after(grace):
+                try:
+                    await self.inner.send_all(close_frame(owed_code, reason))
+                    self.close_frame_sent = True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        with trio.move_on_after(grace) as scope:
+            await self.inner.aclose()
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.inner)
