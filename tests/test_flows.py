@@ -290,7 +290,8 @@ async def test_upstream_failure_pushes_backend_error_and_ends_the_subscription(
         await client.subscribe("chat", "c1")
         backend.end_feeds("chat", "c1", error=RuntimeError("disk /var/secret/db.sqlite failed"))
         frame = await client.next_push()
-        assert frame == error(None, "backend_error", frame["error"], "chat", "c1")
+        # A push like any other, so it is numbered: the first push of this subscription.
+        assert frame == {**error(None, "backend_error", frame["error"], "chat", "c1"), "seq": 1}
         assert frame["error"] and "secret" not in frame["error"]  # no internals
         await client.assert_no_push()
         assert backend.open_feeds == {}

@@ -372,33 +372,46 @@ async def test_two_sends_reply_in_order_without_interleaving(
     assert backend._queues == {}
 
 
-async def test_chats_reply_concurrently(backend: SqliteBackend, mock_clock: MockClock) -> None:
-    # A clock that moves only when told, so the two replies' progress can be compared.
-    other = await backend.create_chat("demo", None)
-    seen: dict[str, list[Change]] = {"welcome": [], other["id"]: []}
+@attrs.frozen
+class GatedAgent(EchoAgent):
+    """Replies only once its gate opens, and records who is waiting."""
 
-    async def collect(chat_id: str, feed: AsyncIterator[Change]) -> None:
-        async for change in feed:
-            seen[chat_id].append(change)
+    gate: trio.Event = attrs.Factory(trio.Event)
+    waiting: list[str] = attrs.Factory(list)
+    both_waiting: trio.Event = attrs.Factory(trio.Event)
 
-    async with (
-        backend.watch_chat("welcome") as feed_a,
-        backend.watch_chat(other["id"]) as feed_b,
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(collect, "welcome", feed_a)
-        nursery.start_soon(collect, other["id"], feed_b)
-        await backend.send_message("welcome", "to a")
-        await backend.send_message(other["id"], "to b")
-        await wait_all_tasks_blocked()
-        assert all(types(changes) == ["message", "reply_started"] for changes in seen.values())
-        for _ in range(backend.agent.chunks):
-            mock_clock.jump(backend.agent.chunk_delay * 1.5)
-            await wait_all_tasks_blocked()
-        # One reply's time streamed both replies whole.
-        for changes in seen.values():
-            assert types(changes).count("chunk") == backend.agent.chunks
-        nursery.cancel_scope.cancel()
+    async def reply(self, content: str, emit: Any) -> str:
+        self.waiting.append(content)
+        if len(self.waiting) == 2:
+            self.both_waiting.set()
+        await self.gate.wait()
+        emit(content)
+        return content
+
+
+async def test_chats_reply_concurrently(tmp_path: Path) -> None:
+    # Decided by who is waiting, not by timing, and on the real clock: mock time jumps while
+    # sqlite threads work, so durations (and fail_after) would be flaky under autojump. If
+    # replies ran one chat after another, the second agent could not start while the first
+    # is held at its gate.
+    agent = GatedAgent()
+    async with open_sqlite_backend(tmp_path / "data", agent=agent) as backend:
+        other = await backend.create_chat("demo", None)
+        async with (
+            backend.watch_chat("welcome") as feed_a,
+            backend.watch_chat(other["id"]) as feed_b,
+        ):
+            await backend.send_message("welcome", "to a")
+            await backend.send_message(other["id"], "to b")
+            with trio.fail_after(5):
+                await agent.both_waiting.wait()
+            assert sorted(agent.waiting) == ["to a", "to b"]
+            agent.gate.set()
+            for feed in (feed_a, feed_b):
+                with trio.fail_after(5):
+                    async for change in feed:
+                        if is_final(change):
+                            break
 
 
 async def test_model_profiles_pace_the_agent(

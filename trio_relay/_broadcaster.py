@@ -210,7 +210,7 @@ class Broadcaster:
             text = encode(
                 ErrorReply(
                     id=None, error=error, code=ErrorCode.BACKEND_ERROR,
-                    resource=self.key.resource, resource_id=resource_id,
+                    resource=self.key.resource, resource_id=resource_id, seq=self.seq + 1,
                 )
             )
         return Push(self.key, self.seq + 1, data, text, final=True, error=error)

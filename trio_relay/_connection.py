@@ -1,9 +1,12 @@
 """One web client's connection: a nursery holding a reader, a writer and its subscriptions.
 
     connection nursery
-    ├── reader          decodes each frame and handles the request, in order
+    ├── reader          reads frames into a small bounded request queue; the moment the
+    │                   client is gone it cancels the nursery, even mid-request
+    ├── dispatcher      decodes and handles each request, in order
     ├── writer          the only task that writes: drains the bounded outbound queue
     ├── auth deadline   closes with 1008 unless ``auth`` succeeds in time
+    ├── close deadline  (once closing) drops the stream if the close takes too long
     └── subscription*   one per subscribed resource: registered with its broadcaster for
                         exactly as long as the task lives
 
@@ -57,6 +60,9 @@ T = TypeVar("T")
 
 _ids = itertools.count(1)
 
+# Requests read but not yet handled; past this the reader waits (TCP backpressure).
+_REQUEST_QUEUE_SIZE = 16
+
 SNAPSHOT_FIELDS = {"project": "chats", "chat": "messages", "modelProfiles": "modelProfiles"}
 
 
@@ -102,6 +108,9 @@ class Connection:
             config.outbound_queue_size
         )
         self._close_request: tuple[int, str] | None = None
+        self._requests_send, self._requests_receive = trio.open_memory_channel[str](
+            _REQUEST_QUEUE_SIZE
+        )
         self._bucket = TokenBucket(config.request_rate, config.request_burst)
         self._strikes = 0
         self._auth_scope = trio.CancelScope()
@@ -118,6 +127,7 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
+                nursery.start_soon(self._dispatcher)
                 nursery.start_soon(self._auth_deadline)
                 if self._close_request is not None:  # closed before it started
                     nursery.start_soon(self._close_deadline)
@@ -127,7 +137,8 @@ class Connection:
             code, reason = self._close_request or (
                 (closed.code, closed.reason or "") if closed else (1006, "")
             )
-            self.log.info("disconnected ({code} {reason})", code=code, reason=reason)
+            self.log.info("disconnected: {code}{reason}", code=code,
+                          reason=f" {reason}" if reason else "")
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code`` after the frames already queued (a slow consumer's are dropped).
@@ -140,8 +151,14 @@ class Connection:
         self._close_request = (code, reason)
         self.log.info("closing: {code} {reason}", code=code, reason=reason)
         self._out_send.close()  # nothing more is queued; the writer closes after the rest
+        # Requests not yet handled are dropped, and the reader only drains from now on, so
+        # that trio-websocket keeps reading and sees the client's answer to our close frame.
+        self._requests_receive.close()
         if self._nursery is not None:
-            self._nursery.start_soon(self._close_deadline)
+            try:
+                self._nursery.start_soon(self._close_deadline)
+            except RuntimeError:  # its tasks are all done: the connection is ending anyway
+                pass
 
     async def _close_deadline(self) -> None:
         await trio.sleep(self._config.close_timeout)
@@ -170,14 +187,29 @@ class Connection:
 
     async def _reader(self) -> None:
         try:
-            while self._close_request is None:
+            while True:
                 message = await self.ws.get_message()
+                if self._close_request is not None:
+                    continue
                 if isinstance(message, bytes):
                     self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-                    return
-                await self._handle_text(message)
+                    continue
+                try:
+                    await self._requests_send.send(message)
+                except trio.BrokenResourceError:  # closing: the dispatcher has stopped
+                    pass
         except ConnectionClosed:
-            self._cancel()
+            # Our own close ends reading before the client has answered it; the writer
+            # finishes that handshake. Otherwise the client is gone: stop everything now.
+            if self._close_request is None:
+                self._cancel()
+
+    async def _dispatcher(self) -> None:
+        try:
+            async for text in self._requests_receive:
+                await self._handle_text(text)
+        except trio.ClosedResourceError:
+            pass  # closing: requests still unread are not answered
 
     async def _auth_deadline(self) -> None:
         with self._auth_scope:
@@ -236,7 +268,7 @@ class Connection:
             self.reply(_error(request, exc.code, str(exc)))
         except Exception:
             self.log.exception("bug while handling a {} request", request.type)
-            self.reply(_error(request, "internal_error", "internal error"))
+            self.reply(_error(request, ErrorCode.INTERNAL_ERROR, "internal error"))
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _strike(self) -> None:

@@ -70,7 +70,7 @@ class ErrorCode:
     RATE_LIMITED: Final = "rate_limited"
     BACKEND_ERROR: Final = "backend_error"
     TOO_MANY_SUBSCRIPTIONS: Final = "too_many_subscriptions"
-    UPSTREAM_ENDED: Final = "upstream_ended"
+    INTERNAL_ERROR: Final = "internal_error"
 
 
 @attrs.frozen(order=True)
@@ -201,6 +201,8 @@ class ErrorReply:
     code: str
     resource: str | None = None
     resource_id: str | None = None
+    #: Set on the error push that ends a failed upstream: it is a push, so it is numbered.
+    seq: int | None = None
 
 
 Reply = AuthRequired | AuthSuccess | AuthFailed | Subscribed | DataReply | ErrorReply

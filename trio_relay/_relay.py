@@ -327,7 +327,7 @@ class Relay:
             subscriptions=sum(len(c.subscriptions) for c in self._connections),
             listeners=self._listeners,
             broadcasters=len(self._broadcasters),
-            tasks=_count_tasks(self._nursery),
+            tasks=_count_tasks(self._nursery) + _count_tasks(self._connections_nursery),
         )
 
     @property

@@ -464,6 +464,9 @@ class SqliteBackend:
             self.hub.publish(
                 _project_key(chat["projectId"]), {"type": "chat_deleted", "chatId": chat_id}
             )
+            # The chat's own watchers are done: their feeds complete, so subscribers get the
+            # final {"completed": true} and a later subscribe finds the chat gone.
+            self.hub.end(_chat_key(chat_id))
             queue = self._queues.pop(chat_id, None)
             if queue is not None:
                 queue.jobs.clear()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +34,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from ._config import RelayConfig
 from ._memory import MemoryListener
 from ._memory_backend import HANG, MemoryBackend
-from ._relay import Relay, open_relay
+from ._relay import Relay, _raise_single, open_relay
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["HANG", "MemoryBackend", "MemoryRelay", "TestClient", "open_memory_relay"]
 
@@ -175,8 +179,13 @@ async def open_memory_relay(
 ) -> AsyncIterator[MemoryRelay]:
     """A relay on an in-memory listener; ``client_timeout`` bounds every client wait."""
     listener = MemoryListener()
-    async with open_relay(backend, pin=pin, config=config) as relay:
+    try:
+        # The clients' nursery encloses the relay, so that on the way out the relay closes
+        # them (1001) while they can still answer, as real clients would.
         async with trio.open_nursery() as client_nursery:
-            await relay._nursery.start(relay.serve_listeners, [listener])
-            yield MemoryRelay(relay, listener, client_nursery, client_timeout)
+            async with open_relay(backend, pin=pin, config=config) as relay:
+                await relay._nursery.start(relay.serve_listeners, [listener])
+                yield MemoryRelay(relay, listener, client_nursery, client_timeout)
             client_nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _raise_single(group)
