@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final
 
 import attrs
@@ -28,6 +29,10 @@ class CloseCode:
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -71,6 +76,16 @@ class RelayConfig:
     pin_global_failures: int = attrs.field(default=100, validator=_positive)
     #: Changes a joining subscriber may miss while its snapshot loads before it must retry.
     max_pending_changes: int = attrs.field(default=4096, validator=_positive)
+    #: Seconds between keepalive pings to each client.
+    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    #: Seconds a client has to answer a ping before it counts as gone (closed with 1011).
+    ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    #: Open connections from one client address; more are refused with HTTP 429.
+    max_connections_per_address: int = attrs.field(default=64, validator=_positive)
+    #: Browser origins (``scheme://host[:port]``) allowed besides the relay's own; a browser
+    #: whose ``Origin`` is neither is refused with HTTP 403. Clients that send no ``Origin``
+    #: (not browsers) are always allowed.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
 
 
 @attrs.frozen(kw_only=True)

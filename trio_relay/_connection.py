@@ -6,6 +6,7 @@
     ├── dispatcher      decodes and handles each request, in order
     ├── writer          the only task that writes: drains the bounded outbound queue
     ├── auth deadline   closes with 1008 unless ``auth`` succeeds in time
+    ├── keepalive       pings every ``ping_interval``; no pong in ``ping_timeout``: 1011
     ├── close deadline  (once closing) drops the stream if the close takes too long
     └── subscription*   one per subscribed resource: registered with its broadcaster for
                         exactly as long as the task lives
@@ -129,6 +130,7 @@ class Connection:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._dispatcher)
                 nursery.start_soon(self._auth_deadline)
+                nursery.start_soon(self._keepalive)
                 if self._close_request is not None:  # closed before it started
                     nursery.start_soon(self._close_deadline)
         finally:
@@ -215,6 +217,18 @@ class Connection:
         with self._auth_scope:
             await trio.sleep(self._config.auth_timeout)
             self.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
+
+    async def _keepalive(self) -> None:
+        """Find peers that stopped answering (a half-open TCP connection looks alive)."""
+        while self._close_request is None:
+            await trio.sleep(self._config.ping_interval)
+            with trio.move_on_after(self._config.ping_timeout) as waiting:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if waiting.cancelled_caught:
+                self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     # --- output -----------------------------------------------------------------------------
 

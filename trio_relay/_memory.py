@@ -32,14 +32,21 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         self._send.close()
         await trio.lowlevel.checkpoint()
 
-    async def connect(self, *, lockstep: bool = False) -> trio.abc.Stream:
-        """Open a connection; returns the client's end of the stream."""
+    async def connect(self, *, lockstep: bool = False, peer: str | None = None) -> trio.abc.Stream:
+        """Open a connection; returns the client's end of the stream.
+
+        ``peer`` is the ``host:port`` the relay sees for it (default ``"memory"``), so tests
+        can tell client addresses apart.
+        """
         client: trio.abc.Stream
         server: trio.abc.Stream
         if lockstep:
             client, server = trio.testing.lockstep_stream_pair()
         else:
             client, server = trio.testing.memory_stream_pair()
+        if peer is not None:
+            # An attribute the relay looks for (_peer_of); the stream type does not declare it.
+            setattr(server, "peer", peer)  # noqa: B010
         try:
             self._send.send_nowait(server)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

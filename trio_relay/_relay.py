@@ -170,6 +170,7 @@ class Relay:
         self._nursery = nursery
         self._connections_nursery = connections_nursery
         self._connections: set[Connection] = set()
+        self._per_address: dict[str, int] = {}  # open streams per client address
         self._broadcasters: dict[ResourceKey, Broadcaster] = {}
         self._serve_scopes: set[trio.CancelScope] = set()
         self._listeners = 0
@@ -237,8 +238,13 @@ class Relay:
         """One accepted stream: the WebSocket handshake, then the connection, in one nursery.
 
         The relay, not trio-websocket, closes the stream, however the connection ends (see
-        `trio_relay._transport`).
+        `trio_relay._transport`). Nothing that goes wrong with one stream, in the relay's code
+        or in trio-websocket's, reaches the other connections: it is logged and that
+        connection is dropped.
         """
+        peer = _peer_of(stream)
+        address = peer.rpartition(":")[0] or peer
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         owned = OwnedStream(stream)
         ws: WebSocketConnection | None = None
         try:
@@ -246,25 +252,46 @@ class Relay:
                 with trio.move_on_after(self.config.handshake_timeout) as handshake:
                     # A bad handshake makes trio-websocket answer 400 and close: stop waiting.
                     owned.on_close = handshake.cancel
-                    try:
-                        request = await wrap_server_stream(
-                            nursery, owned, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
-                        )
-                        ws = await request.accept()
-                    except ConnectionClosed:
-                        ws = None
+                    ws = await self._handshake(nursery, owned, address)
                 owned.on_close = None
                 if ws is not None:
-                    await self._serve_connection(ws, _peer_of(stream))
+                    await self._serve_connection(ws, peer)
                 # Stops trio-websocket's reader task, whatever state it was left in.
                 nursery.cancel_scope.cancel()
+        except Exception as exc:  # including groups; Cancelled and KeyboardInterrupt pass
+            logger.opt(exception=exc).bind(peer=peer).error("connection failed")
         finally:
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
             closed = ws.closed if ws is not None else None
             owed = closed.code if closed is not None and closed.code in _OWED_CLOSES else None
             with trio.CancelScope(shield=True):  # bounded inside by close_timeout
                 await owned.close_for_real(
                     owed, (closed.reason or "") if closed else "", self.config.close_timeout
                 )
+
+    async def _handshake(
+        self, nursery: trio.Nursery, stream: OwnedStream, address: str
+    ) -> WebSocketConnection | None:
+        """Read the upgrade request and accept it, unless a rule refuses it with HTTP."""
+        try:
+            request = await wrap_server_stream(
+                nursery, stream, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
+            )
+            headers = {name.lower(): value for name, value in request.headers}
+            host = stream.request_header(b"host")
+            if host is not None:
+                headers[b"host"] = host
+            refusal = _refuse(headers, self.config, self._per_address[address])
+            if refusal is not None:
+                status, why = refusal
+                logger.bind(peer=address).warning("handshake refused: {} {}", status, why)
+                await request.reject(status, body=why.encode())
+                return None
+            return await request.accept()
+        except ConnectionClosed:
+            return None
 
     async def _serve_connection(self, ws: WebSocketConnection, peer: str) -> None:
         connection = Connection(self, ws, peer)
@@ -407,6 +434,32 @@ class _Mapped:
 
     def started(self, value: Any = None) -> None:
         self._inner.started(self._convert(value))
+
+
+def _refuse(
+    headers: dict[bytes, bytes], config: RelayConfig, from_address: int
+) -> tuple[int, str] | None:
+    """The HTTP status and reason to refuse an upgrade request with, or None to accept it."""
+    if from_address > config.max_connections_per_address:
+        return 429, "too many connections from this address"
+    origin = headers.get(b"origin")
+    if origin is not None and not _origin_allowed(
+        origin.decode("latin-1"), headers.get(b"host", b"").decode("latin-1"),
+        config.allowed_origins,
+    ):
+        # A browser page from another site: refused before any frame, so a hostile page
+        # cannot ride on the user's network position (cross-site WebSocket hijacking).
+        return 403, "origin not allowed"
+    return None
+
+
+def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    origin = origin.strip().rstrip("/").lower()
+    if "*" in allowed or origin in (a.rstrip("/").lower() for a in allowed):
+        return True
+    # The relay's own pages: an origin whose host[:port] is the one the client connected to.
+    _, _, origin_host = origin.partition("://")
+    return bool(host) and origin_host == host.strip().lower()
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:

@@ -11,6 +11,9 @@ Two gaps in trio-websocket 0.12 are closed here, with its public API only:
 
 trio-websocket writes each WebSocket frame with one ``send_all`` call, so a close frame is
 recognised by its first byte (FIN + opcode 8); server frames are never masked.
+
+It also keeps the head of the client's HTTP upgrade request, because trio-websocket's
+`WebSocketRequest.headers` leaves out ``Host``, which the origin check needs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = ["OwnedStream", "close_frame"]
 
 _CLOSE_FRAME_FIRST_BYTE: Final = 0x88
 _MAX_REASON: Final = 123  # a control frame's payload is at most 125 bytes
+_MAX_HEAD: Final = 16 * 1024  # more than any sane upgrade request; wsproto limits it too
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
@@ -41,6 +45,8 @@ class OwnedStream(trio.abc.Stream):
         self.close_frame_sent = False
         #: Called when trio-websocket closes (during the handshake: it has given up).
         self.on_close: Callable[[], object] | None = None
+        self._head = bytearray()
+        self._head_done = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
@@ -51,14 +57,39 @@ class OwnedStream(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._gone()
+            raise
+        if not data:
+            self._gone()
+        if not self._head_done:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end >= 0 or len(self._head) > _MAX_HEAD:
+                del self._head[end if end >= 0 else _MAX_HEAD:]
+                self._head_done = True
+        return data
+
+    def request_header(self, name: bytes) -> bytes | None:
+        """A header of the upgrade request (the first of that name), once it has arrived."""
+        for line in bytes(self._head).split(b"\r\n")[1:]:
+            key, colon, value = line.partition(b":")
+            if colon and key.strip().lower() == name.lower():
+                return value.strip()
+        return None
 
     async def aclose(self) -> None:
         # trio-websocket closes from inside its reader; the relay closes when the whole
         # connection is over (`close_for_real`), after a close frame if one is owed.
+        self._gone()
+        await trio.lowlevel.checkpoint()
+
+    def _gone(self) -> None:
+        # The peer left or trio-websocket gave up: a handshake still waiting can stop now.
         if self.on_close is not None:
             self.on_close()
-        await trio.lowlevel.checkpoint()
 
     async def close_for_real(self, owed_code: int | None, reason: str, grace: float) -> None:
         """Send the close frame trio-websocket owed (if any), then close the stream; each step

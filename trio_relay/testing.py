@@ -157,16 +157,48 @@ class MemoryRelay:
         self._timeout = timeout
 
     async def connect(
-        self, *, lockstep: bool = False, authenticate: str | None = None
+        self,
+        *,
+        lockstep: bool = False,
+        authenticate: str | None = None,
+        peer: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> TestClient:
-        """Open a client connection (``lockstep``: the relay's writes wait for our reads)."""
-        stream = await self.listener.connect(lockstep=lockstep)
-        # trio-websocket's hints name socket streams, but any trio Stream works.
-        ws = await wrap_client_stream(self._nursery, stream, "relay.test", "/ws")  # type: ignore[arg-type]
+        """Open a client connection.
+
+        ``lockstep``: the relay's writes wait for our reads (a slow consumer). ``peer``: the
+        ``host:port`` the relay sees. ``headers``: extra handshake headers (e.g. Origin).
+        """
+        stream = await self.listener.connect(lockstep=lockstep, peer=peer)
+        extra = [(name.encode(), value.encode()) for name, value in headers or ()]
+        # A refused handshake (403, 429) raises ConnectionRejected here, not in the nursery.
+        ws = await self._nursery.start(_run_client, stream, extra)
         client = TestClient(ws, stream, self._timeout)
         if authenticate is not None:
             await client.authenticate(authenticate)
         return client
+
+
+async def _run_client(
+    stream: trio.abc.Stream,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    task_status: trio.TaskStatus[WebSocketConnection],
+) -> None:
+    """A client connection in a nursery of its own, so that trio-websocket's reader, which
+    raises a refused handshake, fails only this start and not every client."""
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,  # type: ignore[arg-type]  # hinted as a socket stream; any Stream works
+                "relay.test",
+                "/ws",
+                extra_headers=headers,
+            )
+            task_status.started(ws)
+    except BaseExceptionGroup as group:
+        _raise_single(group)
 
 
 @asynccontextmanager
