@@ -52,6 +52,10 @@ class Footprint:
     open_feeds: dict[ResourceKey, int]
     tasks_in_run: int
 
+    def unkept(self) -> Footprint:
+        """The same, not counting replay buffers kept for resuming (freed after a grace)."""
+        return attrs.evolve(self, stats=attrs.evolve(self.stats, kept_histories=0))
+
     def relay_side(self) -> tuple[RelayStatistics, dict[ResourceKey, int]]:
         return self.stats, self.open_feeds
 
@@ -64,13 +68,19 @@ async def footprint(relay: MemoryRelay, backend: MemoryBackend) -> Footprint:
 async def assert_back_to(
     baseline: Footprint, relay: MemoryRelay, backend: MemoryBackend, *, since: float
 ) -> None:
-    """At a quiet point with no mock time passed since ``since``, all is as it was."""
+    """At a quiet point with no mock time passed since ``since``, all is as it was, but for
+    the replay buffers kept for resuming, which go when their grace period ends."""
     now = await footprint(relay, backend)
-    assert now.stats == baseline.stats, f"now {now.stats}, at first {baseline.stats}"
+    unkept = attrs.evolve(now.stats, kept_histories=baseline.stats.kept_histories)
+    assert unkept == baseline.stats, f"now {now.stats}, at first {baseline.stats}"
     assert now.open_feeds == baseline.open_feeds
     assert now.tasks_in_run == baseline.tasks_in_run, "tasks were left running"
     assert backend.feeds_closed == backend.feeds_opened
     assert trio.current_time() == since, "cleanup waited for a timeout"
+    await trio.sleep(relay.relay.config.resume_grace + 1)
+    later = await footprint(relay, backend)
+    assert later.stats == baseline.stats, "a replay buffer outlived its grace period"
+    assert later.tasks_in_run == baseline.tasks_in_run
 
 
 def make_backend(chats: int = 3) -> MemoryBackend:
@@ -263,7 +273,7 @@ async def test_hanging_request_is_released_by_backend_timeout_after_abort(
         await client.abort()
         await trio.sleep(config.backend_timeout)
         now = await footprint(relay, backend)
-        assert now == baseline
+        assert now.unkept() == baseline
         assert backend.feeds_closed == backend.feeds_opened
 
 
@@ -308,7 +318,7 @@ async def test_listener_left_by_an_exception_releases_everything(
                             raise Boom
         start = trio.current_time()
         # c1's broadcaster (the listener's alone) is gone; c0's stays for the web client.
-        assert await footprint(relay, backend) == with_web
+        assert (await footprint(relay, backend)).unkept() == with_web.unkept()
         assert trio.current_time() == start
         backend.emit("chat", "c0", {"n": 2})
         assert (await web.next_push())["data"] == {"n": 1}
@@ -627,10 +637,10 @@ async def test_slow_client_dropped_at_close_timeout_releases_everything(
         assert relay.relay.counters["slow_closes"] == 1
         await trio.sleep(config.close_timeout)
         now = await footprint(relay, backend)
-        assert now.relay_side() == baseline.relay_side()
+        assert now.unkept().relay_side() == baseline.relay_side()
         assert backend.feeds_closed == backend.feeds_opened
         # The client reads at last: it finds the relay gone, and its own task ends.
         with pytest.raises(ConnectionClosed):
             while True:
                 await slow.ws.get_message()
-        assert await footprint(relay, backend) == baseline
+        assert (await footprint(relay, backend)).unkept() == baseline

@@ -52,10 +52,20 @@ def message_push(backend: MemoryBackend, chat_id: str, seq: int, index: int = -1
     return push("chat", chat_id, {"type": "message", "message": message}, seq)
 
 
+class _AnyEpoch:
+    """Equal to any epoch: an opaque token the relay chooses (see the resume tests)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+    def __repr__(self) -> str:
+        return "<any epoch>"
+
+
 def subscribed(request_id: Any, resource: str, resource_id: str | None, data: Any,
                seq: int) -> Frame:
     frame: Frame = {"id": request_id, "type": "subscribed", "resource": resource, "data": data,
-                    "seq": seq}
+                    "seq": seq, "epoch": _AnyEpoch()}
     if resource_id is not None:
         frame["resourceId"] = resource_id
     return frame

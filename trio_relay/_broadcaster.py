@@ -13,10 +13,19 @@ Joining a live broadcaster is exact thanks to versions (see `trio_relay._backend
 registered first, so it sees every change from then on in a pending list; then it reads a
 snapshot; once the feed has caught up with the snapshot's version, the pending changes the
 snapshot already holds are dropped and the reply carries the ``seq`` the snapshot is current to.
+
+Resuming rests on a `StreamHistory`: a resource's ``epoch``, its numbering and a bounded buffer
+of its recent pushes. A client that comes back with ``sinceSeq`` and the same epoch gets exactly
+the pushes it missed from that buffer. The history outlives its broadcaster for a grace
+period (the relay keeps it), and a new broadcaster continues it only if the backend's version
+shows that nothing changed while nobody watched; otherwise it starts a new epoch, and
+resuming clients get a fresh snapshot marked ``reset``.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Protocol
@@ -28,7 +37,7 @@ from loguru import logger
 from ._backend import BackendError, Change, Feed, NotFound, Snapshot
 from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 
-__all__ = ["Broadcaster", "Push", "Subscriber", "SubscribeFailed", "Synced"]
+__all__ = ["Broadcaster", "Push", "StreamHistory", "Subscriber", "SubscribeFailed", "Synced"]
 
 
 @attrs.frozen(slots=True)
@@ -64,17 +73,68 @@ class SubscribeFailed(Exception):
         self.code = code
 
 
+@attrs.define(eq=False)
+class StreamHistory:
+    """A resource's numbering, and its recent pushes for clients that resume."""
+
+    max_size: int
+    max_age: float
+    #: Changes whenever continuity cannot be vouched for: a client never mistakes a new
+    #: numbering for the old one.
+    epoch: str = attrs.Factory(lambda: secrets.token_urlsafe(9))
+    #: seq of the last push; 0 before the first.
+    seq: int = 0
+    #: Backend version of the last change seen (or of the first snapshot); None: unversioned.
+    version: int | None = None
+    _recent: deque[tuple[float, Push]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._recent = deque(maxlen=self.max_size)
+
+    def record(self, push: Push, now: float) -> None:
+        self._recent.append((now, push))
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.max_age
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+
+    def between(self, after: int, until: int, now: float) -> list[Push] | None:
+        """Every push with ``after < seq <= until``, or None if any of them is gone."""
+        self._expire(now)
+        if not 0 <= after <= until <= self.seq:
+            return None
+        if after == until:
+            return []
+        if not self._recent or self._recent[0][1].seq > after + 1:
+            return None
+        return [push for _, push in self._recent if after < push.seq <= until]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._recent)
+
+
 @attrs.frozen
 class Synced:
-    """A subscription's starting point: the snapshot and the ``seq`` it is current to."""
+    """A subscription's starting point: a snapshot (or a resume) and the ``seq`` it is at."""
 
-    snapshot: Snapshot
+    #: The snapshot, or None when the subscription resumed (no snapshot is needed).
+    snapshot: Snapshot | None
     seq: int
-    #: Deliver from here on (the pending changes after ``seq`` first). Call it right after
-    #: queuing the reply that carries the snapshot, with no ``await`` in between.
+    epoch: str
+    #: The client asked to resume but the relay could not vouch for the gap.
+    reset: bool
+    #: Deliver from here on (the missed or pending changes after ``seq`` first). Call it
+    #: right after queuing the reply, with no ``await`` in between.
     go_live: Callable[[], None]
     #: Leave the broadcaster at once (idempotent).
     leave: Callable[[], None]
+
+    @property
+    def resumed(self) -> bool:
+        return self.snapshot is None
 
 
 @attrs.define(eq=False)
@@ -95,7 +155,10 @@ class Broadcaster:
         read_snapshot: Callable[[], Awaitable[Snapshot]],
         backend_timeout: float,
         max_pending: int,
+        replay_size: int,
+        replay_max_age: float,
         on_done: Callable[[Broadcaster], None],
+        continues: StreamHistory | None = None,
     ) -> None:
         self.key = key
         self._open_feed = open_feed
@@ -110,13 +173,27 @@ class Broadcaster:
         self._start_error: SubscribeFailed | None = None
         self._final: Push | None = None
         self._advanced = trio.Event()
-        #: seq of the last push; 0 until the first change.
-        self.seq = 0
-        #: Version of the last change seen (or of the first snapshot); None if unversioned.
-        self.version: int | None = None
+        self._continues = continues
+        #: This resource's numbering (replaced once started, unless it continues a kept one).
+        self.history = StreamHistory(replay_size, replay_max_age)
         # The newest snapshot and the seq it is current to, reused while no change happens so
         # that a crowd joining at once costs one backend read, not one each.
         self._cached: tuple[Snapshot, int] | None = None
+
+    @property
+    def seq(self) -> int:
+        """seq of the last push; 0 until the first change."""
+        return self.history.seq
+
+    @property
+    def version(self) -> int | None:
+        """Version of the last change seen (or of the first snapshot); None if unversioned."""
+        return self.history.version
+
+    @property
+    def resumable(self) -> bool:
+        """Started and not ended: its history may be continued by the next broadcaster."""
+        return self._started.is_set() and self._start_error is None and self._final is None
 
     @property
     def subscriber_count(self) -> int:
@@ -151,20 +228,35 @@ class Broadcaster:
             with trio.fail_after(self._timeout):
                 feed = await stack.enter_async_context(self._open_feed())
                 snapshot = await self._read_snapshot()
-            self.version = snapshot.version
-            self._cached = (snapshot, 0)
+            self._begin_history(snapshot)
+            self._cached = (snapshot, self.seq)
             self._started.set()
             logger.bind(resource=str(self.key)).debug("broadcaster for {} started", self.key)
             async for change in feed:
                 self._publish(change)
         return self._final_push(error=None)
 
+    def _begin_history(self, snapshot: Snapshot) -> None:
+        kept = self._continues
+        self._continues = None
+        if kept is not None and snapshot.version is not None and kept.version == snapshot.version:
+            # Nothing changed while nobody watched: the old numbering, and its buffer of recent
+            # pushes, still describe this resource exactly.
+            self.history = kept
+        else:
+            self.history.version = snapshot.version
+        for pending in self._pending.values():
+            pending.registered_at_seq = self.seq
+
     def _publish(self, change: Change) -> None:
+        if self._cancel_scope.cancel_called:
+            return  # its history may already be kept for, or continued by, another
+        history = self.history
         if change.version is not None:
-            if self.version is not None and change.version <= self.version:
+            if history.version is not None and change.version <= history.version:
                 return  # already part of the first snapshot
-            self.version = change.version
-        seq = self.seq + 1
+            history.version = change.version
+        seq = history.seq + 1
         try:
             text = encode(
                 DataReply(
@@ -180,8 +272,9 @@ class Broadcaster:
                 "dropped a change of {} that is not JSON-serializable", self.key
             )
             return
-        self.seq = seq
+        history.seq = seq
         push = Push(self.key, seq, change.data, text, change.version)
+        history.record(push, trio.current_time())
         for subscriber in self._live:
             subscriber.deliver(push)
         for pending in self._pending.values():
@@ -243,12 +336,25 @@ class Broadcaster:
             self._cancel_scope.cancel()
             self._on_done(self)
 
-    async def sync(self, subscriber: Subscriber) -> Synced:
-        """Read the joiner's snapshot and line it up with the stream; see the module docstring."""
+    async def sync(
+        self, subscriber: Subscriber, since_seq: int | None = None, epoch: str | None = None
+    ) -> Synced:
+        """Line the joiner up with the stream: resume it after ``since_seq`` if its history
+        still holds every push since, else read a snapshot (see the module docstring)."""
         await self._started.wait()
         if self._start_error is not None:
             raise self._start_error
         pending = self._pending[subscriber]
+        if since_seq is not None and epoch == self.history.epoch:
+            missed = self.history.between(
+                since_seq, pending.registered_at_seq, trio.current_time()
+            )
+            if missed is not None:
+                return Synced(
+                    None, since_seq, self.history.epoch, reset=False,
+                    go_live=lambda: self._go_live(subscriber, since_seq, missed),
+                    leave=lambda: self.remove(subscriber),
+                )
         cached = self._cached
         if cached is not None and cached[1] == self.seq:
             snapshot, seq = cached
@@ -264,7 +370,9 @@ class Broadcaster:
                 ErrorCode.BACKEND_ERROR, "too many changes while subscribing; try again"
             )
         return Synced(
-            snapshot, seq, lambda: self._go_live(subscriber, seq), lambda: self.remove(subscriber)
+            snapshot, seq, self.history.epoch, reset=since_seq is not None,
+            go_live=lambda: self._go_live(subscriber, seq),
+            leave=lambda: self.remove(subscriber),
         )
 
     async def _fresh_snapshot(self) -> Snapshot:
@@ -295,10 +403,14 @@ class Broadcaster:
                 seq = push.seq
         return seq
 
-    def _go_live(self, subscriber: Subscriber, after_seq: int) -> None:
+    def _go_live(
+        self, subscriber: Subscriber, after_seq: int, missed: list[Push] | None = None
+    ) -> None:
         pending = self._pending.pop(subscriber, None)
         if pending is None:
             return  # removed in the meantime
+        for push in missed or ():
+            subscriber.deliver(push)
         if self._final is not None:
             subscriber.end(self._final)
             return

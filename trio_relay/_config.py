@@ -86,6 +86,13 @@ class RelayConfig:
     #: whose ``Origin`` is neither is refused with HTTP 403. Clients that send no ``Origin``
     #: (not browsers) are always allowed.
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    #: Recent pushes kept per resource so that a client that reconnects can resume.
+    replay_buffer_size: int = attrs.field(default=1024, validator=_positive)
+    #: Seconds a push stays resumable (older ones are dropped from the replay buffer).
+    replay_max_age: float = attrs.field(default=120.0, validator=_positive)
+    #: Seconds a resource's numbering and replay buffer are kept after its last subscriber
+    #: left, so that a lone subscriber's reconnect still resumes; then they are freed.
+    resume_grace: float = attrs.field(default=30.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -97,4 +104,6 @@ class RelayStatistics:
     subscriptions: int
     listeners: int
     broadcasters: int
+    #: Stream histories (replay buffers) kept for resuming after their broadcaster ended.
+    kept_histories: int
     tasks: int

@@ -379,13 +379,20 @@ class Connection:
         subscription = _WebSubscription(self, key)
         with subscription.cancel_scope:
             try:
-                async with self.relay._subscription(key, subscription) as synced:
+                async with self.relay._subscription(
+                    key, subscription, request.since_seq, request.epoch
+                ) as synced:
+                    snapshot = synced.snapshot
                     try:
                         reply = encode(Subscribed(
                             id=request.id, resource=key.resource,
                             resource_id=key.resource_id or None,
-                            data={SNAPSHOT_FIELDS[key.resource]: synced.snapshot.items},
+                            data=None if snapshot is None
+                            else {SNAPSHOT_FIELDS[key.resource]: snapshot.items},
                             seq=synced.seq,
+                            epoch=synced.epoch,
+                            reset=True if synced.reset else None,
+                            resumed=True if snapshot is None else None,
                         ))
                     except (TypeError, ValueError):
                         self.log.error("the snapshot of {} is not JSON", key)
@@ -400,7 +407,8 @@ class Connection:
                     subscription.detach = lambda: self._detach(subscription, synced.leave)
                     self.push(reply)
                     synced.go_live()
-                    self.log.info("subscribed to {}", key)
+                    self.log.info("{} {}", "resumed" if snapshot is None else "subscribed to",
+                                  key)
                     task_status.started()
                     await trio.sleep_forever()
             except SubscribeFailed as exc:

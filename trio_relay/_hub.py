@@ -45,15 +45,19 @@ class _Topic:
 
 
 class ChangeHub:
-    """Publish changes by key; each key's versions count up from 0 while anyone watches it."""
+    """Publish changes by key; each key's versions count up by one per change, from 0.
+
+    Versions keep counting while nobody watches, so that a relay can tell, when a resource
+    is watched again, whether anything happened in between (and resume clients if not).
+    That costs one integer per key ever published or watched.
+    """
 
     def __init__(self, *, feed_buffer: int = DEFAULT_FEED_BUFFER) -> None:
         self._feed_buffer = feed_buffer
-        # Only watched keys are held, so the hub's memory follows what is being watched.
         self._topics: dict[Hashable, _Topic] = {}
 
     def version(self, key: Hashable) -> int:
-        """The version of the last change published for ``key`` (0 if none while watched)."""
+        """The version of the last change published for ``key`` (0 if none)."""
         topic = self._topics.get(key)
         return topic.version if topic is not None else 0
 
@@ -61,7 +65,7 @@ class ChangeHub:
         """Deliver ``data`` to every open feed of ``key``, at once and without blocking."""
         topic = self._topics.get(key)
         if topic is None:
-            return Change(data, 0)
+            topic = self._topics[key] = _Topic()
         topic.version += 1
         change = Change(data, topic.version)
         for watcher in topic.watchers:
@@ -101,8 +105,6 @@ class ChangeHub:
             yield _FeedIterator(receive, watcher)
         finally:
             topic.watchers.discard(watcher)
-            if not topic.watchers and self._topics.get(key) is topic:
-                del self._topics[key]
             send.close()
             receive.close()
 

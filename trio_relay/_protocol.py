@@ -100,7 +100,9 @@ class SubscribeRequest:
     id: RequestId
     resource: Resource
     resource_id: str = ""
+    #: Resume (extension): the last seq the client saw, and the epoch it belongs to.
     since_seq: int | None = None
+    epoch: str | None = None
 
     @property
     def key(self) -> ResourceKey:
@@ -177,8 +179,14 @@ class Subscribed:
     id: RequestId | None
     resource: str
     resource_id: str | None = None
-    data: JSON
+    #: The snapshot; absent when the subscription resumed.
+    data: JSON = None
     seq: int
+    epoch: str | None = None
+    #: The client asked to resume but gets a fresh snapshot and a new sequence instead.
+    reset: bool | None = None
+    #: The missed pushes follow, from ``seq + 1``; there is no snapshot.
+    resumed: bool | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -12,6 +12,7 @@ Leaving ``async with open_relay(...)`` stops accepting, closes every client with
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from loguru import logger
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ._backend import Backend, Feed, Snapshot
-from ._broadcaster import Broadcaster, Push, SubscribeFailed, Subscriber, Synced
+from ._broadcaster import Broadcaster, Push, StreamHistory, SubscribeFailed, Subscriber, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
 from ._limits import PinGuard
@@ -124,8 +125,11 @@ class Listener:
     ) -> None:
         self.resource = key.resource
         self.resource_id = key.resource_id
+        assert synced.snapshot is not None  # listeners never resume
         #: The items of the snapshot: chats, messages or model profiles.
         self.snapshot: list[JSON] = synced.snapshot.items
+        #: The sequence's epoch: a client holding this and ``seq`` could resume.
+        self.epoch = synced.epoch
         #: The seq the snapshot is current to; updates continue from seq + 1.
         self.seq = synced.seq
         self._receive = receive
@@ -172,6 +176,9 @@ class Relay:
         self._connections: set[Connection] = set()
         self._per_address: dict[str, int] = {}  # open streams per client address
         self._broadcasters: dict[ResourceKey, Broadcaster] = {}
+        # Histories whose broadcaster ended, with the time they are forgotten (resume_grace).
+        self._kept: dict[ResourceKey, tuple[StreamHistory, float]] = {}
+        self._kept_changed = trio.Event()
         self._serve_scopes: set[trio.CancelScope] = set()
         self._listeners = 0
         self._closing = False
@@ -354,6 +361,7 @@ class Relay:
             subscriptions=sum(len(c.subscriptions) for c in self._connections),
             listeners=self._listeners,
             broadcasters=len(self._broadcasters),
+            kept_histories=len(self._kept),
             tasks=_count_tasks(self._nursery) + _count_tasks(self._connections_nursery),
         )
 
@@ -365,7 +373,11 @@ class Relay:
 
     @asynccontextmanager
     async def _subscription(
-        self, key: ResourceKey, subscriber: Subscriber
+        self,
+        key: ResourceKey,
+        subscriber: Subscriber,
+        since_seq: int | None = None,
+        epoch: str | None = None,
     ) -> AsyncIterator[Synced]:
         """Join (or start) the resource's broadcaster for the duration of the block."""
         if self._closing:
@@ -373,25 +385,46 @@ class Relay:
         broadcaster = self._broadcasters.get(key)
         if broadcaster is None:
             open_feed, read_snapshot = self._upstream(key)
+            kept = self._kept.pop(key, None)
             broadcaster = Broadcaster(
                 key,
                 open_feed=open_feed,
                 read_snapshot=read_snapshot,
                 backend_timeout=self.config.backend_timeout,
                 max_pending=self.config.max_pending_changes,
+                replay_size=self.config.replay_buffer_size,
+                replay_max_age=self.config.replay_max_age,
                 on_done=self._broadcaster_done,
+                continues=kept[0] if kept is not None else None,
             )
             self._broadcasters[key] = broadcaster
             self._nursery.start_soon(broadcaster.run, name=f"broadcaster {key}")
         broadcaster.add(subscriber)
         try:
-            yield await broadcaster.sync(subscriber)
+            yield await broadcaster.sync(subscriber, since_seq, epoch)
         finally:
             broadcaster.remove(subscriber)
 
     def _broadcaster_done(self, broadcaster: Broadcaster) -> None:
         if self._broadcasters.get(broadcaster.key) is broadcaster:
             del self._broadcasters[broadcaster.key]
+        if broadcaster.resumable and not self._closing:
+            # Its last subscriber left: keep its history a while for clients that come back.
+            expiry = trio.current_time() + self.config.resume_grace
+            self._kept[broadcaster.key] = (broadcaster.history, expiry)
+            self._kept_changed.set()
+
+    async def _forget_kept_histories(self) -> None:
+        """Frees each kept history (its replay buffer) once its grace period is over, by the
+        deadline of a cancel scope."""
+        while True:
+            self._kept_changed = trio.Event()
+            next_expiry = min((expiry for _, expiry in self._kept.values()), default=math.inf)
+            with trio.move_on_at(next_expiry):
+                await self._kept_changed.wait()
+            now = trio.current_time()
+            for key in [k for k, (_, expiry) in self._kept.items() if expiry <= now]:
+                del self._kept[key]
 
     def _upstream(
         self, key: ResourceKey
@@ -527,6 +560,7 @@ async def open_relay(
                     nursery=nursery,
                     connections_nursery=connections_nursery,
                 )
+                nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
                 try:
                     yield relay
                 finally:
