@@ -111,7 +111,7 @@ async def test_a_change_while_nobody_watched_means_a_reset(
         await trio.testing.wait_all_tasks_blocked()
         # Stored while no feed was open: the relay could not have recorded it as a push.
         message = backend.add_message("c1", "written during the blip")
-        again, fresh = await _resume(memory, reply["seq"], reply["epoch"])
+        _, fresh = await _resume(memory, reply["seq"], reply["epoch"])
         assert fresh["reset"] is True
         assert fresh["epoch"] != reply["epoch"]
         assert fresh["data"] == {"messages": [message]}
