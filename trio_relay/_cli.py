@@ -6,32 +6,27 @@ import argparse
 import os
 import secrets
 import signal
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from loguru import logger
 
-from ._config import RelayConfig
-from ._relay import open_relay
+from ._relay import Relay, open_relay
+from ._settings import ServeSettings, SettingsError, add_arguments, flag_values, load_settings
 
 if TYPE_CHECKING:
     from loguru import Record
 
 __all__ = ["main"]
 
-DEFAULT_PORT = 8765
-PIN_ENV = "TRIO_RELAY_PIN"
-DATA_DIR_ENV = "TRIO_RELAY_DATA_DIR"
 
-
-def default_data_dir() -> Path:
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """Where the database lives when no data_dir is set: the XDG data directory."""
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "trio-relay"
 
 
@@ -40,20 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="trio-relay", description="A WebSocket relay for live project, chat and agent sync."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the relay with its default SQLite backend")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
-    serve.add_argument("--pin", default=None,
-                       help=f"the PIN clients must send (default: ${PIN_ENV}, else a random one"
-                       " printed once)")
-    serve.add_argument("--data-dir", type=Path, default=None,
-                       help=f"where the SQLite database lives (default: ${DATA_DIR_ENV}, else"
-                       " $XDG_DATA_HOME/trio-relay or ~/.local/share/trio-relay)")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="log verbosity on stderr (default INFO)")
+    serve = commands.add_parser(
+        "serve", help="run the relay with its default SQLite backend",
+        description="Run the relay with its default SQLite backend. Every setting comes from,"
+        " in increasing precedence: its default, the --config file, its TRIO_RELAY_<NAME>"
+        " environment variable, its flag (docs/operations.md).",
+        # A new flag must not change what an abbreviation someone relies on means.
+        allow_abbrev=False,
+    )
+    add_arguments(serve)
     return parser
 
 
@@ -73,40 +63,92 @@ def configure_logging(level: str) -> None:
     logger.enable("trio_relay")
 
 
-async def serve(args: argparse.Namespace, pin: str, generated: bool) -> None:
+def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS server context for ``cert`` (a PEM chain) and its unencrypted ``key``."""
+
+    def refuse_password() -> str:
+        # Without this OpenSSL would prompt for a passphrase on the terminal.
+        raise ValueError("the key is encrypted; trio-relay needs an unencrypted key")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key, password=refuse_password)
+    return context
+
+
+async def _start_serving(
+    nursery: trio.Nursery, relay: Relay, settings: ServeSettings,
+    ssl_context: ssl.SSLContext | None,
+) -> int:
+    """Bind and start serving in ``nursery``; return the bound port."""
+    listeners: Sequence[trio.abc.Listener[Any]]
+    if ssl_context is None:
+        tcp = await trio.open_tcp_listeners(settings.port, host=settings.host)
+        listeners, port = tcp, tcp[0].socket.getsockname()[1]
+    else:
+        # https_compatible: WebSocket has its own closing handshake, and browsers, like
+        # HTTPS clients, often drop the connection without a TLS close_notify.
+        tls = await trio.open_ssl_over_tcp_listeners(
+            settings.port, ssl_context, host=settings.host, https_compatible=True
+        )
+        transport = tls[0].transport_listener
+        assert isinstance(transport, trio.SocketListener)
+        listeners, port = tls, transport.socket.getsockname()[1]
+    await nursery.start(relay.serve_listeners, listeners)
+    return int(port)
+
+
+async def serve(
+    settings: ServeSettings, pin: str, generated: bool, data_dir: Path,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     from ._sqlite_backend import open_sqlite_backend
 
-    data_dir: Path = args.data_dir or default_data_dir()
     async with open_sqlite_backend(data_dir) as backend:
-        async with open_relay(backend, pin=pin, config=RelayConfig()) as relay:
+        async with open_relay(backend, pin=pin, config=settings.relay) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                port = await relay.start_serving(args.host, args.port)
-                host = f"[{args.host}]" if ":" in args.host else args.host
-                # Printed, not logged: the PIN must never reach a log line.
-                print(f"trio-relay serving ws://{host}:{port}/ws", flush=True)
-                print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
-                                       if generated else ""), flush=True)
-                print(f"data: {data_dir}", flush=True)
-                async for signum in signals:
-                    logger.info("received {}, shutting down", signal.Signals(signum).name)
-                    break
+                async with trio.open_nursery() as serving:
+                    port = await _start_serving(serving, relay, settings, ssl_context)
+                    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                    scheme = "ws" if ssl_context is None else "wss"
+                    # Printed, not logged: the PIN must never reach a log line.
+                    print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
+                    print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
+                                           if generated else ""), flush=True)
+                    print(f"data: {data_dir}", flush=True)
+                    async for signum in signals:
+                        logger.info("received {}, shutting down", signal.Signals(signum).name)
+                        break
+                    # Stop accepting; leaving open_relay then closes every client with 1001.
+                    serving.cancel_scope.cancel()
     logger.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        configure_logging(args.log_level)
-        pin = args.pin or os.environ.get(PIN_ENV) or ""
-        generated = not pin
-        if generated:
-            pin = f"{secrets.randbelow(10**6):06d}"
         try:
-            trio.run(serve, args, pin, generated)
+            settings = load_settings(
+                config_file=args.config, environ=os.environ, flags=flag_values(args)
+            )
+        except SettingsError as exc:
+            print(f"trio-relay: {exc}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level)
+        pin = settings.pin or f"{secrets.randbelow(10**6):06d}"
+        ssl_context = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            try:
+                ssl_context = server_ssl_context(settings.tls_cert, settings.tls_key)
+            except (OSError, ValueError) as exc:
+                print(f"trio-relay: cannot load TLS certificate {settings.tls_cert} and key"
+                      f" {settings.tls_key}: {exc}", file=sys.stderr)
+                return 1
+        data_dir = settings.data_dir or default_data_dir(os.environ)
+        try:
+            trio.run(serve, settings, pin, settings.pin is None, data_dir, ssl_context)
         except OSError as exc:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 1
         return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
-
-
