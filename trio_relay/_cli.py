@@ -10,12 +10,12 @@ import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 from loguru import logger
 
-from ._relay import Relay, open_relay
+from ._relay import open_relay
 from ._settings import ServeSettings, SettingsError, add_arguments, flag_values, load_settings
 
 if TYPE_CHECKING:
@@ -76,28 +76,6 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-async def _start_serving(
-    nursery: trio.Nursery, relay: Relay, settings: ServeSettings,
-    ssl_context: ssl.SSLContext | None,
-) -> int:
-    """Bind and start serving in ``nursery``; return the bound port."""
-    listeners: Sequence[trio.abc.Listener[Any]]
-    if ssl_context is None:
-        tcp = await trio.open_tcp_listeners(settings.port, host=settings.host)
-        listeners, port = tcp, tcp[0].socket.getsockname()[1]
-    else:
-        # https_compatible: WebSocket has its own closing handshake, and browsers, like
-        # HTTPS clients, often drop the connection without a TLS close_notify.
-        tls = await trio.open_ssl_over_tcp_listeners(
-            settings.port, ssl_context, host=settings.host, https_compatible=True
-        )
-        transport = tls[0].transport_listener
-        assert isinstance(transport, trio.SocketListener)
-        listeners, port = tls, transport.socket.getsockname()[1]
-    await nursery.start(relay.serve_listeners, listeners)
-    return int(port)
-
-
 async def serve(
     settings: ServeSettings, pin: str, generated: bool, data_dir: Path,
     ssl_context: ssl.SSLContext | None = None,
@@ -107,20 +85,20 @@ async def serve(
     async with open_sqlite_backend(data_dir) as backend:
         async with open_relay(backend, pin=pin, config=settings.relay) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as serving:
-                    port = await _start_serving(serving, relay, settings, ssl_context)
-                    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-                    scheme = "ws" if ssl_context is None else "wss"
-                    # Printed, not logged: the PIN must never reach a log line.
-                    print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
-                    print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
-                                           if generated else ""), flush=True)
-                    print(f"data: {data_dir}", flush=True)
-                    async for signum in signals:
-                        logger.info("received {}, shutting down", signal.Signals(signum).name)
-                        break
-                    # Stop accepting; leaving open_relay then closes every client with 1001.
-                    serving.cancel_scope.cancel()
+                port = await relay.start_serving(
+                    settings.host, settings.port, ssl_context=ssl_context
+                )
+                host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                scheme = "ws" if ssl_context is None else "wss"
+                # Printed, not logged: the PIN must never reach a log line.
+                print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
+                print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
+                                       if generated else ""), flush=True)
+                print(f"data: {data_dir}", flush=True)
+                async for signum in signals:
+                    logger.info("received {}, shutting down", signal.Signals(signum).name)
+                    break
+            # Leaving open_relay stops accepting, then closes every client with 1001.
     logger.info("stopped")
 
 

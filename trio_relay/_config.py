@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -27,7 +28,7 @@ class CloseCode:
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
+    if not value > 0 or value == math.inf:  # also refuses nan
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 

@@ -13,6 +13,7 @@ Leaving ``async with open_relay(...)`` stops accepting, closes every client with
 from __future__ import annotations
 
 import math
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -197,15 +198,23 @@ class Relay:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve WebSocket clients on ``host``:``port`` until cancelled or the relay closes.
 
         With ``await nursery.start(relay.serve, host, port)`` it returns the bound port once
-        listening (``port=0`` picks a free one).
+        listening (``port=0`` picks a free one). With ``ssl_context`` it serves ``wss://``.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound: int = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_listeners(port, host=host)
+        bound: int = tcp[0].socket.getsockname()[1]
+        listeners: Sequence[trio.abc.Listener[Any]] = tcp
+        if ssl_context is not None:
+            # https_compatible: WebSocket has its own closing handshake, and browsers, like
+            # HTTPS clients, often drop the connection without a TLS close_notify.
+            listeners = [
+                trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in tcp
+            ]
         await self.serve_listeners(listeners, task_status=_Mapped(task_status, lambda _: bound))
 
     async def serve_listeners(
@@ -237,9 +246,16 @@ class Relay:
             finally:
                 self._serve_scopes.discard(scope)
 
-    async def start_serving(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start `serve` in the relay's own nursery; return the bound port once listening."""
-        return int(await self._nursery.start(self.serve, host, port))
+    async def start_serving(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Start `serve` in the relay's own nursery; return the bound port once listening.
+
+        It serves until the relay closes (stopping first, before clients are closed).
+        """
+        return int(
+            await self._nursery.start(partial(self.serve, host, port, ssl_context=ssl_context))
+        )
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """One accepted stream: the WebSocket handshake, then the connection, in one nursery.
@@ -512,6 +528,7 @@ def _peer_of(stream: trio.abc.Stream) -> str:
 
 
 def _describe(listener: trio.abc.Listener[Any]) -> str:
+    listener = getattr(listener, "transport_listener", listener)  # through TLS
     socket = getattr(listener, "socket", None)
     if socket is not None:
         host, port = socket.getsockname()[:2]
