@@ -241,3 +241,23 @@ async def test_the_seed_client_is_unaffected(autojump_clock: trio.abc.Clock) -> 
         reply = await client.reply_to("sub-chat-1")
         assert reply["data"] == {"messages": []}
         assert "reset" not in reply and "resumed" not in reply
+
+
+async def test_a_replay_larger_than_the_outbound_queue_is_a_reset(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Otherwise the replay itself would overflow the queue: 1013 on every reconnect.
+    backend = _backend()
+    config = RelayConfig(outbound_queue_size=8)
+    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
+        watcher = await memory.connect(authenticate=PIN)
+        epoch = (await watcher.subscribe("chat", "c1"))["epoch"]
+        for n in range(12):
+            backend.emit("chat", "c1", {"n": n})
+            await watcher.next_push()
+        client, reply = await _resume(memory, 0, epoch)  # 12 missed: more than fit
+        assert reply["reset"] is True and reply["seq"] == 12
+        await client.assert_no_push()
+        client, reply = await _resume(memory, 6, epoch)  # 6 missed: they fit
+        assert reply.get("resumed") is True
+        assert _numbers(await _pushes(client, 6)) == [6, 7, 8, 9, 10, 11]

@@ -24,6 +24,7 @@ resuming clients get a fresh snapshot marked ``reset``.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -337,10 +338,15 @@ class Broadcaster:
             self._on_done(self)
 
     async def sync(
-        self, subscriber: Subscriber, since_seq: int | None = None, epoch: str | None = None
+        self,
+        subscriber: Subscriber,
+        since_seq: int | None = None,
+        epoch: str | None = None,
+        max_replay: int | None = None,
     ) -> Synced:
         """Line the joiner up with the stream: resume it after ``since_seq`` if its history
-        still holds every push since, else read a snapshot (see the module docstring)."""
+        still holds every push since (and they are at most ``max_replay``: the room the
+        subscriber has for them), else read a snapshot (see the module docstring)."""
         await self._started.wait()
         if self._start_error is not None:
             raise self._start_error
@@ -349,7 +355,8 @@ class Broadcaster:
             missed = self.history.between(
                 since_seq, pending.registered_at_seq, trio.current_time()
             )
-            if missed is not None:
+            room = math.inf if max_replay is None else max_replay
+            if missed is not None and len(missed) + len(pending.pushes) <= room:
                 return Synced(
                     None, since_seq, self.history.epoch, reset=False,
                     go_live=lambda: self._go_live(subscriber, since_seq, missed),

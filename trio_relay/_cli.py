@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 from loguru import logger
 
+from ._chat_cli import add_chat_command, run_chat
 from ._relay import open_relay
 from ._settings import ServeSettings, SettingsError, add_arguments, flag_values, load_settings
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_arguments(serve)
+    add_chat_command(commands)
     return parser
 
 
@@ -129,4 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "chat":
+        try:
+            return int(trio.run(run_chat, args))
+        except KeyboardInterrupt:
+            return 130
     return 2  # pragma: no cover - argparse rejects unknown commands

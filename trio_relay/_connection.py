@@ -379,8 +379,13 @@ class Connection:
         subscription = _WebSubscription(self, key)
         with subscription.cancel_scope:
             try:
+                # A replay must fit the outbound queue (with the reply): more would close this
+                # client as slow on every reconnect, so it gets a fresh snapshot instead.
+                room = self._config.outbound_queue_size - 1 - (
+                    self._out_send.statistics().current_buffer_used
+                )
                 async with self.relay._subscription(
-                    key, subscription, request.since_seq, request.epoch
+                    key, subscription, request.since_seq, request.epoch, room
                 ) as synced:
                     snapshot = synced.snapshot
                     try:

@@ -394,6 +394,7 @@ class Relay:
         subscriber: Subscriber,
         since_seq: int | None = None,
         epoch: str | None = None,
+        max_replay: int | None = None,
     ) -> AsyncIterator[Synced]:
         """Join (or start) the resource's broadcaster for the duration of the block."""
         if self._closing:
@@ -417,7 +418,7 @@ class Relay:
             self._nursery.start_soon(broadcaster.run, name=f"broadcaster {key}")
         broadcaster.add(subscriber)
         try:
-            yield await broadcaster.sync(subscriber, since_seq, epoch)
+            yield await broadcaster.sync(subscriber, since_seq, epoch, max_replay)
         finally:
             broadcaster.remove(subscriber)
 
