@@ -44,7 +44,7 @@ LONE_SURROGATE = "frame contains a lone UTF-16 surrogate escape"
 BAD_ID = (
     f"field 'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters or an integer"
 )
-BAD_TYPE = "field 'type' must be one of auth, subscribe, unsubscribe, send, create"
+BAD_TYPE = "field 'type' must be one of auth, subscribe, unsubscribe, send, create, cancel"
 BAD_RESOURCE = "field 'resource' must be one of project, chat, modelProfiles"
 
 

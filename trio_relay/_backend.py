@@ -95,6 +95,14 @@ class Backend(Protocol):
         """Create a chat in a project and return it; it must have a string ``id``."""
         ...
 
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the agent's reply running in a chat, if one is; return whether one was.
+
+        The chat's subscribers should then get an event saying so (the default backend
+        pushes ``{"type": "cancelled", "messageId": ...}``).
+        """
+        ...
+
     def watch_project(self, project_id: str) -> Feed:
         """Changes to a project's chat list (chat created, renamed, deleted)."""
         ...

@@ -36,6 +36,7 @@ from ._protocol import (
     AuthRequest,
     AuthRequired,
     AuthSuccess,
+    CancelRequest,
     CreateRequest,
     DataReply,
     ErrorCode,
@@ -303,6 +304,13 @@ class Connection:
             self.log.debug("sent a message to chat {}", request.resource_id)
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
+        elif isinstance(request, CancelRequest):
+            cancelled = await self._call(self.relay.backend.cancel_reply, request.resource_id)
+            self.log.info("cancel in chat {}: {}", request.resource_id,
+                          "stopped a reply" if cancelled else "nothing running")
+            self.reply(DataReply(id=request.id, resource="chat",
+                                 resource_id=request.resource_id,
+                                 data={"cancelled": bool(cancelled)}))
         elif isinstance(request, CreateRequest):
             chat = await self._call(self.relay.backend.create_chat, request.resource_id,
                                     request.title)
@@ -441,7 +449,7 @@ class Connection:
 
 def _error(request: Request, code: str, error: str) -> ErrorReply:
     resource = getattr(request, "resource", None)
-    if isinstance(request, SendRequest):
+    if isinstance(request, (SendRequest, CancelRequest)):
         resource = "chat"
     resource_id: str | None = getattr(request, "resource_id", None) or None
     return ErrorReply(id=request.id, error=error, code=code, resource=resource,

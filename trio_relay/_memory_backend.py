@@ -38,6 +38,9 @@ class MemoryBackend:
         self.model_profiles: list[JSON] = []
         #: Every accepted send, in order: (chat id, message as the client sent it).
         self.sent: list[tuple[str, JSON]] = []
+        #: Chats whose agent reply counts as running: `cancel_reply` stops it (and pushes
+        #: ``{"type": "cancelled"}``); a test adds chat ids here to script a reply.
+        self.replying: set[str] = set()
         #: Method name (``"get_history"``, ``"watch_chat"``, ...) to an exception it raises,
         #: or `HANG`.
         self.faults: dict[str, BaseException | str] = {}
@@ -139,6 +142,16 @@ class MemoryBackend:
         if project_id not in self.projects:
             raise NotFound(f"project {project_id!r} not found")
         return self.add_chat(project_id, title=title or "New chat")
+
+    async def cancel_reply(self, chat_id: str) -> bool:
+        await self._fault("cancel_reply")
+        if chat_id not in self.chats:
+            raise NotFound(f"chat {chat_id!r} not found")
+        if chat_id not in self.replying:
+            return False
+        self.replying.discard(chat_id)
+        self.hub.publish(ResourceKey("chat", chat_id), {"type": "cancelled"})
+        return True
 
     def watch_project(self, project_id: str) -> Any:
         return self._feed("watch_project", ResourceKey("project", project_id))

@@ -30,6 +30,7 @@ __all__ = [
     "AuthRequest",
     "AuthRequired",
     "AuthSuccess",
+    "CancelRequest",
     "CreateRequest",
     "DataReply",
     "ErrorCode",
@@ -142,11 +143,26 @@ class CreateRequest:
     title: str | None = None
 
 
-Request = AuthRequest | SubscribeRequest | UnsubscribeRequest | SendRequest | CreateRequest
+@attrs.frozen
+class CancelRequest:
+    """Stop the agent's reply running in a chat (extension): ``resourceId`` is the chat id."""
+
+    type: ClassVar[str] = "cancel"
+    id: RequestId
+    resource_id: str
+
+
+Request = (
+    AuthRequest | SubscribeRequest | UnsubscribeRequest | SendRequest | CreateRequest
+    | CancelRequest
+)
 
 _REQUEST_TYPES: Final[dict[str, type[Request]]] = {
     cls.type: cls
-    for cls in (AuthRequest, SubscribeRequest, UnsubscribeRequest, SendRequest, CreateRequest)
+    for cls in (
+        AuthRequest, SubscribeRequest, UnsubscribeRequest, SendRequest, CreateRequest,
+        CancelRequest,
+    )
 }
 
 # --- replies and pushes (relay to client) -----------------------------------------------------
@@ -393,7 +409,9 @@ def _checked(request: Request) -> Request:
             raise _bad_request(
                 request.id, f"field 'resourceId' is required for resource '{request.resource}'"
             )
-    elif isinstance(request, (SendRequest, CreateRequest)) and not request.resource_id:
+    elif isinstance(request, (SendRequest, CreateRequest, CancelRequest)) and (
+        not request.resource_id
+    ):
         raise _bad_request(request.id, "field 'resourceId' is required")
     if isinstance(request, SendRequest) and request.message in (None, "", {}):
         raise _bad_request(request.id, "field 'message' must not be empty")

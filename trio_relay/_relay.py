@@ -364,6 +364,11 @@ class Relay:
         with trio.fail_after(self.config.backend_timeout):
             await self.backend.send_message(chat_id, message)
 
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the agent's reply running in a chat, as the host; True if one was running."""
+        with trio.fail_after(self.config.backend_timeout):
+            return await self.backend.cancel_reply(chat_id)
+
     async def create_chat(self, project_id: str, title: str | None = None) -> JSON:
         """Create a chat as the host; the project's subscribers get a push."""
         with trio.fail_after(self.config.backend_timeout):

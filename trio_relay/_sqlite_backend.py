@@ -360,6 +360,8 @@ class _ChatQueue:
 
     jobs: deque[_Job] = attrs.Factory(deque)
     running: trio.CancelScope | None = None
+    #: The id of the reply being written, for the ``cancelled`` event.
+    message_id: str | None = None
 
 
 class SqliteBackend:
@@ -457,6 +459,16 @@ class SqliteBackend:
             )
         return chat
 
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the reply running in a chat (queued ones still run); push ``cancelled``."""
+        await self._run(partial(_select_chat, chat_id=chat_id))  # NotFound if unknown
+        queue = self._queues.get(chat_id)
+        if queue is None or queue.running is None:
+            return False
+        queue.running.cancel()
+        logger.bind(resource=str(_chat_key(chat_id))).info("reply cancelled")
+        return True
+
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
         async with self._lock:
@@ -516,17 +528,21 @@ class SqliteBackend:
             while queue.jobs:
                 job = queue.jobs.popleft()
                 with trio.CancelScope() as queue.running:
-                    await self._reply(chat_id, job)
-                queue.running = None
+                    await self._reply(chat_id, job, queue)
+                if queue.running.cancelled_caught and self._queues.get(chat_id) is queue:
+                    self.hub.publish(
+                        _chat_key(chat_id), {"type": "cancelled", "messageId": queue.message_id}
+                    )
+                queue.running = queue.message_id = None
         finally:
             # No checkpoint since the loop found the queue empty, so no job can be stranded.
             if self._queues.get(chat_id) is queue:
                 del self._queues[chat_id]
 
-    async def _reply(self, chat_id: str, job: _Job) -> None:
+    async def _reply(self, chat_id: str, job: _Job, queue: _ChatQueue) -> None:
         key = _chat_key(chat_id)
         log = logger.bind(resource=str(key))
-        message_id = _new_id()
+        message_id = queue.message_id = _new_id()
 
         def emit(piece: str) -> None:
             self.hub.publish(key, {"type": "chunk", "messageId": message_id, "text": piece})
