@@ -902,3 +902,19 @@ async def test_the_seeds_ws_link_client_works_unchanged(
         await pump_until(lambda: len(link.ignored) == 1)
         assert link.ignored[0]["id"] == f"unsub-{now + 4}"
         assert errors == []
+
+
+async def test_create_with_a_model_profile(autojump_clock: trio.abc.Clock) -> None:
+    backend = MemoryBackend()
+    backend.add_project("p1")
+    backend.set_model_profiles([{"id": "echo", "name": "Echo"}])
+    async with open_memory_relay(backend, pin=PIN) as memory:
+        client = await memory.connect(authenticate=PIN)
+        reply = await client.request("create", resource="chat", resourceId="p1",
+                                     message={"title": "T", "modelProfileId": "echo"})
+        assert reply["data"]["chat"]["modelProfileId"] == "echo"
+        refused = await client.request("create", resource="chat", resourceId="p1",
+                                       message={"modelProfileId": "nope"})
+        assert (refused["code"], refused["error"]) == (
+            "backend_error", "unknown model profile 'nope'"
+        )

@@ -886,3 +886,17 @@ def to_wire(request: Request, include_empty: bool) -> dict[str, Any]:
 def test_round_trip(request: Request, include_empty: bool, ascii_only: bool) -> None:
     text = json.dumps(to_wire(request, include_empty), ensure_ascii=ascii_only, allow_nan=False)
     assert decode(text) == request
+
+
+def test_create_carries_the_model_profile_inside_message() -> None:
+    request = decode(
+        '{"id":"c","type":"create","resource":"chat","resourceId":"p1",'
+        '"message":{"title":"T","modelProfileId":"echo-fast"},"modelProfileId":"ignored"}'
+    )
+    assert request == CreateRequest(
+        id="c", resource="chat", resource_id="p1", title="T", model_profile_id="echo-fast"
+    )
+    with pytest.raises(ProtocolError) as bad:
+        decode('{"id":"c","type":"create","resource":"chat","resourceId":"p1",'
+               '"message":{"modelProfileId":7}}')
+    assert bad.value.reply.error == "field 'message.modelProfileId' must be a string"

@@ -91,8 +91,14 @@ class Backend(Protocol):
         """
         ...
 
-    async def create_chat(self, project_id: str, title: str | None) -> JSON:
-        """Create a chat in a project and return it; it must have a string ``id``."""
+    async def create_chat(
+        self, project_id: str, title: str | None, model_profile_id: str | None = None
+    ) -> JSON:
+        """Create a chat in a project and return it; it must have a string ``id``.
+
+        ``model_profile_id`` names the profile whose agent answers in the chat (None: the
+        backend's default); an unknown one should be refused with `BackendError`.
+        """
         ...
 
     async def cancel_reply(self, chat_id: str) -> bool:

@@ -313,7 +313,7 @@ class Connection:
                                  data={"cancelled": bool(cancelled)}))
         elif isinstance(request, CreateRequest):
             chat = await self._call(self.relay.backend.create_chat, request.resource_id,
-                                    request.title)
+                                    request.title, request.model_profile_id)
             chat_id = chat.get("id") if isinstance(chat, dict) else None
             if not isinstance(chat_id, str):
                 self.log.error("backend create_chat returned a chat without a string id")

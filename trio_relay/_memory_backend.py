@@ -137,11 +137,19 @@ class MemoryBackend:
         self.sent.append((chat_id, message))
         self.add_message(chat_id, content, role="user")
 
-    async def create_chat(self, project_id: str, title: str | None) -> JSON:
+    async def create_chat(
+        self, project_id: str, title: str | None, model_profile_id: str | None = None
+    ) -> JSON:
         await self._fault("create_chat")
         if project_id not in self.projects:
             raise NotFound(f"project {project_id!r} not found")
-        return self.add_chat(project_id, title=title or "New chat")
+        known = {p.get("id") for p in self.model_profiles if isinstance(p, dict)}
+        if model_profile_id is not None and model_profile_id not in known:
+            raise BackendError(f"unknown model profile {model_profile_id!r}")
+        chat = self.add_chat(project_id, title=title or "New chat")
+        if model_profile_id is not None:
+            chat["modelProfileId"] = model_profile_id
+        return chat
 
     async def cancel_reply(self, chat_id: str) -> bool:
         await self._fault("cancel_reply")

@@ -134,13 +134,15 @@ class SendRequest:
 
 @attrs.frozen
 class CreateRequest:
-    """Create a chat (extension): ``resourceId`` is the project id, ``message`` holds ``title``."""
+    """Create a chat (extension): ``resourceId`` is the project id; ``message`` may hold the
+    ``title`` and the ``modelProfileId`` whose agent answers in the chat."""
 
     type: ClassVar[str] = "create"
     id: RequestId
     resource: Literal["chat"]
     resource_id: str
     title: str | None = None
+    model_profile_id: str | None = None
 
 
 @attrs.frozen
@@ -419,13 +421,15 @@ def _checked(request: Request) -> Request:
 
 
 def _lift_title(raw: dict[str, JSON], request_id: RequestId) -> dict[str, JSON]:
-    # ``create`` carries its title inside ``message`` ({"title": ...}), as ``send`` carries text.
+    # ``create`` carries its fields inside ``message`` ({"title": ...}), as ``send`` carries
+    # text; only those count, not same-named fields at the top level.
     message = raw.get("message")
     if message is None:
-        return {**raw, "title": None}  # only message.title names the title
+        return {**raw, "title": None, "model_profile_id": None}
     if not isinstance(message, dict):
         raise _bad_request(request_id, "field 'message' must be an object such as {\"title\": ...}")
-    return {**raw, "title": message.get("title")}
+    return {**raw, "title": message.get("title"),
+            "model_profile_id": message.get("modelProfileId")}
 
 
 def _describe(exc: BaseException) -> str:
@@ -449,6 +453,8 @@ def _describe(exc: BaseException) -> str:
         wire = _WIRE_NAMES.get(name, name)
         if name == "title":
             wire = "message.title"
+        elif name == "model_profile_id":
+            wire = "message.modelProfileId"
         if isinstance(leaf, KeyError):
             return f"field '{wire}' is required"
         if isinstance(leaf, _FieldError):

@@ -369,10 +369,12 @@ class Relay:
         with trio.fail_after(self.config.backend_timeout):
             return await self.backend.cancel_reply(chat_id)
 
-    async def create_chat(self, project_id: str, title: str | None = None) -> JSON:
+    async def create_chat(
+        self, project_id: str, title: str | None = None, model_profile_id: str | None = None
+    ) -> JSON:
         """Create a chat as the host; the project's subscribers get a push."""
         with trio.fail_after(self.config.backend_timeout):
-            return await self.backend.create_chat(project_id, title)
+            return await self.backend.create_chat(project_id, title, model_profile_id)
 
     def statistics(self) -> RelayStatistics:
         """What the relay holds right now; after every client has left it returns to idle."""

@@ -434,11 +434,14 @@ class SqliteBackend:
         self,
         project_id: str,
         title: str | None = None,
-        *,
-        model_profile_id: str = DEFAULT_MODEL_PROFILE,
+        model_profile_id: str | None = None,
     ) -> JSON:
         if title is not None and not isinstance(title, str):
             raise BackendError("title must be a string")
+        model_profile_id = model_profile_id or DEFAULT_MODEL_PROFILE
+        profiles = (await self.get_model_profiles()).items
+        if model_profile_id not in {p["id"] for p in profiles}:
+            raise BackendError(f"unknown model profile {model_profile_id!r}")
         title = (title or "").strip() or DEFAULT_CHAT_TITLE
         write = partial(_insert_chat, project_id, title, model_profile_id)
         async with self._lock:
