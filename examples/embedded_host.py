@@ -89,7 +89,14 @@ class HostBackend:
         self._store(chat_id, f"m{next(self._ids)}", "user", text)
         self._nursery.start_soon(self._answer, chat_id, text)
 
-    async def create_chat(self, project_id: str, title: str | None) -> JSON:
+    async def cancel_reply(self, chat_id: str) -> bool:
+        # This host's agent answers at once, so there is never a reply to stop.
+        await trio.lowlevel.checkpoint()
+        return False
+
+    async def create_chat(
+        self, project_id: str, title: str | None, model_profile_id: str | None = None
+    ) -> JSON:
         await trio.lowlevel.checkpoint()
         if project_id not in self._chats:
             raise NotFound(f"project {project_id!r} not found")
