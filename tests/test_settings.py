@@ -194,7 +194,8 @@ def _fields(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 def test_every_field_is_a_setting() -> None:
     paths = [setting.path for setting in all_settings()]
-    assert paths == _fields(ServeSettings)
+    # model_profiles, an array of tables, has no text form: a config-file key only.
+    assert paths == [path for path in _fields(ServeSettings) if path != ("model_profiles",)]
     assert {("relay", field.name) for field in attrs.fields(RelayConfig)} <= set(paths)
     assert [s.name for s in all_settings()][:7] == [
         "host", "port", "pin", "data_dir", "log_level", "tls_cert", "tls_key"]

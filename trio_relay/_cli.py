@@ -1,4 +1,5 @@
-"""The ``trio-relay`` command: ``trio-relay serve`` runs the relay with its default backend."""
+"""The ``trio-relay`` command: ``trio-relay serve`` runs the relay with its default backend,
+``trio-relay config check FILE`` checks a config file, ``trio-relay chat URL`` is a client."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from loguru import logger
 
 from ._chat_cli import add_chat_command, run_chat
 from ._relay import open_relay
-from ._settings import ServeSettings, SettingsError, add_arguments, flag_values, load_settings
+from ._settings import (
+    ServeSettings,
+    SettingsError,
+    add_arguments,
+    check_programs,
+    flag_values,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -45,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_arguments(serve)
+    config = commands.add_parser(
+        "config", help="check a config file", description="Work with config files."
+    )
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser(
+        "check", help="check a config file without serving",
+        description="Check FILE as `trio-relay serve --config FILE` would read it (the"
+        " TRIO_RELAY_<NAME> environment variables included): print a summary and exit 0, or"
+        " one line per problem, naming the file and the key, and exit 2. Programs of command"
+        " profiles that cannot be found are warned about, as serve does.",
+    )
+    check.add_argument("file", metavar="FILE", type=Path, help="the TOML config file")
     add_chat_command(commands)
     return parser
 
@@ -85,6 +105,11 @@ async def serve(
     from ._sqlite_backend import open_sqlite_backend
 
     async with open_sqlite_backend(data_dir) as backend:
+        if settings.model_profiles is not None:
+            # The config file's profiles replace the database's; their commands stay here.
+            await backend.set_model_profiles(
+                [profile.wire() for profile in settings.model_profiles], settings.agents()
+            )
         async with open_relay(backend, pin=pin, config=settings.relay) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 port = await relay.start_serving(
@@ -104,8 +129,40 @@ async def serve(
     logger.info("stopped")
 
 
+def check_config(file: Path) -> int:
+    """``trio-relay config check FILE``: 0 and a summary, or 2 and a line per problem."""
+    try:
+        settings = load_settings(config_file=file, environ=os.environ)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            server_ssl_context(settings.tls_cert, settings.tls_key)
+        except (OSError, ValueError) as exc:
+            print(f"{file}: tls_cert, tls_key: cannot load {settings.tls_cert} and"
+                  f" {settings.tls_key}: {exc}", file=sys.stderr)
+            return 2
+    for key, problem in check_programs(settings):
+        print(f"warning: {file}: {key}: {problem}", file=sys.stderr)
+    profiles = settings.model_profiles
+    if profiles is None:
+        summary = "no model profiles (the database's are kept)"
+    else:
+        ids = ", ".join(f"{p.id} ({p.agent})" for p in profiles)
+        summary = f"{len(profiles)} model profile{'s' * (len(profiles) != 1)}: {ids}"
+    scheme = "ws" if settings.tls_cert is None else "wss"
+    data_dir = settings.data_dir or default_data_dir(os.environ)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"ok: {summary}; serving {scheme}://{host}:{settings.port}/ws; data in {data_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "config":
+        return check_config(args.file)
     if args.command == "serve":
         try:
             settings = load_settings(
@@ -115,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level)
+        for key, problem in check_programs(settings):
+            logger.warning("{}: {}: {}", args.config, key, problem)
         pin = settings.pin or f"{secrets.randbelow(10**6):06d}"
         ssl_context = None
         if settings.tls_cert is not None and settings.tls_key is not None:

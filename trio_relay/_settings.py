@@ -10,12 +10,14 @@ private cattrs converter define everything. Every leaf field of the tree is, aut
 
 documented by the field's ``#:`` comment (or a ``metadata={"help": ...}`` on the field), so a
 new field gets all three, with help text, without touching this module. Fields of types with
-no text form (future lists of tables, say) are config-file keys only.
+no text form are config-file keys only: ``model_profiles``, an array of tables, each a
+`EchoProfile` or a `CommandProfile` according to its ``agent`` key.
 
 Every problem, whatever its source, is raised as one `SettingsError` whose message names
 where the value came from and the key: ``relay.toml: relay.max_message_size: must be
-positive, got -1``, ``TRIO_RELAY_PORT: expected an integer, got 'x'``, ``--port: ...``.
-Messages never contain the PIN.
+positive, got -1``, ``TRIO_RELAY_PORT: expected an integer, got 'x'``, ``--port: ...``,
+``relay.toml: model_profiles[1].timeout: must be positive, got 0``. Messages never contain
+the PIN.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import inspect
 import math
 import os
 import re
+import shutil
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Union, get_args, get_origin
+from typing import Any, Final, TypeAlias, Union, get_args, get_origin
 
 import attrs
 import cattrs
@@ -42,7 +45,10 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
+from ._agents import PROMPT_MODES, Agent, CommandAgent
 from ._config import RelayConfig
+from ._echo_agent import EchoAgent
+from ._protocol import JSON
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,11 +58,15 @@ else:
 __all__ = [
     "ENV_PREFIX",
     "LOG_LEVELS",
+    "CommandProfile",
+    "EchoProfile",
+    "ModelProfile",
     "ServeSettings",
     "Setting",
     "SettingsError",
     "add_arguments",
     "all_settings",
+    "check_programs",
     "flag_values",
     "load_settings",
     "markdown_table",
@@ -78,6 +88,14 @@ class _Invalid(ValueError):
     """A value our hooks refuse; its message is shown as is, after the source and key."""
 
 
+class _InvalidBelow(_Invalid):
+    """Problems found below the key being structured: (key path under it, message) each."""
+
+    def __init__(self, problems: Sequence[tuple[tuple[str, ...], str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(message for _, message in self.problems))
+
+
 # --- the settings ------------------------------------------------------------------------------
 
 
@@ -95,6 +113,106 @@ def _not_empty(instance: object, attribute: attrs.Attribute[Any], value: str | N
     # Never shows the value: this guards the PIN.
     if value is not None and not value:
         raise _Invalid("must not be empty")
+
+
+def _profile_id(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise _Invalid("must not be empty")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise _Invalid(f"must not be negative, got {value}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise _Invalid(f"must be positive, got {value}")
+
+
+def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[Any], str], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            names = " or ".join(f'"{choice}"' for choice in choices)
+            raise _Invalid(f"must be {names}, got {value!r}")
+
+    return check
+
+
+def _argv(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise _Invalid("must name a program: expected at least one item")
+    if not value[0]:
+        raise _Invalid("item 0: the program must not be empty")
+
+
+_COMMAND_DEFAULTS: Final = {field.name: field.default for field in attrs.fields(CommandAgent)}
+
+
+@attrs.frozen(kw_only=True)
+class EchoProfile:
+    """A ``[[model_profiles]]`` entry with ``agent = "echo"``: the demo agent."""
+
+    #: The profile's id, unique among the profiles: what a chat's ``modelProfileId`` names.
+    id: str = attrs.field(validator=_profile_id)
+    #: The name clients show; the id if not given.
+    name: str | None = attrs.field(default=None, validator=_not_empty)
+    agent: str = attrs.field(default="echo", validator=_one_of("echo"))
+    #: Seconds between the echo's pieces.
+    chunk_delay: float = attrs.field(default=0.05, validator=_non_negative)
+
+    def wire(self) -> dict[str, JSON]:
+        """The profile as clients see it."""
+        return {"id": self.id, "name": self.name or self.id, "agent": self.agent}
+
+    def make_agent(self) -> Agent:
+        return EchoAgent(chunk_delay=self.chunk_delay)
+
+
+@attrs.frozen(kw_only=True)
+class CommandProfile:
+    """A ``[[model_profiles]]`` entry with ``agent = "command"``: a `CommandAgent`."""
+
+    id: str = attrs.field(validator=_profile_id)
+    name: str | None = attrs.field(default=None, validator=_not_empty)
+    agent: str = attrs.field(default="command", validator=_one_of("command"))
+    #: The program and its arguments.
+    argv: tuple[str, ...] = attrs.field(validator=_argv)
+    #: Working directory of the command.
+    cwd: Path | None = None
+    #: Environment variables set for the command.
+    env: dict[str, str] = attrs.field(factory=dict, hash=False)
+    #: Whether the command inherits the relay's environment.
+    inherit_env: bool = True
+    #: Where the message goes: "stdin" or "argument".
+    prompt: str = attrs.field(default="stdin", validator=_one_of(*PROMPT_MODES))
+    #: Whether earlier messages of the chat are written to stdin, as JSON lines.
+    history: bool = False
+    #: Seconds a run may take.
+    timeout: float = attrs.field(default=_COMMAND_DEFAULTS["timeout"], validator=_positive)
+    #: Bytes of output a run may print.
+    max_output: int = attrs.field(default=_COMMAND_DEFAULTS["max_output"], validator=_positive)
+    #: Seconds between SIGTERM and SIGKILL when a run is stopped.
+    stop_grace: float = attrs.field(default=_COMMAND_DEFAULTS["stop_grace"],
+                                    validator=_positive)
+
+    def wire(self) -> dict[str, JSON]:
+        """The profile as clients see it: never its command or environment."""
+        return {"id": self.id, "name": self.name or self.id, "agent": self.agent}
+
+    def make_agent(self) -> CommandAgent:
+        return CommandAgent(
+            argv=self.argv, cwd=self.cwd, env=dict(self.env), inherit_env=self.inherit_env,
+            prompt=self.prompt, history=self.history, timeout=self.timeout,
+            max_output=self.max_output, stop_grace=self.stop_grace, label=self.id,
+        )
+
+
+#: One ``[[model_profiles]]`` table; its ``agent`` key says which.
+ModelProfile: TypeAlias = EchoProfile | CommandProfile
+_PROFILE_KINDS: Final[dict[str, type[EchoProfile | CommandProfile]]] = {
+    "echo": EchoProfile, "command": CommandProfile,
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -125,6 +243,13 @@ class ServeSettings:
     tls_key: Path | None = attrs.field(default=None, metadata={"default_text": "none (`ws://`)"})
     #: Limits and timeouts of the relay.
     relay: RelayConfig = attrs.field(factory=RelayConfig)
+    #: The model profiles clients choose from, each naming its agent (``[[model_profiles]]``
+    #: tables, config file only); None: keep the ones in the database.
+    model_profiles: tuple[ModelProfile, ...] | None = None
+
+    def agents(self) -> dict[str, Agent]:
+        """The agent of each configured model profile, by profile id."""
+        return {profile.id: profile.make_agent() for profile in self.model_profiles or ()}
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -346,6 +471,59 @@ def _structure_str_tuple(value: object, _: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _structure_str_dict(value: object, _: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table of strings, got {_kind(value)}")
+    problems = [((str(key),), "not a variable name") for key in value
+                if not key or "=" in key]
+    problems += [((str(key),), f"expected a string, got {_kind(item)}")
+                 for key, item in value.items() if not isinstance(item, str)]
+    if problems:
+        raise _InvalidBelow(problems)
+    return dict(value)
+
+
+def _structure_profile(value: object) -> ModelProfile:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a table, got {_kind(value)}")
+    kind = value.get("agent")
+    cls = _PROFILE_KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        names = " or ".join(f'"{name}"' for name in _PROFILE_KINDS)
+        got = "it is missing" if kind is None else f"got {_shown(kind)}"
+        raise _InvalidBelow([(("agent",), f"must be {names}; {got}")])
+    profile: ModelProfile = _converter.structure(value, cls)
+    return profile
+
+
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else _kind(value)
+
+
+def _structure_profiles(value: object, _: object) -> tuple[ModelProfile, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected an array of tables ([[model_profiles]]), got {_kind(value)}")
+    if not value:
+        raise _Invalid("expected at least one profile")
+    problems: list[tuple[_Path, str]] = []
+    profiles: list[ModelProfile] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(value):
+        try:
+            profile = _structure_profile(item)
+        except Exception as exc:
+            problems.extend(_problems(exc, (f"[{index}]",)))
+            continue
+        profiles.append(profile)
+        if profile.id in first:
+            problems.append(((f"[{index}]", "id"), f"{profile.id!r} is already the id of"
+                             f" model_profiles[{first[profile.id]}]"))
+        first.setdefault(profile.id, index)
+    if problems:
+        raise _InvalidBelow(problems)
+    return tuple(profiles)
+
+
 def _validated(field: attrs.Attribute[Any]) -> Callable[[object, object], object]:
     """Structures one field and runs its attrs validator, so that an invalid value is
     reported under its own key rather than as a failure of the whole class."""
@@ -393,12 +571,22 @@ _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook(str, _structure_str)
 _converter.register_structure_hook(Path, _structure_path)
 _converter.register_structure_hook_func(_is_str_tuple, _structure_str_tuple)
+_converter.register_structure_hook_func(lambda tp: tp == dict[str, str], _structure_str_dict)
+_converter.register_structure_hook_func(
+    lambda tp: tp == tuple[ModelProfile, ...], _structure_profiles
+)
 _converter.register_structure_hook_factory(attrs.has, _structure_attrs_factory)
 
 
 # --- loading ---------------------------------------------------------------------------------
 
 _Path = tuple[str, ...]
+
+
+def _dotted(path: _Path) -> str:
+    """A key path as the messages show it: ``relay.max_message_size``, ``model_profiles[1].id``."""
+    return "".join(part if part.startswith("[") or i == 0 else f".{part}"
+                   for i, part in enumerate(path))
 
 
 def load_settings(
@@ -446,9 +634,8 @@ def load_settings(
     def describe(path: _Path) -> str:
         for length in range(len(path), 0, -1):
             if path[:length] in where:
-                rest = "".join(f".{part}" for part in path[length:])
-                return where[path[:length]] + rest
-        key = ".".join(path) or "settings"
+                return where[path[:length]] + _dotted(("", *path[length:]))
+        key = _dotted(path) or "settings"
         return f"{file_label}: {key}" if file_label is not None else key
 
     if ("tls_cert" in raw) != ("tls_key" in raw):
@@ -476,6 +663,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError([f"{path}: invalid TOML: {exc}"]) from None
     _anchor_paths(data, path.parent)
+    _anchor_profile_paths(data, path.parent)
     return data
 
 
@@ -490,6 +678,22 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
         value = table.get(setting.name) if isinstance(table, dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             table[setting.name] = str(base / value)
+
+
+def _anchor_profile_paths(data: dict[str, Any], base: Path) -> None:
+    """A profile's ``cwd``, and its program when given as a relative path (``bin/agent``,
+    not a bare name, which is looked up on PATH), are relative to the config file."""
+    profiles = data.get("model_profiles")
+    for profile in profiles if isinstance(profiles, list) else ():
+        if not isinstance(profile, dict):
+            continue
+        cwd = profile.get("cwd")
+        if isinstance(cwd, str) and cwd and not Path(cwd).expanduser().is_absolute():
+            profile["cwd"] = str(base / cwd)
+        argv = profile.get("argv")
+        if isinstance(argv, list) and argv and isinstance(argv[0], str) and "/" in argv[0]:
+            program = Path(argv[0]).expanduser()
+            argv[0] = str(program if program.is_absolute() else base / program)
 
 
 def _from_text(setting: Setting, texts: list[str]) -> object:
@@ -515,9 +719,20 @@ def _put(raw: dict[str, Any], path: _Path, value: object) -> bool:
 
 def _problems(exc: BaseException, path: _Path) -> Iterator[tuple[_Path, str]]:
     """(key path, message) for every leaf of a cattrs error tree."""
-    if isinstance(exc, ForbiddenExtraKeysError):
+    if isinstance(exc, ForbiddenExtraKeysError) and exc.cl in _PROFILE_KINDS.values():
+        known = [field.name for field in attrs.fields(exc.cl)]
+        for key in sorted(exc.extra_fields):
+            others = [kind for kind, cls in _PROFILE_KINDS.items()
+                      if key in attrs.fields_dict(cls)]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f' (only agent = "{others[0]}" takes it)' if others
+                    else f" (did you mean {close[0]}?)" if close else "")
+            yield (*path, key), f"unknown key{hint}"
+    elif isinstance(exc, ForbiddenExtraKeysError):
         # A key one table off (`max_message_size` at the top) is a likely slip: name its place.
         known = [".".join(s.path[len(path):]) for s in all_settings() if s.path[:len(path)] == path]
+        if path == ():
+            known.append("model_profiles")
         for key in sorted(exc.extra_fields):
             nested = [name for name in known if name.rpartition(".")[2] == key]
             close = nested or difflib.get_close_matches(key, known, n=1)
@@ -528,10 +743,38 @@ def _problems(exc: BaseException, path: _Path) -> Iterator[tuple[_Path, str]]:
             names = [note.name for note in getattr(sub, "__notes__", ())
                      if isinstance(note, AttributeValidationNote)]
             yield from _problems(sub, (*path, *names[-1:]))
+    elif isinstance(exc, _InvalidBelow):
+        for below, message in exc.problems:
+            yield (*path, *below), message
     elif isinstance(exc, _Invalid):
         yield path, str(exc)
+    elif isinstance(exc, KeyError):  # cattrs: a required key is missing
+        yield path, "required, but missing"
     else:
         yield path, str(exc) or type(exc).__name__
+
+
+def check_programs(settings: ServeSettings) -> list[tuple[str, str]]:
+    """(key, problem) for each command profile whose program or working directory cannot be
+    found now. Not a settings error: the relay starts anyway, and a run of such a profile
+    reports it in its chat; `trio-relay config check` and `serve` warn about them."""
+    found: list[tuple[str, str]] = []
+    for index, profile in enumerate(settings.model_profiles or ()):
+        if not isinstance(profile, CommandProfile):
+            continue
+        key = f"model_profiles[{index}]"
+        if profile.cwd is not None and not profile.cwd.is_dir():
+            found.append((f"{key}.cwd", f"no directory {str(profile.cwd)!r}"))
+        program = profile.argv[0]
+        if "/" in program:
+            path = (profile.cwd or Path.cwd()) / program  # an absolute program stays as is
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                found.append((f"{key}.argv", f"program {program!r} not found or not executable"))
+            continue
+        search = os.pathsep.join(os.get_exec_path(profile.make_agent().environment()))
+        if shutil.which(program, path=search) is None:
+            found.append((f"{key}.argv", f"program {program!r} not found on PATH"))
+    return found
 
 
 # --- command line ----------------------------------------------------------------------------

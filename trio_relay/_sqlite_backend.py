@@ -1,4 +1,4 @@
-"""`SqliteBackend`: a complete `Backend` on the standard library's sqlite3, with the echo agent.
+"""`SqliteBackend`: a complete `Backend` on the standard library's sqlite3, with its agents.
 
 It is the relay's default backend and its reference: projects, chats, messages and model
 profiles live in ``<data_dir>/trio-relay.sqlite3`` and every change is published through a
@@ -20,7 +20,7 @@ import sqlite3
 import sys
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
 from functools import partial
@@ -31,6 +31,7 @@ import attrs
 import trio
 from loguru import logger
 
+from ._agents import Agent, AgentError, CommandAgent
 from ._backend import BackendError, Feed, NotFound, Snapshot
 from ._echo_agent import EchoAgent
 from ._hub import ChangeHub
@@ -249,6 +250,21 @@ def _select_chats(project_id: str, conn: sqlite3.Connection) -> list[JSON]:
     return _rows(rows)
 
 
+def _select_earlier(
+    chat_id: str, message_id: str, conn: sqlite3.Connection
+) -> list[dict[str, str]]:
+    """The role and content of a chat's messages as its reply to ``message_id`` starts, in
+    the order they were stored: all but ``message_id`` and the user messages after it, which
+    wait for their turn. (The replies to messages sent while an earlier reply ran were stored
+    after them, so they come after them.)"""
+    rows = conn.execute(
+        "SELECT role, content FROM messages WHERE chat_id = ? AND"
+        " (seq < (SELECT seq FROM messages WHERE id = ?) OR role = 'assistant') ORDER BY seq",
+        (chat_id, message_id),
+    ).fetchall()
+    return [{"role": row["role"], "content": row["content"]} for row in rows]
+
+
 def _select_history(chat_id: str, conn: sqlite3.Connection) -> list[JSON]:
     with _transaction(conn, write=False):
         _select_chat(conn, chat_id)
@@ -352,6 +368,8 @@ def _checked_profiles(profiles: list[JSON]) -> list[_Row]:
 class _Job:
     content: str
     model_profile_id: str
+    #: The id of the user's message being answered: earlier ones are its history.
+    message_id: str
 
 
 @attrs.define(eq=False)
@@ -369,6 +387,10 @@ class SqliteBackend:
 
     Besides the protocol's methods it offers the host's side: `rename_chat`, `delete_chat`
     and `set_model_profiles`, each pushed to the relevant feed.
+
+    A chat is answered by the agent of its model profile: ``agents[profile id]`` when
+    `set_model_profiles` was given one for it, else ``agent``, the echo agent (paced
+    differently for the seeded ``echo-fast`` and ``echo-slow``).
     """
 
     def __init__(
@@ -382,6 +404,7 @@ class SqliteBackend:
     ) -> None:
         self.hub = ChangeHub()
         self.agent = agent
+        self.agents: dict[str, Agent] = {}
         self.path = path
         self._conn = conn
         self._limiter = limiter
@@ -427,7 +450,7 @@ class SqliteBackend:
             stored, chat = await self._run(write)
             self.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
             # Queued under the lock, so replies run in the order the messages were stored.
-            self._queue_reply(chat_id, _Job(content, chat["modelProfileId"]))
+            self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], stored["id"]))
         logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
 
     async def create_chat(
@@ -438,9 +461,12 @@ class SqliteBackend:
     ) -> JSON:
         if title is not None and not isinstance(title, str):
             raise BackendError("title must be a string")
-        model_profile_id = model_profile_id or DEFAULT_MODEL_PROFILE
-        profiles = (await self.get_model_profiles()).items
-        if model_profile_id not in {p["id"] for p in profiles}:
+        profiles = [p["id"] for p in (await self.get_model_profiles()).items]
+        if not profiles:
+            raise BackendError("there are no model profiles to create a chat with")
+        # No profile named: the first one (`echo` in a new database).
+        model_profile_id = model_profile_id or profiles[0]
+        if model_profile_id not in profiles:
             raise BackendError(f"unknown model profile {model_profile_id!r}")
         title = (title or "").strip() or DEFAULT_CHAT_TITLE
         write = partial(_insert_chat, project_id, title, model_profile_id)
@@ -489,14 +515,25 @@ class SqliteBackend:
                     queue.running.cancel()
         logger.info("deleted chat {}", chat_id)
 
-    async def set_model_profiles(self, profiles: list[JSON]) -> None:
+    async def set_model_profiles(
+        self, profiles: list[JSON], agents: Mapping[str, Agent] | None = None
+    ) -> None:
         """Replace all model profiles (each ``{"id", "name", "agent"}``) and push the list.
 
-        Raises `ValueError` for a malformed list: this is the host's call, not a client's.
+        ``agents`` maps profile ids to the agent that answers in their chats, replacing the
+        ones given before (None: keep them); a profile without one gets the echo agent. A
+        reply already running keeps its agent. Raises `ValueError` for a malformed list or an
+        agent for no profile: this is the host's call, not a client's.
         """
         checked = _checked_profiles(profiles)
+        if agents is not None:
+            strays = sorted(set(agents) - {p["id"] for p in checked})
+            if strays:
+                raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
         async with self._lock:
             await self._run(partial(_store_profiles, checked))
+            if agents is not None:
+                self.agents = dict(agents)
             self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": checked})
         logger.info("model profiles replaced ({} profiles)", len(checked))
 
@@ -513,10 +550,15 @@ class SqliteBackend:
 
     # --- replies ---
 
-    def agent_for(self, model_profile_id: str) -> EchoAgent:
+    def agent_for(self, model_profile_id: str) -> Agent:
         """The agent that answers in a chat of the given model profile."""
+        configured = self.agents.get(model_profile_id)
+        if configured is not None:
+            return configured
         delay = _PROFILE_CHUNK_DELAYS.get(model_profile_id)
-        return self.agent if delay is None else attrs.evolve(self.agent, chunk_delay=delay)
+        if delay is None:
+            return self.agent
+        return attrs.evolve(self.agent, chunk_delay=delay)
 
     def _queue_reply(self, chat_id: str, job: _Job) -> None:
         queue = self._queues.get(chat_id)
@@ -551,8 +593,21 @@ class SqliteBackend:
             self.hub.publish(key, {"type": "chunk", "messageId": message_id, "text": piece})
 
         self.hub.publish(key, {"type": "reply_started", "messageId": message_id})
+        agent = self.agent_for(job.model_profile_id)
         try:
-            text = await self.agent_for(job.model_profile_id).reply(job.content, emit)
+            # The agent's own log lines name the chat too.
+            with logger.contextualize(resource=str(key)):
+                if isinstance(agent, CommandAgent) and agent.history:
+                    earlier = await self._run(partial(_select_earlier, chat_id, job.message_id))
+                    text = await agent.reply(job.content, emit, history=earlier)
+                else:
+                    text = await agent.reply(job.content, emit)
+        except AgentError as exc:
+            # An expected failure (a command that exits non-zero, times out, is missing): one
+            # line says what happened, and the chat is told.
+            log.error("agent failed: {}", exc.detail)
+            self.hub.publish(key, {"type": "error", "messageId": message_id, "error": str(exc)})
+            return
         except Exception:
             # Handlers should set diagnose=False (as the CLI does): its variable dumps would
             # print the message's content.

@@ -1,0 +1,287 @@
+"""`trio-relay serve --config` with command agents, in a subprocess, over real loopback sockets:
+chunks stream while the command runs, cancel and shutdown leave no process behind.
+
+Real time; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, wrap_client_stream
+
+pytestmark = pytest.mark.e2e
+
+Frame = dict[str, Any]
+WAIT = 10.0
+PIN = "86420"
+
+# Writes a line, waits for the file $GATE, writes another: the first line can only be seen by
+# a client while the command is still running.
+GATED = f"""#!{sys.executable}
+import os, sys, time
+sys.stdout.write("first\\n"); sys.stdout.flush()
+deadline = time.monotonic() + 10
+while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.stdout.write("second: " + sys.stdin.read() + "\\n"); sys.stdout.flush()
+"""
+
+# Starts a child, writes both pids to $PIDS, says so, and hangs.
+HANGING = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+with open(os.environ["PIDS"] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {child.pid}")
+os.rename(os.environ["PIDS"] + ".tmp", os.environ["PIDS"])
+sys.stdout.write("started\\n"); sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def _config(tmp_path: Path) -> Path:
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    gated = agents / "gated.py"
+    gated.write_text(GATED)
+    gated.chmod(0o755)
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+data_dir = "data"
+log_level = "DEBUG"
+
+[[model_profiles]]
+id = "gated"
+name = "Gated"
+agent = "command"
+argv = ["agents/gated.py"]
+env = {{ GATE = "gate" }}
+cwd = "."
+
+[[model_profiles]]
+id = "hang"
+name = "Hang"
+agent = "command"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(HANGING)}]
+env = {{ PIDS = {json.dumps(str(tmp_path / "pids"))} }}
+
+[[model_profiles]]
+id = "ghost"
+name = "Ghost"
+agent = "command"
+argv = ["no-such-agent-program-xyz"]
+""")
+    return config
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process is running; a zombie (dead, not yet reaped by init) is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+async def _wait_gone(pids: list[int]) -> None:
+    with trio.fail_after(WAIT):
+        while any(_alive(pid) for pid in pids):  # noqa: ASYNC110 - polls other processes
+            await trio.sleep(0.02)
+
+
+async def _read_pids(path: Path) -> list[int]:
+    with trio.fail_after(WAIT):
+        while not await trio.Path(path).exists():  # noqa: ASYNC110 - another process writes it
+            await trio.sleep(0.01)
+    return [int(pid) for pid in (await trio.Path(path).read_text()).split()]
+
+
+@asynccontextmanager
+async def _websocket(url: str) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client that owns its TCP stream (see tests/test_e2e.py)."""
+    host_port, _, path = url.removeprefix("ws://").partition("/")
+    host, _, port = host_port.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, stream, host, "/" + path)
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
+class Client:
+    """Requests and pushes over one WebSocket; pushes read while waiting for a reply are kept."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.pushes: list[Frame] = []
+        self._ids = 0
+
+    async def receive(self) -> Frame:
+        with trio.fail_after(WAIT):
+            text = await self.ws.get_message()
+        assert isinstance(text, str)
+        frame: Frame = json.loads(text)
+        return frame
+
+    async def request(self, type: str, **fields: Any) -> Frame:
+        self._ids += 1
+        request_id = f"r{self._ids}"
+        await self.ws.send_message(json.dumps({"id": request_id, "type": type, **fields}))
+        while True:
+            frame = await self.receive()
+            if frame["id"] == request_id:
+                return frame
+            self.pushes.append(frame)
+
+    async def push(self) -> Frame:
+        return self.pushes.pop(0) if self.pushes else await self.receive()
+
+    async def pushes_until(self, kind: str) -> list[Frame]:
+        """Chat pushes up to the first of type ``kind`` (a user's message does not count)."""
+        seen = []
+        while True:
+            frame = await self.push()
+            seen.append(frame)
+            data = frame["data"]
+            if data.get("type") == kind and not (
+                kind == "message" and data["message"]["role"] == "user"
+            ):
+                return seen
+
+
+async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
+    with trio.fail_after(WAIT):
+        while b"\n" not in buffer:
+            chunk = await stream.receive_some()
+            if not chunk:
+                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
+            buffer.extend(chunk)
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+@asynccontextmanager
+async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, str]]:
+    """`trio-relay serve --config` in a subprocess; yields it and its URL."""
+    env = {**os.environ, "TRIO_RELAY_PIN": PIN}
+    command = [sys.executable, "-m", "trio_relay", "serve", "--config", str(config),
+               "--port", "0"]
+    with log.open("wb") as stderr:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=stderr,
+                        env=env, check=False)
+            )
+            assert process.stdout is not None
+            buffer = bytearray()
+            first = await _read_line(process.stdout, buffer)
+            assert first.startswith("trio-relay serving ws://127.0.0.1:"), first
+            try:
+                yield process, first.split()[-1]
+            finally:
+                if process.returncode is None:
+                    process.kill()
+
+
+async def _open_chat(client: Client, profile: str) -> str:
+    created = await client.request("create", resource="chat", resourceId="demo",
+                                   message={"title": profile, "modelProfileId": profile})
+    chat = created["data"]["chat"]
+    assert chat["modelProfileId"] == profile
+    subscribed = await client.request("subscribe", resource="chat", resourceId=chat["id"])
+    assert subscribed["type"] == "subscribed", subscribed
+    chat_id: str = chat["id"]
+    return chat_id
+
+
+async def test_serve_config_streams_a_command_cancels_it_and_cleans_up(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    log = tmp_path / "relay.log"
+    async with _serve(config, log) as (process, url), _websocket(url) as ws:
+        client = Client(ws)
+        assert await client.receive() == {"id": None, "type": "auth_required"}
+        auth = await client.request("auth", pin=PIN)
+        assert auth["type"] == "auth_success"
+        # The config's profiles replaced the seeded ones; clients never see the commands.
+        assert auth["data"]["modelProfiles"] == [
+            {"id": "gated", "name": "Gated", "agent": "command"},
+            {"id": "hang", "name": "Hang", "agent": "command"},
+            {"id": "ghost", "name": "Ghost", "agent": "command"},
+        ]
+
+        # Chunks arrive while the command runs: it cannot finish before we open its gate.
+        chat_id = await _open_chat(client, "gated")
+        sent = await client.request("send", resourceId=chat_id, message="hello")
+        assert sent["data"] == {"sent": True}
+        before = await client.pushes_until("chunk")
+        assert [p["data"]["type"] for p in before] == ["message", "reply_started", "chunk"]
+        assert before[-1]["data"]["text"] == "first\n"
+        (tmp_path / "gate").touch()
+        after = await client.pushes_until("message")
+        chunks = "".join(p["data"]["text"] for p in [*before, *after]
+                         if p["data"]["type"] == "chunk")
+        final = after[-1]["data"]["message"]
+        assert final["content"] == chunks == "first\nsecond: hello\n"
+        assert final["id"] == before[1]["data"]["messageId"]
+
+        # A missing program: an error in the chat, and the relay goes on.
+        ghost = await _open_chat(client, "ghost")
+        await client.request("send", resourceId=ghost, message="boo")
+        error = (await client.pushes_until("error"))[-1]["data"]
+        assert error["error"] == "agent could not start: program 'no-such-agent-program-xyz'" \
+            " not found"
+
+        # cancel from a client kills the command's whole process group.
+        hang = await _open_chat(client, "hang")
+        await client.request("send", resourceId=hang, message="wait")
+        started = await client.pushes_until("chunk")
+        pids = await _read_pids(tmp_path / "pids")
+        assert all(_alive(pid) for pid in pids)
+        cancel = await client.request("cancel", resourceId=hang)
+        assert cancel["data"] == {"cancelled": True}
+        cancelled = (await client.pushes_until("cancelled"))[-1]["data"]
+        assert cancelled == {"type": "cancelled", "messageId": started[1]["data"]["messageId"]}
+        await _wait_gone(pids)
+
+        # A shutdown with a command running leaves nothing behind either.
+        (tmp_path / "pids").unlink()
+        await client.request("send", resourceId=hang, message="wait again")
+        await client.pushes_until("chunk")
+        pids = await _read_pids(tmp_path / "pids")
+        assert all(_alive(pid) for pid in pids)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+        await _wait_gone(pids)
+
+    logs = log.read_text()
+    assert "model profiles replaced (3 profiles)" in logs
+    assert f"WARNING | {config}: model_profiles[2].argv: program 'no-such-agent-program-xyz'" \
+        " not found on PATH" in logs
+    assert "ERROR   | resource=chat:" in logs
+    assert "agent failed: ghost: could not start: program 'no-such-agent-program-xyz'" \
+        " not found" in logs
+    assert "reply cancelled" in logs
+    assert PIN not in logs
+    assert "hello" not in logs  # message contents are never logged
