@@ -5,6 +5,9 @@ The public API is re-exported here; every module whose name starts with ``_`` is
 
 from loguru import logger as _logger
 
+from ._agents import Agent as Agent
+from ._agents import AgentError as AgentError
+from ._agents import CommandAgent as CommandAgent
 from ._backend import Backend as Backend
 from ._backend import BackendError as BackendError
 from ._backend import Change as Change
@@ -14,6 +17,7 @@ from ._backend import Snapshot as Snapshot
 from ._config import CloseCode as CloseCode
 from ._config import RelayConfig as RelayConfig
 from ._config import RelayStatistics as RelayStatistics
+from ._echo_agent import EchoAgent as EchoAgent
 from ._hub import ChangeHub as ChangeHub
 from ._hub import FeedOverflow as FeedOverflow
 from ._protocol import ErrorCode as ErrorCode
@@ -25,6 +29,8 @@ from ._relay import SubscriptionError as SubscriptionError
 from ._relay import Update as Update
 from ._relay import UpstreamError as UpstreamError
 from ._relay import open_relay as open_relay
+from ._sqlite_backend import SqliteBackend as SqliteBackend
+from ._sqlite_backend import open_sqlite_backend as open_sqlite_backend
 
 __version__ = "0.1.0"
 

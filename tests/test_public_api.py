@@ -1,0 +1,27 @@
+"""The public surface: what `import trio_relay` offers, as trio checks its own exports."""
+
+from __future__ import annotations
+
+import trio_relay
+
+PUBLIC = {
+    "Agent", "AgentError", "Backend", "BackendError", "Change", "ChangeHub", "CloseCode",
+    "CommandAgent", "EchoAgent", "ErrorCode", "Feed", "FeedOverflow", "Listener",
+    "ListenerOverflow", "NotFound", "Relay", "RelayConfig", "RelayError", "RelayStatistics",
+    "Snapshot", "SqliteBackend", "SubscriptionError", "Update", "UpstreamError",
+    "open_relay", "open_sqlite_backend",
+}
+
+
+def test_the_package_exports_exactly_the_public_api() -> None:
+    # ("@..." names are pytest's assertion rewriting: the package holds our pytest plugin.)
+    exported = {name for name in vars(trio_relay) if not name.startswith(("_", "@"))}
+    # Submodules that are public in their own right appear as attributes once imported.
+    exported -= {"client", "testing", "pytest_plugin"}
+    assert exported == PUBLIC
+
+
+def test_public_names_live_in_private_modules() -> None:
+    for name in PUBLIC - {"Feed"}:  # Feed is a type alias of contextlib's
+        module = getattr(trio_relay, name).__module__
+        assert module.startswith("trio_relay._"), (name, module)
