@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+
+from trio_relay.testing import TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
@@ -111,62 +112,17 @@ async def _read_pids(path: Path) -> list[int]:
     return [int(pid) for pid in (await trio.Path(path).read_text()).split()]
 
 
-@asynccontextmanager
-async def _websocket(url: str) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client that owns its TCP stream (see tests/test_e2e.py)."""
-    host_port, _, path = url.removeprefix("ws://").partition("/")
-    host, _, port = host_port.rpartition(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, host, "/" + path)
-            try:
-                yield ws
-            finally:
-                await ws.aclose()
-    finally:
-        await stream.aclose()
-
-
-class Client:
-    """Requests and pushes over one WebSocket; pushes read while waiting for a reply are kept."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.pushes: list[Frame] = []
-        self._ids = 0
-
-    async def receive(self) -> Frame:
-        with trio.fail_after(WAIT):
-            text = await self.ws.get_message()
-        assert isinstance(text, str)
-        frame: Frame = json.loads(text)
-        return frame
-
-    async def request(self, type: str, **fields: Any) -> Frame:
-        self._ids += 1
-        request_id = f"r{self._ids}"
-        await self.ws.send_message(json.dumps({"id": request_id, "type": type, **fields}))
-        while True:
-            frame = await self.receive()
-            if frame["id"] == request_id:
-                return frame
-            self.pushes.append(frame)
-
-    async def push(self) -> Frame:
-        return self.pushes.pop(0) if self.pushes else await self.receive()
-
-    async def pushes_until(self, kind: str) -> list[Frame]:
-        """Chat pushes up to the first of type ``kind`` (a user's message does not count)."""
-        seen = []
-        while True:
-            frame = await self.push()
-            seen.append(frame)
-            data = frame["data"]
-            if data.get("type") == kind and not (
-                kind == "message" and data["message"]["role"] == "user"
-            ):
-                return seen
+async def pushes_until(client: TestClient, kind: str) -> list[Frame]:
+    """Chat pushes up to the first of type ``kind`` (a user's message does not count)."""
+    seen = []
+    while True:
+        frame = await client.receive()  # pushes held while a reply was awaited come first
+        seen.append(frame)
+        data = frame["data"]
+        if data.get("type") == kind and not (
+            kind == "message" and data["message"]["role"] == "user"
+        ):
+            return seen
 
 
 async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
@@ -204,7 +160,7 @@ async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, s
                     process.kill()
 
 
-async def _open_chat(client: Client, profile: str) -> str:
+async def _open_chat(client: TestClient, profile: str) -> str:
     created = await client.request("create", resource="chat", resourceId="demo",
                                    message={"title": profile, "modelProfileId": profile})
     chat = created["data"]["chat"]
@@ -218,8 +174,7 @@ async def _open_chat(client: Client, profile: str) -> str:
 async def test_serve_config_streams_a_command_cancels_it_and_cleans_up(tmp_path: Path) -> None:
     config = _config(tmp_path)
     log = tmp_path / "relay.log"
-    async with _serve(config, log) as (process, url), _websocket(url) as ws:
-        client = Client(ws)
+    async with _serve(config, log) as (process, url), open_loopback_client(url) as client:
         assert await client.receive() == {"id": None, "type": "auth_required"}
         auth = await client.request("auth", pin=PIN)
         assert auth["type"] == "auth_success"
@@ -234,11 +189,11 @@ async def test_serve_config_streams_a_command_cancels_it_and_cleans_up(tmp_path:
         chat_id = await _open_chat(client, "gated")
         sent = await client.request("send", resourceId=chat_id, message="hello")
         assert sent["data"] == {"sent": True}
-        before = await client.pushes_until("chunk")
+        before = await pushes_until(client, "chunk")
         assert [p["data"]["type"] for p in before] == ["message", "reply_started", "chunk"]
         assert before[-1]["data"]["text"] == "first\n"
         (tmp_path / "gate").touch()
-        after = await client.pushes_until("message")
+        after = await pushes_until(client, "message")
         chunks = "".join(p["data"]["text"] for p in [*before, *after]
                          if p["data"]["type"] == "chunk")
         final = after[-1]["data"]["message"]
@@ -248,26 +203,26 @@ async def test_serve_config_streams_a_command_cancels_it_and_cleans_up(tmp_path:
         # A missing program: an error in the chat, and the relay goes on.
         ghost = await _open_chat(client, "ghost")
         await client.request("send", resourceId=ghost, message="boo")
-        error = (await client.pushes_until("error"))[-1]["data"]
+        error = (await pushes_until(client, "error"))[-1]["data"]
         assert error["error"] == "agent could not start: program 'no-such-agent-program-xyz'" \
             " not found"
 
         # cancel from a client kills the command's whole process group.
         hang = await _open_chat(client, "hang")
         await client.request("send", resourceId=hang, message="wait")
-        started = await client.pushes_until("chunk")
+        started = await pushes_until(client, "chunk")
         pids = await _read_pids(tmp_path / "pids")
         assert all(_alive(pid) for pid in pids)
         cancel = await client.request("cancel", resourceId=hang)
         assert cancel["data"] == {"cancelled": True}
-        cancelled = (await client.pushes_until("cancelled"))[-1]["data"]
+        cancelled = (await pushes_until(client, "cancelled"))[-1]["data"]
         assert cancelled == {"type": "cancelled", "messageId": started[1]["data"]["messageId"]}
         await _wait_gone(pids)
 
         # A shutdown with a command running leaves nothing behind either.
         (tmp_path / "pids").unlink()
         await client.request("send", resourceId=hang, message="wait again")
-        await client.pushes_until("chunk")
+        await pushes_until(client, "chunk")
         pids = await _read_pids(tmp_path / "pids")
         assert all(_alive(pid) for pid in pids)
         process.send_signal(signal.SIGTERM)

@@ -23,21 +23,35 @@ from trio_websocket import ConnectionClosed
 
 from trio_relay import (
     CloseCode,
-    Listener,
     ListenerOverflow,
     RelayConfig,
     Snapshot,
     SubscriptionError,
-    Update,
     UpstreamError,
 )
 from trio_relay._protocol import ResourceKey
-from trio_relay.testing import HANG, MemoryBackend, TestClient, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    HANG,
+    MemoryBackend,
+    MemoryRelay,
+    TestClient,
+    next_update,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 #: Bound on waiting for an in-process listener (mock time), so a lost update fails, not hangs.
 LISTENER_WAIT = 5.0
 Frame = dict[str, Any]
+
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
+    """Chat c1 in project p1, empty."""
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    return backend
+
 
 # --- a backend whose snapshot read races with events ----------------------------------------------
 
@@ -131,24 +145,10 @@ def describe(push: Frame) -> str:
 
 
 async def pushes(client: TestClient, count: int) -> list[Frame]:
-    got = [await client.next_push() for _ in range(count)]
+    """The next ``count`` pushes, and then no more."""
+    got = await client.next_pushes(count)
     await client.assert_no_push()
     return got
-
-
-async def all_pushes(client: TestClient) -> list[Frame]:
-    """Every push until none comes for a (mock) second."""
-    got: list[Frame] = []
-    while True:
-        with trio.move_on_after(1) as quiet:
-            got.append(await client.next_push())
-        if quiet.cancelled_caught:
-            return got
-
-
-async def next_update(listener: Listener) -> Update:
-    with trio.fail_after(LISTENER_WAIT):
-        return await listener.__anext__()
 
 
 def assert_gapless(frames: list[Frame], after: int) -> None:
@@ -260,8 +260,7 @@ async def test_snapshot_the_feed_never_reaches_fails_the_join_within_backend_tim
         reply = await bob.request("subscribe", resource="chat", resourceId="c1")
         assert trio.current_time() - start == pytest.approx(config.backend_timeout)
         assert (reply["type"], reply["code"]) == ("error", "backend_error")
-        await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.statistics().subscriptions == 1
+        assert (await relay.quiet_statistics()).subscriptions == 1
         # Alice goes on; Bob's connection stays usable.
         backend.emit("chat", "c1", {"type": "chunk", "text": "after"})
         assert (await alice.next_push())["seq"] == 2
@@ -282,14 +281,12 @@ async def test_join_that_misses_more_than_max_pending_changes_fails_cleanly(
         backend.emit("chat", "c1", {"type": "chunk", "text": "warm-up"})
         await alice.next_push()
         bob = await relay.connect(authenticate=PIN)
-        await trio.testing.wait_all_tasks_blocked()
-        alice_only = relay.relay.statistics()  # bob connected, only alice subscribed
+        alice_only = await relay.quiet_statistics()  # bob connected, only alice subscribed
         backend.scripts.append(Script(before=[chunk(f"x{n}") for n in range(5)]))
         reply = await bob.request("subscribe", resource="chat", resourceId="c1")
         assert (reply["type"], reply["code"]) == ("error", "backend_error")
         assert "try again" in reply["error"]
-        await trio.testing.wait_all_tasks_blocked()
-        stats = relay.relay.statistics()
+        stats = await relay.quiet_statistics()
         assert (stats.subscriptions, stats.broadcasters, stats.tasks) == (
             alice_only.subscriptions, alice_only.broadcasters, alice_only.tasks,
         )
@@ -420,7 +417,8 @@ def test_setup_race_property(
             # gapless push. Events during the snapshot read may fall on either side; events
             # before it never come as pushes, events after it always do.
             events = [name for name, _ in early + during_before + during_after + late]
-            got = await all_pushes(client)
+            got = await client.frames_until_quiet(1)  # every push until a (mock) second passes
+            assert all(frame["id"] is None for frame in got), got
             cut = len(events) - len(got)
             assert len(early + during_before) <= cut <= len(early + during_before + during_after)
             assert [describe(p) for p in got] == events[cut:]
@@ -497,18 +495,17 @@ async def test_a_crowd_joining_a_fresh_broadcaster_at_once_costs_one_read(
 
 async def test_slow_client_is_closed_alone_and_the_fast_one_gets_everything(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
     config = RelayConfig(outbound_queue_size=8)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         fast = await relay.connect(authenticate=PIN)
         await fast.subscribe("chat", "c1")
         slow = await relay.connect(lockstep=True, authenticate=PIN)
         await slow.subscribe("chat", "c1")
         start = trio.current_time()
         for n in range(100):
-            backend.emit("chat", "c1", {"n": n})
+            memory_backend.emit("chat", "c1", {"n": n})
             # The upstream does not burst: each event is out before the next one comes.
             await trio.testing.wait_all_tasks_blocked()
         got = await pushes(fast, 100)
@@ -521,28 +518,26 @@ async def test_slow_client_is_closed_alone_and_the_fast_one_gets_everything(
         code, reason = await slow.wait_closed()
         assert code == CloseCode.SLOW_CONSUMER
         assert reason is not None and "slow" in reason
-        received = list(slow._held)
+        received = slow.held
         assert received, "not even the frames in flight arrived"
         assert [p["data"]["n"] for p in received] == list(range(len(received)))
         assert_gapless(received, after=0)
-        await trio.testing.wait_all_tasks_blocked()
-        stats = relay.relay.statistics()
+        stats = await relay.quiet_statistics()
         assert (stats.connections, stats.subscriptions, stats.broadcasters) == (1, 1, 1)
 
 
 async def test_a_burst_as_large_as_the_queue_reaches_a_prompt_client(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     # The queue bounds how far behind a client may fall, so it also bounds a burst that the
     # upstream publishes at once: up to outbound_queue_size, a client that reads is not "slow".
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
     config = RelayConfig(outbound_queue_size=8)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         client = await relay.connect(authenticate=PIN)
         await client.subscribe("chat", "c1")
         for n in range(config.outbound_queue_size):
-            backend.emit("chat", "c1", {"n": n})
+            memory_backend.emit("chat", "c1", {"n": n})
         got = await pushes(client, config.outbound_queue_size)
         assert [p["data"]["n"] for p in got] == list(range(config.outbound_queue_size))
         assert relay.relay.counters["slow_closes"] == 0
@@ -550,30 +545,27 @@ async def test_a_burst_as_large_as_the_queue_reaches_a_prompt_client(
 
 async def test_slow_client_that_never_reads_is_dropped_within_close_timeout(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
     config = RelayConfig(outbound_queue_size=8, close_timeout=4.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         fast = await relay.connect(authenticate=PIN)
         await fast.subscribe("chat", "c1")
-        await trio.testing.wait_all_tasks_blocked()
-        fast_only = (relay.relay.statistics(), dict(backend.open_feeds))
+        fast_only = (await relay.quiet_statistics(), dict(memory_backend.open_feeds))
         slow = await relay.connect(lockstep=True, authenticate=PIN)
         await slow.subscribe("chat", "c1")
         for n in range(100):
-            backend.emit("chat", "c1", {"n": n})
+            memory_backend.emit("chat", "c1", {"n": n})
             await trio.testing.wait_all_tasks_blocked()
         assert relay.relay.counters["slow_closes"] == 1
         assert [p["data"]["n"] for p in await pushes(fast, 100)] == list(range(100))
         await trio.sleep(config.close_timeout)
-        await trio.testing.wait_all_tasks_blocked()
-        assert (relay.relay.statistics(), dict(backend.open_feeds)) == fast_only
+        assert (await relay.quiet_statistics(), dict(memory_backend.open_feeds)) == fast_only
         # The fast client goes on, with the same upstream.
-        backend.emit("chat", "c1", {"n": 100})
+        memory_backend.emit("chat", "c1", {"n": 100})
         push, = await pushes(fast, 1)
         assert (push["seq"], push["data"]) == (101, {"n": 100})
-        assert backend.feeds_opened == 1
+        assert memory_backend.feeds_opened == 1
         with pytest.raises(ConnectionClosed):
             while True:
                 await slow.ws.get_message()
@@ -584,73 +576,69 @@ async def test_slow_client_that_never_reads_is_dropped_within_close_timeout(
 
 async def test_listener_past_its_buffer_overflows_and_web_clients_are_unaffected(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        web = await relay.connect(authenticate=PIN)
-        await web.subscribe("chat", "c1")
-        async with relay.relay.listen("chat", "c1", buffer=4) as updates:
-            async with relay.relay.listen("chat", "c1", buffer=4) as keeping_up:
-                seen: list[int] = []
-                for n in range(10):
-                    backend.emit("chat", "c1", {"n": n})
-                    seen.append((await next_update(keeping_up)).seq)
-                assert seen == list(range(1, 11))
-            got = []
-            with trio.fail_after(LISTENER_WAIT), pytest.raises(ListenerOverflow):
-                async for update in updates:
-                    got.append(update.seq)
-            # What it did get before the overflow is in order and without a gap.
-            assert got == list(range(1, len(got) + 1))
-            assert len(got) <= 4
-        assert [p["data"]["n"] for p in await pushes(web, 10)] == list(range(10))
-        backend.emit("chat", "c1", {"n": 10})
-        assert (await web.next_push())["seq"] == 11
-        await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.statistics().listeners == 0
+    web = await memory_relay.connect(authenticate=PIN)
+    await web.subscribe("chat", "c1")
+    async with memory_relay.relay.listen("chat", "c1", buffer=4) as updates:
+        async with memory_relay.relay.listen("chat", "c1", buffer=4) as keeping_up:
+            seen: list[int] = []
+            for n in range(10):
+                memory_backend.emit("chat", "c1", {"n": n})
+                seen.append((await next_update(keeping_up)).seq)
+            assert seen == list(range(1, 11))
+        got = []
+        with trio.fail_after(LISTENER_WAIT), pytest.raises(ListenerOverflow):
+            async for update in updates:
+                got.append(update.seq)
+        # What it did get before the overflow is in order and without a gap.
+        assert got == list(range(1, len(got) + 1))
+        assert len(got) <= 4
+    assert [p["data"]["n"] for p in await pushes(web, 10)] == list(range(10))
+    memory_backend.emit("chat", "c1", {"n": 10})
+    assert (await web.next_push())["seq"] == 11
+    assert (await memory_relay.quiet_statistics()).listeners == 0
 
 
-async def test_listener_ends_after_completed(autojump_clock: trio.abc.Clock) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    backend.add_message("c1", "hi")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        async with relay.relay.listen("chat", "c1") as updates:
-            assert (updates.resource, updates.resource_id, updates.seq) == ("chat", "c1", 0)
-            assert [m["content"] for m in updates.snapshot] == ["hi"]
-            backend.emit("chat", "c1", {"n": 1})
-            backend.end_feeds("chat", "c1")
-            with trio.fail_after(LISTENER_WAIT):
-                got = [(u.seq, u.data) async for u in updates]
-            assert got == [(1, {"n": 1}), (2, {"completed": True})]
-            assert updates.seq == 2
-            # Iteration stays ended.
-            with pytest.raises(StopAsyncIteration):
-                await next_update(updates)
+async def test_listener_ends_after_completed(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    memory_backend.add_message("c1", "hi")
+    async with memory_relay.relay.listen("chat", "c1") as updates:
+        assert (updates.resource, updates.resource_id, updates.seq) == ("chat", "c1", 0)
+        assert [m["content"] for m in updates.snapshot] == ["hi"]
+        memory_backend.emit("chat", "c1", {"n": 1})
+        memory_backend.end_feeds("chat", "c1")
+        with trio.fail_after(LISTENER_WAIT):
+            got = [(u.seq, u.data) async for u in updates]
+        assert got == [(1, {"n": 1}), (2, {"completed": True})]
+        assert updates.seq == 2
+        # Iteration stays ended.
+        with pytest.raises(StopAsyncIteration):
+            await next_update(updates)
 
 
 async def test_listener_raises_upstream_error_when_the_upstream_fails(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        web = await relay.connect(authenticate=PIN)
-        await web.subscribe("chat", "c1")
-        async with relay.relay.listen("chat", "c1") as updates:
-            backend.emit("chat", "c1", {"n": 1})
-            backend.end_feeds("chat", "c1", RuntimeError("the agent crashed"))
-            assert (await next_update(updates)).data == {"n": 1}
-            with pytest.raises(UpstreamError):
-                await next_update(updates)
-        assert (await web.next_push())["data"] == {"n": 1}
-        error = await web.next_push()
-        assert (error["type"], error["code"], error["resourceId"]) == (
-            "error", "backend_error", "c1",
-        )
-        # Internal details stay out of what web clients see.
-        assert "agent crashed" not in error["error"]
+    web = await memory_relay.connect(authenticate=PIN)
+    await web.subscribe("chat", "c1")
+    async with memory_relay.relay.listen("chat", "c1") as updates:
+        memory_backend.emit("chat", "c1", {"n": 1})
+        memory_backend.end_feeds("chat", "c1", RuntimeError("the agent crashed"))
+        assert (await next_update(updates)).data == {"n": 1}
+        with pytest.raises(UpstreamError):
+            await next_update(updates)
+    assert (await web.next_push())["data"] == {"n": 1}
+    error = await web.next_push()
+    assert (error["type"], error["code"], error["resourceId"]) == (
+        "error", "backend_error", "c1",
+    )
+    # Internal details stay out of what web clients see.
+    assert "agent crashed" not in error["error"]
 
 
 async def test_listen_to_a_missing_chat_raises_not_found(autojump_clock: trio.abc.Clock) -> None:
@@ -660,8 +648,7 @@ async def test_listen_to_a_missing_chat_raises_not_found(autojump_clock: trio.ab
             async with relay.relay.listen("chat", "nope"):
                 raise AssertionError("must not start")
         assert info.value.code == "not_found"
-        await trio.testing.wait_all_tasks_blocked()
-        stats = relay.relay.statistics()
+        stats = await relay.quiet_statistics()
         assert (stats.listeners, stats.broadcasters) == (0, 0)
         assert dict(backend.open_feeds) == {}
         assert backend.feeds_closed == backend.feeds_opened
@@ -690,88 +677,84 @@ async def assert_usable(client: TestClient, backend: MemoryBackend) -> None:
     ids=["feed-raises", "snapshot-raises", "snapshot-hangs", "feed-hangs"],
 )
 async def test_backend_failing_a_first_subscribe(
-    autojump_clock: trio.abc.Clock, fault: str, value: BaseException | str
+    autojump_clock: trio.abc.Clock,
+    fault: str,
+    value: BaseException | str,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
     config = RelayConfig(backend_timeout=3.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         client = await relay.connect(authenticate=PIN)
-        await trio.testing.wait_all_tasks_blocked()
-        idle = relay.relay.statistics()  # connected, nothing subscribed
-        backend.faults[fault] = value
+        idle = await relay.quiet_statistics()  # connected, nothing subscribed
+        memory_backend.faults[fault] = value
         start = trio.current_time()
         reply = await client.request("subscribe", resource="chat", resourceId="c1")
         elapsed = trio.current_time() - start
         assert (reply["type"], reply["code"]) == ("error", "backend_error")
         assert reply["resourceId"] == "c1"
         assert elapsed == (config.backend_timeout if value == HANG else 0)
-        await trio.testing.wait_all_tasks_blocked()
-        stats = relay.relay.statistics()
+        stats = await relay.quiet_statistics()
         assert (stats.subscriptions, stats.broadcasters, stats.tasks) == (0, 0, idle.tasks)
-        assert dict(backend.open_feeds) == {}
-        assert backend.feeds_closed == backend.feeds_opened
-        await assert_usable(client, backend)
+        assert dict(memory_backend.open_feeds) == {}
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened
+        await assert_usable(client, memory_backend)
 
 
 async def test_listener_on_a_failing_backend_gets_subscription_error(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    backend.faults["watch_chat"] = RuntimeError("feed failed to open")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        with pytest.raises(SubscriptionError) as info:
-            async with relay.relay.listen("chat", "c1"):
-                raise AssertionError("must not start")
-        assert info.value.code == "backend_error"
-        assert relay.relay.statistics().broadcasters == 0
+    memory_backend.faults["watch_chat"] = RuntimeError("feed failed to open")
+    with pytest.raises(SubscriptionError) as info:
+        async with memory_relay.relay.listen("chat", "c1"):
+            raise AssertionError("must not start")
+    assert info.value.code == "backend_error"
+    assert memory_relay.relay.statistics().broadcasters == 0
 
 
 async def test_failure_of_a_joiners_snapshot_leaves_the_broadcaster_to_the_others(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
     config = RelayConfig(backend_timeout=3.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         alice = await relay.connect(authenticate=PIN)
         await alice.subscribe("chat", "c1")
-        backend.emit("chat", "c1", {"n": 1})
+        memory_backend.emit("chat", "c1", {"n": 1})
         await alice.next_push()
-        backend.faults["get_history"] = HANG
+        memory_backend.faults["get_history"] = HANG
         bob = await relay.connect(authenticate=PIN)
         start = trio.current_time()
         reply = await bob.request("subscribe", resource="chat", resourceId="c1")
         assert trio.current_time() - start == config.backend_timeout
         assert (reply["type"], reply["code"]) == ("error", "backend_error")
         # Alice's broadcaster and upstream were never disturbed.
-        backend.emit("chat", "c1", {"n": 2})
+        memory_backend.emit("chat", "c1", {"n": 2})
         push, = await pushes(alice, 1)
         assert (push["seq"], push["data"]) == (2, {"n": 2})
-        assert backend.feeds_opened == 1
+        assert memory_backend.feeds_opened == 1
         await bob.assert_no_push()
-        backend.faults.clear()
+        memory_backend.faults.clear()
         reply = await bob.subscribe("chat", "c1")
         assert reply["seq"] == 2
 
 
 async def test_pushes_to_a_project_and_model_profiles_are_numbered_per_resource(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect(authenticate=PIN)
-        await client.subscribe("project", "p1")
-        await client.subscribe("chat", "c1")
-        await client.subscribe("modelProfiles")
-        backend.add_chat("p1", "c2")
-        backend.emit("chat", "c1", {"n": 1})
-        backend.set_model_profiles([{"id": "m"}])
-        backend.emit("chat", "c1", {"n": 2})
-        got = await pushes(client, 4)
-        by_resource: dict[str, list[int]] = {}
-        for push in got:
-            by_resource.setdefault(push["resource"], []).append(push["seq"])
-        assert by_resource == {"project": [1], "chat": [1, 2], "modelProfiles": [1]}
+    client = await memory_relay.connect(authenticate=PIN)
+    await client.subscribe("project", "p1")
+    await client.subscribe("chat", "c1")
+    await client.subscribe("modelProfiles")
+    memory_backend.add_chat("p1", "c2")
+    memory_backend.emit("chat", "c1", {"n": 1})
+    memory_backend.set_model_profiles([{"id": "m"}])
+    memory_backend.emit("chat", "c1", {"n": 2})
+    got = await pushes(client, 4)
+    by_resource: dict[str, list[int]] = {}
+    for push in got:
+        by_resource.setdefault(push["resource"], []).append(push["seq"])
+    assert by_resource == {"project": [1], "chat": [1, 2], "modelProfiles": [1]}

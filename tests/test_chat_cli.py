@@ -37,7 +37,7 @@ class EchoBackend(MemoryBackend):
         super().__init__()
         self.nursery: trio.Nursery | None = None
         self.agent = EchoAgent(chunk_delay=0.05)
-        self.replying = trio.Lock()  # one reply at a time, as the default backend does
+        self.reply_lock = trio.Lock()  # one reply at a time, as the default backend does
 
     async def send_message(self, chat_id: str, message: Any) -> None:
         await super().send_message(chat_id, message)
@@ -46,7 +46,7 @@ class EchoBackend(MemoryBackend):
 
     async def _reply(self, chat_id: str, content: str) -> None:
         message_id = f"reply-{len(self.messages[chat_id])}"
-        async with self.replying:
+        async with self.reply_lock:
             await self._stream_reply(chat_id, message_id, content)
 
     async def _stream_reply(self, chat_id: str, message_id: str, content: str) -> None:
@@ -70,17 +70,6 @@ class Screen(io.StringIO):
     def write(self, text: str) -> int:
         self.writes.append((trio.current_time(), text))
         return super().write(text)
-
-
-class Transport:
-    def __init__(self, relay: MemoryRelay) -> None:
-        self.relay = relay
-        self.streams: list[trio.abc.Stream] = []
-
-    async def __call__(self) -> trio.abc.Stream:
-        stream = await self.relay.listener.connect()
-        self.streams.append(stream)
-        return stream
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -112,7 +101,7 @@ async def test_prints_history_then_the_streamed_reply_to_a_line(
         await keyboard.aclose()  # end of input after one line
         screen, errors = Screen(), io.StringIO()
         status = await run_chat(parse(URL, "--pin", PIN), stdin=stdin, stdout=screen,
-                                stderr=errors, connect=Transport(relay))
+                                stderr=errors, connect=relay.connector())
         assert status == 0, errors.getvalue()
         assert screen.getvalue().splitlines() == [
             "Projects:",
@@ -132,8 +121,7 @@ async def test_prints_history_then_the_streamed_reply_to_a_line(
         assert len(pieces) > 1
         assert len({t for t, _ in pieces}) == len(pieces)  # each at its own time
         assert errors.getvalue() == ""
-        await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.statistics().connections == 0
+        assert (await relay.quiet_statistics()).connections == 0
 
 
 async def test_chooses_a_chat_interactively_and_takes_the_pin_from_the_environment(
@@ -145,7 +133,7 @@ async def test_chooses_a_chat_interactively_and_takes_the_pin_from_the_environme
         await keyboard.aclose()
         screen = Screen()
         status = await run_chat(parse(URL), stdin=stdin, stdout=screen, stderr=io.StringIO(),
-                                connect=Transport(relay), environ={"TRIO_RELAY_PIN": PIN},
+                                connect=relay.connector(), environ={"TRIO_RELAY_PIN": PIN},
                                 interactive=True)
         assert status == 0
         output = screen.getvalue()
@@ -167,14 +155,14 @@ async def test_chooses_a_chat_interactively_and_takes_the_pin_from_the_environme
 
 async def test_reports_a_lost_connection_and_carries_on(autojump_clock: trio.abc.Clock) -> None:
     async with echo_relay() as (_, relay):
-        transport = Transport(relay)
+        transport = relay.connector()
         keyboard, stdin = trio.testing.memory_stream_one_way_pair()
         screen, errors = Screen(), io.StringIO()
 
         async def type_and_cut() -> None:
             await keyboard.send_all(b"before\n")
             await trio.sleep(0.12)  # mid-reply
-            await transport.streams[-1].aclose()
+            await transport.cut()
             await trio.sleep(5)
             await keyboard.send_all(b"after\n")
             await keyboard.aclose()
@@ -198,13 +186,13 @@ async def test_failures_exit_1_with_a_message(autojump_clock: trio.abc.Clock) ->
         errors = io.StringIO()
         status = await run_chat(parse(URL, "--pin", "0000"),
                                 stdin=trio.testing.MemoryReceiveStream(), stdout=io.StringIO(),
-                                stderr=errors, connect=Transport(relay))
+                                stderr=errors, connect=relay.connector())
         assert status == 1
         assert "authentication failed: Invalid PIN" in errors.getvalue()
         errors = io.StringIO()
         status = await run_chat(parse(URL, "--pin", PIN, "--chat", "nope"),
                                 stdin=trio.testing.MemoryReceiveStream(), stdout=io.StringIO(),
-                                stderr=errors, connect=Transport(relay))
+                                stderr=errors, connect=relay.connector())
         assert status == 1
         assert "not_found" in errors.getvalue()
     errors = io.StringIO()

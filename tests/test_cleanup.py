@@ -13,21 +13,24 @@ Everything runs in memory under ``autojump_clock``; a quiet point is reached wit
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-
 import attrs
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, wrap_client_stream
+from trio_websocket import ConnectionClosed
 
-from trio_relay import CloseCode, RelayConfig, RelayStatistics, open_relay
-from trio_relay._memory import MemoryListener
+from trio_relay import CloseCode, RelayConfig, RelayStatistics
 from trio_relay._protocol import ResourceKey
-from trio_relay.testing import HANG, MemoryBackend, MemoryRelay, TestClient, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    HANG,
+    MemoryBackend,
+    MemoryRelay,
+    TestClient,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 
 
 # --- footprints -----------------------------------------------------------------------------------
@@ -61,8 +64,8 @@ class Footprint:
 
 
 async def footprint(relay: MemoryRelay, backend: MemoryBackend) -> Footprint:
-    await trio.testing.wait_all_tasks_blocked()
-    return Footprint(relay.relay.statistics(), dict(backend.open_feeds), count_tasks_in_run())
+    stats = await relay.quiet_statistics()
+    return Footprint(stats, dict(backend.open_feeds), count_tasks_in_run())
 
 
 async def assert_back_to(
@@ -83,10 +86,12 @@ async def assert_back_to(
     assert later.tasks_in_run == baseline.tasks_in_run
 
 
-def make_backend(chats: int = 3) -> MemoryBackend:
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
+    """Chats c0, c1 and c2 of project p1, and a model profile."""
     backend = MemoryBackend()
     backend.add_project("p1")
-    for i in range(chats):
+    for i in range(3):
         backend.add_chat("p1", f"c{i}")
     backend.set_model_profiles([{"id": "echo", "name": "Echo"}])
     return backend
@@ -102,251 +107,250 @@ async def subscribed_client(relay: MemoryRelay, *chats: str, lockstep: bool = Fa
 # --- one client, each way of leaving --------------------------------------------------------------
 
 
-async def test_clean_close_releases_everything(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0", "c1")
-        await client.subscribe("project", "p1")
-        await client.subscribe("modelProfiles")
-        held = await footprint(relay, backend)
-        assert held.stats.connections == 1
-        assert held.stats.subscriptions == 4
-        assert held.stats.broadcasters == 4
-        assert sum(held.open_feeds.values()) == 4
-        start = trio.current_time()
-        await client.close()
-        assert client.ws.closed is not None
-        assert client.ws.closed.code == CloseCode.NORMAL
-        await assert_back_to(baseline, relay, backend, since=start)
+async def test_clean_close_releases_everything(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0", "c1")
+    await client.subscribe("project", "p1")
+    await client.subscribe("modelProfiles")
+    held = await footprint(memory_relay, memory_backend)
+    assert held.stats.connections == 1
+    assert held.stats.subscriptions == 4
+    assert held.stats.broadcasters == 4
+    assert sum(held.open_feeds.values()) == 4
+    start = trio.current_time()
+    await client.close()
+    assert client.ws.closed is not None
+    assert client.ws.closed.code == CloseCode.NORMAL
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
-async def test_abrupt_stream_close_releases_everything(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0", "c1")
-        backend.emit("chat", "c0", {"type": "chunk", "text": "in flight"})
-        start = trio.current_time()
-        await client.abort()
-        await assert_back_to(baseline, relay, backend, since=start)
+async def test_abrupt_stream_close_releases_everything(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0", "c1")
+    memory_backend.emit("chat", "c0", {"type": "chunk", "text": "in flight"})
+    start = trio.current_time()
+    await client.abort()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_abort_before_authenticating_releases_everything(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await relay.connect()
-        await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.statistics().connections == 1
-        start = trio.current_time()
-        await client.abort()
-        await assert_back_to(baseline, relay, backend, since=start)
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await memory_relay.connect()
+    assert (await memory_relay.quiet_statistics()).connections == 1
+    start = trio.current_time()
+    await client.abort()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_last_unsubscribe_stops_only_that_broadcaster(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
     c0, c1 = ResourceKey("chat", "c0"), ResourceKey("chat", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        alice = await subscribed_client(relay, "c0", "c1")
-        bob = await subscribed_client(relay, "c1")
-        both = await footprint(relay, backend)
-        assert both.stats.broadcasters == 2
-        assert both.open_feeds == {c0: 1, c1: 1}
+    baseline = await footprint(memory_relay, memory_backend)
+    alice = await subscribed_client(memory_relay, "c0", "c1")
+    bob = await subscribed_client(memory_relay, "c1")
+    both = await footprint(memory_relay, memory_backend)
+    assert both.stats.broadcasters == 2
+    assert both.open_feeds == {c0: 1, c1: 1}
 
-        # Alice was c0's only subscriber: its broadcaster and upstream go, c1's stay.
-        reply = await alice.request("unsubscribe", resource="chat", resourceId="c0")
-        assert reply["data"] == {"unsubscribed": True}
-        after = await footprint(relay, backend)
-        assert after.stats.broadcasters == 1
-        assert after.stats.subscriptions == 2
-        assert after.open_feeds == {c1: 1}
-        # c0's broadcaster task and Alice's subscription task are gone.
-        assert after.stats.tasks == both.stats.tasks - 2
-        assert backend.feeds_closed == 1
+    # Alice was c0's only subscriber: its broadcaster and upstream go, c1's stay.
+    reply = await alice.request("unsubscribe", resource="chat", resourceId="c0")
+    assert reply["data"] == {"unsubscribed": True}
+    after = await footprint(memory_relay, memory_backend)
+    assert after.stats.broadcasters == 1
+    assert after.stats.subscriptions == 2
+    assert after.open_feeds == {c1: 1}
+    # c0's broadcaster task and Alice's subscription task are gone.
+    assert after.stats.tasks == both.stats.tasks - 2
+    assert memory_backend.feeds_closed == 1
 
-        # c1 still flows to both of its subscribers.
-        backend.emit("chat", "c1", {"type": "chunk", "text": "still here"})
-        assert (await alice.next_push())["data"]["text"] == "still here"
-        assert (await bob.next_push())["data"]["text"] == "still here"
+    # c1 still flows to both of its subscribers.
+    memory_backend.emit("chat", "c1", {"type": "chunk", "text": "still here"})
+    assert (await alice.next_push())["data"]["text"] == "still here"
+    assert (await bob.next_push())["data"]["text"] == "still here"
 
-        # Alice leaves c1 too, but Bob is still on it: nothing more closes.
-        reply = await alice.request("unsubscribe", resource="chat", resourceId="c1")
-        assert reply["data"] == {"unsubscribed": True}
-        assert dict(backend.open_feeds) == {c1: 1}
-        assert relay.relay.statistics().broadcasters == 1
+    # Alice leaves c1 too, but Bob is still on it: nothing more closes.
+    reply = await alice.request("unsubscribe", resource="chat", resourceId="c1")
+    assert reply["data"] == {"unsubscribed": True}
+    assert dict(memory_backend.open_feeds) == {c1: 1}
+    assert memory_relay.relay.statistics().broadcasters == 1
 
-        # Bob's unsubscribe is the last one out.
-        start = trio.current_time()
-        reply = await bob.request("unsubscribe", resource="chat", resourceId="c1")
-        assert reply["data"] == {"unsubscribed": True}
-        idle = await footprint(relay, backend)
-        assert idle.stats.subscriptions == 0
-        assert idle.stats.broadcasters == 0
-        assert idle.open_feeds == {}
-        assert backend.feeds_closed == backend.feeds_opened == 2
-        await alice.close()
-        await bob.close()
-        await assert_back_to(baseline, relay, backend, since=start)
+    # Bob's unsubscribe is the last one out.
+    start = trio.current_time()
+    reply = await bob.request("unsubscribe", resource="chat", resourceId="c1")
+    assert reply["data"] == {"unsubscribed": True}
+    idle = await footprint(memory_relay, memory_backend)
+    assert idle.stats.subscriptions == 0
+    assert idle.stats.broadcasters == 0
+    assert idle.open_feeds == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 2
+    await alice.close()
+    await bob.close()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_abort_during_send_releases_everything_at_once(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0")
-        backend.faults["send_message"] = HANG
-        await client.send({"id": "s1", "type": "send", "resourceId": "c0", "message": "hi"})
-        await trio.testing.wait_all_tasks_blocked()
-        assert backend.sent == []  # the send is hanging in the backend
-        start = trio.current_time()
-        await client.abort()
-        # The client is gone: its hanging request, subscription and upstream must go with it,
-        # not linger until backend_timeout ends the request.
-        await assert_back_to(baseline, relay, backend, since=start)
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0")
+    memory_backend.faults["send_message"] = HANG
+    await client.send({"id": "s1", "type": "send", "resourceId": "c0", "message": "hi"})
+    await trio.testing.wait_all_tasks_blocked()
+    assert memory_backend.sent == []  # the send is hanging in the backend
+    start = trio.current_time()
+    await client.abort()
+    # The client is gone: its hanging request, subscription and upstream must go with it,
+    # not linger until backend_timeout ends the request.
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_abort_during_first_subscribe_releases_everything_at_once(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await relay.connect(authenticate=PIN)
-        backend.faults["get_history"] = HANG
-        await client.send({"id": "s1", "type": "subscribe", "resource": "chat", "resourceId": "c0"})
-        await trio.testing.wait_all_tasks_blocked()
-        assert dict(backend.open_feeds) == {ResourceKey("chat", "c0"): 1}
-        start = trio.current_time()
-        await client.abort()
-        await assert_back_to(baseline, relay, backend, since=start)
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await memory_relay.connect(authenticate=PIN)
+    memory_backend.faults["get_history"] = HANG
+    await client.send({"id": "s1", "type": "subscribe", "resource": "chat", "resourceId": "c0"})
+    await trio.testing.wait_all_tasks_blocked()
+    assert dict(memory_backend.open_feeds) == {ResourceKey("chat", "c0"): 1}
+    start = trio.current_time()
+    await client.abort()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_abort_while_joining_a_live_broadcaster_leaves_it_to_the_others(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        alice = await subscribed_client(relay, "c0")
-        alice_only = await footprint(relay, backend)
-        # A change since the broadcaster's snapshot, so the joiner must read a fresh one.
-        backend.emit("chat", "c0", {"type": "chunk", "text": "one"})
-        assert (await alice.next_push())["seq"] == 1
-        backend.faults["get_history"] = HANG
-        bob = await relay.connect(authenticate=PIN)
-        await bob.send({"id": "s1", "type": "subscribe", "resource": "chat", "resourceId": "c0"})
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        await bob.abort()
-        now = await footprint(relay, backend)
-        assert now.stats == alice_only.stats, f"now {now.stats}, before Bob {alice_only.stats}"
-        assert now == alice_only
-        assert trio.current_time() == start
-        # Alice's subscription goes on undisturbed.
-        backend.emit("chat", "c0", {"type": "chunk", "text": "two"})
-        push = await alice.next_push()
-        assert (push["seq"], push["data"]["text"]) == (2, "two")
-        await alice.close()
-        await assert_back_to(baseline, relay, backend, since=start)
+    baseline = await footprint(memory_relay, memory_backend)
+    alice = await subscribed_client(memory_relay, "c0")
+    alice_only = await footprint(memory_relay, memory_backend)
+    # A change since the broadcaster's snapshot, so the joiner must read a fresh one.
+    memory_backend.emit("chat", "c0", {"type": "chunk", "text": "one"})
+    assert (await alice.next_push())["seq"] == 1
+    memory_backend.faults["get_history"] = HANG
+    bob = await memory_relay.connect(authenticate=PIN)
+    await bob.send({"id": "s1", "type": "subscribe", "resource": "chat", "resourceId": "c0"})
+    await trio.testing.wait_all_tasks_blocked()
+    start = trio.current_time()
+    await bob.abort()
+    now = await footprint(memory_relay, memory_backend)
+    assert now.stats == alice_only.stats, f"now {now.stats}, before Bob {alice_only.stats}"
+    assert now == alice_only
+    assert trio.current_time() == start
+    # Alice's subscription goes on undisturbed.
+    memory_backend.emit("chat", "c0", {"type": "chunk", "text": "two"})
+    push = await alice.next_push()
+    assert (push["seq"], push["data"]["text"]) == (2, "two")
+    await alice.close()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_hanging_request_is_released_by_backend_timeout_after_abort(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     # The outer bound, whatever happens to the prompt release above: backend_timeout.
-    backend = make_backend()
     config = RelayConfig(backend_timeout=3.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        baseline = await footprint(relay, backend)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        baseline = await footprint(relay, memory_backend)
         client = await subscribed_client(relay, "c0")
-        backend.faults["send_message"] = HANG
+        memory_backend.faults["send_message"] = HANG
         await client.send({"id": "s1", "type": "send", "resourceId": "c0", "message": "hi"})
         await trio.testing.wait_all_tasks_blocked()
         await client.abort()
         await trio.sleep(config.backend_timeout)
-        now = await footprint(relay, backend)
+        now = await footprint(relay, memory_backend)
         assert now.unkept() == baseline
-        assert backend.feeds_closed == backend.feeds_opened
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened
 
 
 # --- in-process listeners -------------------------------------------------------------------------
 
 
-async def test_listener_leaving_releases_everything(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        async with relay.relay.listen("chat", "c0") as updates:
-            held = await footprint(relay, backend)
-            assert held.stats.listeners == 1
-            assert held.stats.broadcasters == 1
-            assert held.open_feeds == {ResourceKey("chat", "c0"): 1}
-            backend.emit("chat", "c0", {"type": "chunk", "text": "x"})
-            with trio.fail_after(5):
-                update = await updates.__anext__()
-            assert (update.seq, update.data) == (1, {"type": "chunk", "text": "x"})
-        start = trio.current_time()
-        await assert_back_to(baseline, relay, backend, since=start)
+async def test_listener_leaving_releases_everything(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    baseline = await footprint(memory_relay, memory_backend)
+    async with memory_relay.relay.listen("chat", "c0") as updates:
+        held = await footprint(memory_relay, memory_backend)
+        assert held.stats.listeners == 1
+        assert held.stats.broadcasters == 1
+        assert held.open_feeds == {ResourceKey("chat", "c0"): 1}
+        memory_backend.emit("chat", "c0", {"type": "chunk", "text": "x"})
+        with trio.fail_after(5):
+            update = await updates.__anext__()
+        assert (update.seq, update.data) == (1, {"type": "chunk", "text": "x"})
+    start = trio.current_time()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_listener_left_by_an_exception_releases_everything(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
 
     class Boom(Exception):
         pass
 
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        web = await subscribed_client(relay, "c0")
-        with_web = await footprint(relay, backend)
-        with pytest.raises(Boom):
-            async with relay.relay.listen("chat", "c0") as updates:
-                async with relay.relay.listen("chat", "c1"):
-                    backend.emit("chat", "c0", {"n": 1})
-                    with trio.fail_after(5):
-                        async for _ in updates:
-                            raise Boom
-        start = trio.current_time()
-        # c1's broadcaster (the listener's alone) is gone; c0's stays for the web client.
-        assert (await footprint(relay, backend)).unkept() == with_web.unkept()
-        assert trio.current_time() == start
-        backend.emit("chat", "c0", {"n": 2})
-        assert (await web.next_push())["data"] == {"n": 1}
-        assert (await web.next_push())["data"] == {"n": 2}
-        await web.close()
-        await assert_back_to(baseline, relay, backend, since=start)
+    baseline = await footprint(memory_relay, memory_backend)
+    web = await subscribed_client(memory_relay, "c0")
+    with_web = await footprint(memory_relay, memory_backend)
+    with pytest.raises(Boom):
+        async with memory_relay.relay.listen("chat", "c0") as updates:
+            async with memory_relay.relay.listen("chat", "c1"):
+                memory_backend.emit("chat", "c0", {"n": 1})
+                with trio.fail_after(5):
+                    async for _ in updates:
+                        raise Boom
+    start = trio.current_time()
+    # c1's broadcaster (the listener's alone) is gone; c0's stays for the web client.
+    assert (await footprint(memory_relay, memory_backend)).unkept() == with_web.unkept()
+    assert trio.current_time() == start
+    memory_backend.emit("chat", "c0", {"n": 2})
+    assert (await web.next_push())["data"] == {"n": 1}
+    assert (await web.next_push())["data"] == {"n": 2}
+    await web.close()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 async def test_listener_cancelled_while_subscribing_releases_everything(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        backend.faults["get_history"] = HANG
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
+    baseline = await footprint(memory_relay, memory_backend)
+    memory_backend.faults["get_history"] = HANG
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
 
-                async def listen() -> None:
-                    async with relay.relay.listen("chat", "c0"):
-                        raise AssertionError("the subscription cannot have started")
+            async def listen() -> None:
+                async with memory_relay.relay.listen("chat", "c0"):
+                    raise AssertionError("the subscription cannot have started")
 
-                nursery.start_soon(listen)
-                await trio.testing.wait_all_tasks_blocked()
-                assert dict(backend.open_feeds) == {ResourceKey("chat", "c0"): 1}
-                scope.cancel()
-        start = trio.current_time()
-        await assert_back_to(baseline, relay, backend, since=start)
+            nursery.start_soon(listen)
+            await trio.testing.wait_all_tasks_blocked()
+            assert dict(memory_backend.open_feeds) == {ResourceKey("chat", "c0"): 1}
+            scope.cancel()
+    start = trio.current_time()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 # --- an upstream that ends ------------------------------------------------------------------------
@@ -354,67 +358,67 @@ async def test_listener_cancelled_while_subscribing_releases_everything(
 
 async def test_completed_upstream_removes_its_broadcaster_and_a_new_one_starts(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0")
-        async with relay.relay.listen("chat", "c0") as updates:
-            assert backend.feeds_opened == 1
-            live = await footprint(relay, backend)
-            backend.emit("chat", "c0", {"n": 1})
-            backend.end_feeds("chat", "c0")
-            with trio.fail_after(5):
-                got = [u.data async for u in updates]
-            assert got == [{"n": 1}, {"completed": True}]
-            push = await client.next_push()
-            assert (push["seq"], push["data"]) == (1, {"n": 1})
-            push = await client.next_push()
-            assert (push["seq"], push["data"]) == (2, {"completed": True})
-            ended = await footprint(relay, backend)
-            # The broadcaster, its task and its upstream are gone; the web subscription with
-            # them; the listener block is still open (it ended its iteration).
-            assert ended.stats.broadcasters == 0
-            assert ended.stats.subscriptions == 0
-            # Its broadcaster task and the client's subscription task are gone.
-            assert ended.stats.tasks == live.stats.tasks - 2
-            assert ended.stats.listeners == 1
-            assert ended.open_feeds == {}
-            assert backend.feeds_closed == backend.feeds_opened == 1
-
-        # A new subscriber starts a fresh broadcaster with a fresh upstream.
-        reply = await client.subscribe("chat", "c0")
-        assert reply["seq"] == 0
-        assert backend.feeds_opened == 2
-        assert relay.relay.statistics().broadcasters == 1
-        backend.emit("chat", "c0", {"n": 3})
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0")
+    async with memory_relay.relay.listen("chat", "c0") as updates:
+        assert memory_backend.feeds_opened == 1
+        live = await footprint(memory_relay, memory_backend)
+        memory_backend.emit("chat", "c0", {"n": 1})
+        memory_backend.end_feeds("chat", "c0")
+        with trio.fail_after(5):
+            got = [u.data async for u in updates]
+        assert got == [{"n": 1}, {"completed": True}]
         push = await client.next_push()
-        assert (push["seq"], push["data"]) == (1, {"n": 3})
-        start = trio.current_time()
-        await client.close()
-        await assert_back_to(baseline, relay, backend, since=start)
-
-
-async def test_failed_upstream_removes_its_broadcaster(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0")
-        live = await footprint(relay, backend)
-        backend.end_feeds("chat", "c0", RuntimeError("upstream broke"))
+        assert (push["seq"], push["data"]) == (1, {"n": 1})
         push = await client.next_push()
-        assert push["type"] == "error"
-        assert push["code"] == "backend_error"
-        assert push["resourceId"] == "c0"
-        failed = await footprint(relay, backend)
-        assert failed.stats.broadcasters == 0
-        assert failed.stats.subscriptions == 0
+        assert (push["seq"], push["data"]) == (2, {"completed": True})
+        ended = await footprint(memory_relay, memory_backend)
+        # The broadcaster, its task and its upstream are gone; the web subscription with
+        # them; the listener block is still open (it ended its iteration).
+        assert ended.stats.broadcasters == 0
+        assert ended.stats.subscriptions == 0
         # Its broadcaster task and the client's subscription task are gone.
-        assert failed.stats.tasks == live.stats.tasks - 2
-        assert backend.feeds_closed == backend.feeds_opened == 1
-        start = trio.current_time()
-        await client.close()
-        await assert_back_to(baseline, relay, backend, since=start)
+        assert ended.stats.tasks == live.stats.tasks - 2
+        assert ended.stats.listeners == 1
+        assert ended.open_feeds == {}
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+
+    # A new subscriber starts a fresh broadcaster with a fresh upstream.
+    reply = await client.subscribe("chat", "c0")
+    assert reply["seq"] == 0
+    assert memory_backend.feeds_opened == 2
+    assert memory_relay.relay.statistics().broadcasters == 1
+    memory_backend.emit("chat", "c0", {"n": 3})
+    push = await client.next_push()
+    assert (push["seq"], push["data"]) == (1, {"n": 3})
+    start = trio.current_time()
+    await client.close()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
+
+
+async def test_failed_upstream_removes_its_broadcaster(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0")
+    live = await footprint(memory_relay, memory_backend)
+    memory_backend.end_feeds("chat", "c0", RuntimeError("upstream broke"))
+    push = await client.next_push()
+    assert push["type"] == "error"
+    assert push["code"] == "backend_error"
+    assert push["resourceId"] == "c0"
+    failed = await footprint(memory_relay, memory_backend)
+    assert failed.stats.broadcasters == 0
+    assert failed.stats.subscriptions == 0
+    # Its broadcaster task and the client's subscription task are gone.
+    assert failed.stats.tasks == live.stats.tasks - 2
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+    start = trio.current_time()
+    await client.close()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 # --- many clients ---------------------------------------------------------------------------------
@@ -422,70 +426,72 @@ async def test_failed_upstream_removes_its_broadcaster(autojump_clock: trio.abc.
 
 async def test_many_clients_leaving_in_mixed_ways_return_to_baseline(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend(chats=5)
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        clients: list[TestClient] = []
-        for i in range(50):
-            # c0 is shared by all (subscribed twice by some); the other chat varies.
-            client = await subscribed_client(relay, "c0", f"c{(i // 5) % 5}")
-            if i % 7 == 0:
-                await client.subscribe("project", "p1")
-            if i % 11 == 0:
-                await client.subscribe("modelProfiles")
-            clients.append(client)
+    for chat in ("c3", "c4"):  # five chats here
+        memory_backend.add_chat("p1", chat)
+    baseline = await footprint(memory_relay, memory_backend)
+    clients: list[TestClient] = []
+    for i in range(50):
+        # c0 is shared by all (subscribed twice by some); the other chat varies.
+        client = await subscribed_client(memory_relay, "c0", f"c{(i // 5) % 5}")
+        if i % 7 == 0:
+            await client.subscribe("project", "p1")
+        if i % 11 == 0:
+            await client.subscribe("modelProfiles")
+        clients.append(client)
 
-        # Some in-process listeners beside them, on shared and on their own resources.
-        listeners_done = trio.Event()
-        listening = 0
+    # Some in-process listeners beside them, on shared and on their own resources.
+    listeners_done = trio.Event()
+    listening = 0
 
-        async def listen(chat: str, task_status: trio.TaskStatus[None]) -> None:
-            nonlocal listening
-            async with relay.relay.listen("chat", chat):
-                listening += 1
-                task_status.started()
-                await listeners_done.wait()
+    async def listen(chat: str, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal listening
+        async with memory_relay.relay.listen("chat", chat):
+            listening += 1
+            task_status.started()
+            await listeners_done.wait()
 
-        async with trio.open_nursery() as nursery:
-            for chat in ("c0", "c3", "c0"):
-                await nursery.start(listen, chat)
-            held = await footprint(relay, backend)
-            assert held.stats.connections == 50
-            assert held.stats.listeners == 3
-            assert held.stats.broadcasters == 5 + 1 + 1  # chats, p1, modelProfiles
-            assert sum(held.open_feeds.values()) == held.stats.broadcasters
+    async with trio.open_nursery() as nursery:
+        for chat in ("c0", "c3", "c0"):
+            await nursery.start(listen, chat)
+        held = await footprint(memory_relay, memory_backend)
+        assert held.stats.connections == 50
+        assert held.stats.listeners == 3
+        assert held.stats.broadcasters == 5 + 1 + 1  # chats, p1, modelProfiles
+        assert sum(held.open_feeds.values()) == held.stats.broadcasters
 
-            # Every subscriber of c0 gets the same push, once.
-            backend.emit("chat", "c0", {"type": "chunk", "text": "all"})
-            for client in clients:
-                push = await client.next_push()
-                assert (push["resourceId"], push["seq"]) == ("c0", 1)
-                await client.assert_no_push()
+        # Every subscriber of c0 gets the same push, once.
+        memory_backend.emit("chat", "c0", {"type": "chunk", "text": "all"})
+        for client in clients:
+            push = await client.next_push()
+            assert (push["resourceId"], push["seq"]) == ("c0", 1)
+            await client.assert_no_push()
 
-            for i, client in enumerate(clients):
-                way = i % 5
-                if way == 0:
-                    await client.close()
-                elif way == 1:
-                    await client.abort()
-                elif way == 2:
-                    for chat in {"c0", f"c{(i // 5) % 5}"}:
-                        reply = await client.request("unsubscribe", resource="chat",
-                                                     resourceId=chat)
-                        assert reply["data"] == {"unsubscribed": True}
-                    await client.close()
-                elif way == 3:
-                    # Resubscribing does not double anything, and aborting still cleans up.
-                    await client.subscribe("chat", "c0")
-                    await client.abort()
-                else:
-                    await client.close(CloseCode.GOING_AWAY)
-                if i == 25:
-                    listeners_done.set()
-        assert listening == 3
-        start = trio.current_time()
-        await assert_back_to(baseline, relay, backend, since=start)
+        for i, client in enumerate(clients):
+            way = i % 5
+            if way == 0:
+                await client.close()
+            elif way == 1:
+                await client.abort()
+            elif way == 2:
+                for chat in {"c0", f"c{(i // 5) % 5}"}:
+                    reply = await client.request("unsubscribe", resource="chat",
+                                                 resourceId=chat)
+                    assert reply["data"] == {"unsubscribed": True}
+                await client.close()
+            elif way == 3:
+                # Resubscribing does not double anything, and aborting still cleans up.
+                await client.subscribe("chat", "c0")
+                await client.abort()
+            else:
+                await client.close(CloseCode.GOING_AWAY)
+            if i == 25:
+                listeners_done.set()
+    assert listening == 3
+    start = trio.current_time()
+    await assert_back_to(baseline, memory_relay, memory_backend, since=start)
 
 
 # --- the relay shutting down ----------------------------------------------------------------------
@@ -493,154 +499,124 @@ async def test_many_clients_leaving_in_mixed_ways_return_to_baseline(
 
 async def test_shutdown_closes_clients_with_1001_and_all_feeds(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay:
         alice = await subscribed_client(relay, "c0", "c1")
         bob = await subscribed_client(relay, "c1")
         async with relay.relay.listen("chat", "c2"):
             pass
         await trio.testing.wait_all_tasks_blocked()
-        assert sum(backend.open_feeds.values()) == 2
+        assert sum(memory_backend.open_feeds.values()) == 2
         inner = relay.relay
     for client in (alice, bob):
         assert client.ws.closed is not None, "the client never saw the relay's close frame"
         assert client.ws.closed.code == CloseCode.GOING_AWAY
-    assert dict(backend.open_feeds) == {}
-    assert backend.feeds_closed == backend.feeds_opened == 3
+    assert dict(memory_backend.open_feeds) == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 3
     stats = inner.statistics()
     assert (stats.connections, stats.subscriptions, stats.broadcasters, stats.tasks) == (0, 0, 0, 0)
 
 
-@asynccontextmanager
-async def clients_outliving_a_relay(
-    backend: MemoryBackend, config: RelayConfig | None = None
-) -> AsyncIterator[tuple[trio.Nursery, Callable[..., Awaitable[TestClient]]]]:
-    """Clients whose tasks live outside the relay, so they can watch it shut down.
-
-    `open_memory_relay` cancels its clients' tasks before the relay closes them, so its clients
-    cannot read the close frame; here the relay is opened inside the clients' nursery.
-    """
-    async with trio.open_nursery() as client_nursery:
-        listener = MemoryListener()
-
-        async def connect(*, lockstep: bool = False) -> TestClient:
-            stream = await listener.connect(lockstep=lockstep)
-            ws = await wrap_client_stream(
-                client_nursery, stream, "relay.test", "/ws"  # type: ignore[arg-type]
-            )
-            return TestClient(ws, stream, 30.0)
-
-        async with open_relay(backend, pin=PIN, config=config) as relay:
-            await client_nursery.start(relay.serve_listeners, [listener])
-            yield client_nursery, connect
-        client_nursery.cancel_scope.cancel()
-
-
 async def test_shutdown_sends_1001_to_clients_that_watch_it(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
     config = RelayConfig(shutdown_timeout=2.0)
     closes: dict[str, tuple[int, str | None]] = {}
 
     async def wait_closed(name: str, client: TestClient) -> None:
         closes[name] = await client.wait_closed()
 
-    async with clients_outliving_a_relay(backend, config) as (nursery, connect):
-        alice = await connect()
-        await alice.authenticate(PIN)
-        await alice.subscribe("chat", "c0")
-        await alice.subscribe("chat", "c1")
-        # A client that never reads: its closing handshake cannot complete.
-        stuck = await connect(lockstep=True)
-        await stuck.authenticate(PIN)
-        await stuck.subscribe("chat", "c1")
-        nursery.start_soon(wait_closed, "alice", alice)
-        await trio.testing.wait_all_tasks_blocked()
-        assert sum(backend.open_feeds.values()) == 2
-        start = trio.current_time()
+    # The watcher lives outside the relay, so that it sees the relay shut down.
+    async with trio.open_nursery() as watchers:
+        async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+            alice = await subscribed_client(relay, "c0", "c1")
+            # A client that never reads: its closing handshake cannot complete.
+            await subscribed_client(relay, "c1", lockstep=True)
+            watchers.start_soon(wait_closed, "alice", alice)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sum(memory_backend.open_feeds.values()) == 2
+            start = trio.current_time()
     assert trio.current_time() - start <= config.shutdown_timeout
     assert closes["alice"] == (CloseCode.GOING_AWAY, "relay shutting down")
-    assert dict(backend.open_feeds) == {}
-    assert backend.feeds_closed == backend.feeds_opened == 2
+    assert dict(memory_backend.open_feeds) == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 2
 
 
 async def test_shutdown_drops_a_client_that_does_not_read_within_shutdown_timeout(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
     config = RelayConfig(shutdown_timeout=2.0, close_timeout=60.0)
-    async with clients_outliving_a_relay(backend, config) as (_, connect):
-        stuck = await connect(lockstep=True)
-        await stuck.authenticate(PIN)
-        await stuck.subscribe("chat", "c0")
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        await subscribed_client(relay, "c0", lockstep=True)
         # Fill what the client's stream and its WebSocket queue take, so it reads no more.
         for n in range(20):
-            backend.emit("chat", "c0", {"n": n})
+            memory_backend.emit("chat", "c0", {"n": n})
             await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
     assert trio.current_time() - start <= config.shutdown_timeout
-    assert dict(backend.open_feeds) == {}
-    assert backend.feeds_closed == backend.feeds_opened == 1
+    assert dict(memory_backend.open_feeds) == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
 
 
 async def test_relay_cancelled_from_outside_with_clients_connected(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     # The host application's nursery is cancelled (a sibling crashed, Ctrl-C, ...) while web
     # clients are connected: the relay must go away quietly and close every upstream.
-    backend = make_backend()
     with trio.CancelScope() as scope:
-        async with open_memory_relay(backend, pin=PIN) as relay:
+        async with open_memory_relay(memory_backend, pin=PIN) as relay:
             await subscribed_client(relay, "c0")
             await subscribed_client(relay, "c0", "c1")
             scope.cancel()
             await trio.sleep_forever()
     assert scope.cancelled_caught
-    assert dict(backend.open_feeds) == {}
-    assert backend.feeds_closed == backend.feeds_opened == 2
+    assert dict(memory_backend.open_feeds) == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 2
 
 
 # --- what `statistics().tasks` sees ---------------------------------------------------------------
 
 
-async def test_statistics_tasks_include_connection_tasks(autojump_clock: trio.abc.Clock) -> None:
+async def test_statistics_tasks_include_connection_tasks(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
     # A connection runs a reader, a writer and a task per subscription; a leak of any of them
     # should show in the relay's own task count, which is what the relay offers for this.
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        baseline = await footprint(relay, backend)
-        client = await subscribed_client(relay, "c0")
-        held = await footprint(relay, backend)
-        relay_tasks_added = held.stats.tasks - baseline.stats.tasks
-        run_tasks_added = held.tasks_in_run - baseline.tasks_in_run
-        client_side = 2  # the test client: its task and trio-websocket's reader under it
-        assert relay_tasks_added == run_tasks_added - client_side, (
-            f"statistics().tasks grew by {relay_tasks_added} while the relay started"
-            f" {run_tasks_added - client_side} tasks for one subscribed connection"
-        )
-        await client.close()
+    baseline = await footprint(memory_relay, memory_backend)
+    client = await subscribed_client(memory_relay, "c0")
+    held = await footprint(memory_relay, memory_backend)
+    relay_tasks_added = held.stats.tasks - baseline.stats.tasks
+    run_tasks_added = held.tasks_in_run - baseline.tasks_in_run
+    client_side = 2  # the test client: its task and trio-websocket's reader under it
+    assert relay_tasks_added == run_tasks_added - client_side, (
+        f"statistics().tasks grew by {relay_tasks_added} while the relay started"
+        f" {run_tasks_added - client_side} tasks for one subscribed connection"
+    )
+    await client.close()
 
 
 async def test_slow_client_dropped_at_close_timeout_releases_everything(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
     config = RelayConfig(outbound_queue_size=4, close_timeout=3.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        baseline = await footprint(relay, backend)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        baseline = await footprint(relay, memory_backend)
         slow = await subscribed_client(relay, "c0", "c1", lockstep=True)
         for n in range(20):
-            backend.emit("chat", "c0", {"n": n})
+            memory_backend.emit("chat", "c0", {"n": n})
             await trio.testing.wait_all_tasks_blocked()
         assert relay.relay.counters["slow_closes"] == 1
         await trio.sleep(config.close_timeout)
-        now = await footprint(relay, backend)
+        now = await footprint(relay, memory_backend)
         assert now.unkept().relay_side() == baseline.relay_side()
-        assert backend.feeds_closed == backend.feeds_opened
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened
         # The client reads at last: it finds the relay gone, and its own task ends.
         with pytest.raises(ConnectionClosed):
             while True:
                 await slow.ws.get_message()
-        assert (await footprint(relay, backend)).unkept() == baseline
+        assert (await footprint(relay, memory_backend)).unkept() == baseline

@@ -50,72 +50,22 @@ from trio_relay.client import (
     open_relay_client,
     parse_event,
 )
-from trio_relay.testing import HANG, MemoryBackend, MemoryRelay, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    HANG,
+    MemoryBackend,
+    MemoryConnector,
+    MemoryRelay,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 URL = "ws://relay.test/ws"
 PROFILES = [{"id": "echo", "name": "Echo"}]
 
 
-class _Gated(trio.abc.Stream):
-    """A client stream whose reads can be held back: a client that stops reading."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.gate = trio.Event()
-        self.gate.set()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        await self.gate.wait()
-        data = await self.inner.receive_some(max_bytes)
-        # A read already waiting when the gate closed holds its data back too.
-        await self.gate.wait()
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        self.gate.set()
-        await self.inner.aclose()
-
-
-class Transport:
-    """The client's ``connect``: counts (and times) attempts, refuses them, cuts streams."""
-
-    def __init__(self, relay: MemoryRelay | None = None, *, lockstep: bool = False) -> None:
-        self.relay = relay
-        self.lockstep = lockstep
-        self.attempts: list[float] = []
-        self.streams: list[_Gated] = []
-        self.refusing = False
-        self._attempted = trio.lowlevel.ParkingLot()
-
-    async def __call__(self) -> trio.abc.Stream:
-        self.attempts.append(trio.current_time())
-        refused = self.refusing or self.relay is None
-        self._attempted.unpark_all()
-        await trio.lowlevel.checkpoint()
-        if refused or self.relay is None:
-            raise OSError("connection refused")
-        stream = _Gated(await self.relay.listener.connect(lockstep=self.lockstep))
-        self.streams.append(stream)
-        return stream
-
-    async def wait_attempts(self, count: int) -> None:
-        with trio.fail_after(600):
-            while len(self.attempts) < count:
-                await self._attempted.park()
-
-    async def cut(self) -> None:
-        """Drop the current connection without a closing handshake (a network failure)."""
-        await self.streams[-1].inner.aclose()
-
-
-def make_backend() -> MemoryBackend:
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
     """Project p1 with chat c1 (one stored message), an empty project p2, model profiles."""
     backend = MemoryBackend()
     backend.add_project("p1", "Project one")
@@ -128,9 +78,9 @@ def make_backend() -> MemoryBackend:
 
 @asynccontextmanager
 async def client_of(
-    relay: MemoryRelay, transport: Transport | None = None, **kwargs: Any
+    relay: MemoryRelay, transport: MemoryConnector | None = None, **kwargs: Any
 ) -> AsyncIterator[RelayClient]:
-    transport = transport or Transport(relay)
+    transport = transport or relay.connector()
     async with open_relay_client(URL, pin=PIN, connect=transport, **kwargs) as client:
         yield client
 
@@ -158,39 +108,38 @@ async def quiet() -> None:
 
 async def test_entering_connects_authenticates_and_exposes_initial_data(
     autojump_clock: trio.abc.Clock,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        async with client_of(relay) as client:
-            assert client.state is ConnectionState.CONNECTED
-            assert [p["id"] for p in client.projects] == ["p1", "p2"]
-            assert client.model_profiles == PROFILES
-            assert client.error is None
-            assert relay.relay.statistics().authenticated_connections == 1
-            left_at = trio.current_time()
-        assert trio.current_time() == left_at  # the closing handshake completed at once
-        assert client.statistics().state is ConnectionState.CLOSED
-        await quiet()
-        assert relay.relay.statistics().connections == 0
+    async with client_of(memory_relay) as client:
+        assert client.state is ConnectionState.CONNECTED
+        assert [p["id"] for p in client.projects] == ["p1", "p2"]
+        assert client.model_profiles == PROFILES
+        assert client.error is None
+        assert memory_relay.relay.statistics().authenticated_connections == 1
+        left_at = trio.current_time()
+    assert trio.current_time() == left_at  # the closing handshake completed at once
+    assert client.statistics().state is ConnectionState.CLOSED
+    await quiet()
+    assert memory_relay.relay.statistics().connections == 0
 
 
 async def test_wrong_pin_raises_auth_failed_and_never_retries(
     autojump_clock: trio.abc.Clock,
+    memory_relay: MemoryRelay,
 ) -> None:
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        transport = Transport(relay)
-        with pytest.raises(AuthFailed) as failed:
-            async with open_relay_client(URL, pin="0000", connect=transport):
-                pytest.fail("entered with a wrong PIN")  # pragma: no cover
-        assert failed.value.error == "Invalid PIN"
-        await trio.sleep(120)
-        assert len(transport.attempts) == 1
+    transport = memory_relay.connector()
+    with pytest.raises(AuthFailed) as failed:
+        async with open_relay_client(URL, pin="0000", connect=transport):
+            pytest.fail("entered with a wrong PIN")  # pragma: no cover
+    assert failed.value.error == "Invalid PIN"
+    await trio.sleep(120)
+    assert len(transport.attempts) == 1
 
 
 async def test_first_connection_failure_raises_connection_lost(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    transport = Transport(None)
+    transport = MemoryConnector(None)
     with pytest.raises(ConnectionLost, match="could not connect") as lost:
         async with open_relay_client(URL, pin=PIN, connect=transport):
             pytest.fail("entered without a relay")  # pragma: no cover
@@ -198,11 +147,12 @@ async def test_first_connection_failure_raises_connection_lost(
     assert len(transport.attempts) == 1
 
 
-async def test_an_error_in_the_block_comes_out_as_itself(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        with pytest.raises(ValueError, match="boom"):
-            async with client_of(relay):
-                raise ValueError("boom")
+async def test_an_error_in_the_block_comes_out_as_itself(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    with pytest.raises(ValueError, match="boom"):
+        async with client_of(memory_relay):
+            raise ValueError("boom")
 
 
 def test_the_public_module_exports_the_whole_api() -> None:
@@ -250,23 +200,24 @@ def test_parse_event_types_each_known_shape_and_passes_the_rest_through() -> Non
         assert parse_event(resource, data, 2) == Other(data, seq=2)
 
 
-async def test_chat_events_arrive_typed_with_their_seq(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_chat_events_arrive_typed_with_their_seq(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("chat", "c1") as chat:
-            assert chat.snapshot == backend.messages["c1"]
+            assert chat.snapshot == memory_backend.messages["c1"]
             base = chat.seq
             assert base is not None
             await client.send("c1", "hi")
             added = await next_event(chat)
-            assert added == MessageAdded(backend.messages["c1"][-1], seq=base + 1)
+            assert added == MessageAdded(memory_backend.messages["c1"][-1], seq=base + 1)
             assert added.message["content"] == "hi"
-            backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r1"})
-            backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "Ec"})
-            backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "ho"})
-            backend.emit("chat", "c1", {"type": "error", "messageId": "r1",
+            memory_backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r1"})
+            memory_backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "Ec"})
+            memory_backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "ho"})
+            memory_backend.emit("chat", "c1", {"type": "error", "messageId": "r1",
                                         "error": "agent failed"})
-            backend.emit("chat", "c1", {"something": "else"})
+            memory_backend.emit("chat", "c1", {"something": "else"})
             assert [await next_event(chat) for _ in range(5)] == [
                 ReplyStarted("r1", seq=base + 2),
                 Chunk("r1", "Ec", seq=base + 3),
@@ -277,9 +228,10 @@ async def test_chat_events_arrive_typed_with_their_seq(autojump_clock: trio.abc.
             assert chat.seq == base + 6
 
 
-async def test_project_events_and_create_chat(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_project_events_and_create_chat(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("project", "p1") as project:
             assert [c["id"] for c in project.snapshot] == ["c1"]
             chat = await client.create_chat("p1", title="Ideas")
@@ -289,46 +241,48 @@ async def test_project_events_and_create_chat(autojump_clock: trio.abc.Clock) ->
             assert untitled["title"] == "New chat"
             assert await next_event(project) == ChatCreated(untitled, seq=project.seq)
             renamed = {**chat, "title": "Better ideas"}
-            backend.emit("project", "p1", {"type": "chat_renamed", "chat": renamed})
-            backend.emit("project", "p1", {"type": "chat_deleted", "chatId": chat["id"]})
+            memory_backend.emit("project", "p1", {"type": "chat_renamed", "chat": renamed})
+            memory_backend.emit("project", "p1", {"type": "chat_deleted", "chatId": chat["id"]})
             assert isinstance(await next_event(project), ChatRenamed)
             assert (await next_event(project)) == ChatDeleted(chat["id"], seq=project.seq)
 
 
-async def test_model_profiles_subscription(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_model_profiles_subscription(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("modelProfiles") as profiles:
             assert profiles.snapshot == PROFILES
             assert (profiles.resource, profiles.resource_id) == ("modelProfiles", "")
             new = [*PROFILES, {"id": "slow", "name": "Slow"}]
-            backend.set_model_profiles(new)
+            memory_backend.set_model_profiles(new)
             assert await next_event(profiles) == ModelProfilesChanged(new, seq=profiles.seq)
 
 
 async def test_send_reaches_the_backend_and_every_subscriber(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        async with client_of(relay) as alice, client_of(relay) as bob:
-            async with bob.subscribe("chat", "c1") as chat:
-                await alice.send("c1", {"text": "from alice"})
-                assert backend.sent == [("c1", {"text": "from alice"})]
-                event = await next_event(chat)
-                assert isinstance(event, MessageAdded)
-                assert event.message["content"] == "from alice"
+    async with client_of(memory_relay) as alice, client_of(memory_relay) as bob:
+        async with bob.subscribe("chat", "c1") as chat:
+            await alice.send("c1", {"text": "from alice"})
+            assert memory_backend.sent == [("c1", {"text": "from alice"})]
+            event = await next_event(chat)
+            assert isinstance(event, MessageAdded)
+            assert event.message["content"] == "from alice"
 
 
 # --- failures of requests ---------------------------------------------------------------------
 
 
-async def test_a_hanging_backend_gives_request_timeout(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    backend.faults["send_message"] = HANG
+async def test_a_hanging_backend_gives_request_timeout(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    memory_backend.faults["send_message"] = HANG
     # The relay's own bound on the backend is longer, or the reply would be backend_error.
     config = RelayConfig(backend_timeout=30)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         async with client_of(relay, request_timeout=2.0) as client:
             start = trio.current_time()
             with pytest.raises(RequestTimeout, match="'send'"):
@@ -339,9 +293,9 @@ async def test_a_hanging_backend_gives_request_timeout(autojump_clock: trio.abc.
 
 async def test_refusals_raise_request_rejected_with_the_wire_code(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         with pytest.raises(RequestRejected) as rejected:
             await client.send("nope", "hi")
         assert rejected.value.code == "not_found"
@@ -352,14 +306,14 @@ async def test_refusals_raise_request_rejected_with_the_wire_code(
             async with client.subscribe("chat", "nope"):
                 pytest.fail("subscribed to a missing chat")  # pragma: no cover
         assert rejected.value.code == "not_found"
-        backend.faults["send_message"] = RuntimeError("disk on fire")
+        memory_backend.faults["send_message"] = RuntimeError("disk on fire")
         with pytest.raises(RequestRejected) as rejected:
             await client.send("c1", "hi")
         assert (rejected.value.code, rejected.value.error) == ("backend_error", "backend error")
         # None of this hurt the connection.
         assert client.statistics().connection_attempts == 1
         async with client.subscribe("chat", "c1") as chat:
-            assert chat.snapshot == backend.messages["c1"]
+            assert chat.snapshot == memory_backend.messages["c1"]
         with pytest.raises(ValueError, match="resource"):
             async with client.subscribe("chats", "c1"):
                 pass  # pragma: no cover
@@ -367,35 +321,37 @@ async def test_refusals_raise_request_rejected_with_the_wire_code(
 
 async def test_a_send_in_flight_when_the_connection_drops_is_not_repeated(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
-    backend.faults["send_message"] = HANG
-    async with open_memory_relay(backend, pin=PIN, config=RelayConfig(backend_timeout=30)) as relay:
-        transport = Transport(relay)
+    memory_backend.faults["send_message"] = HANG
+    config = RelayConfig(backend_timeout=30)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector()
         async with client_of(relay, transport) as client:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(transport.cut)
                 with pytest.raises(ConnectionLost, match="before the reply to 'send'"):
                     await client.send("c1", "maybe delivered")
-            del backend.faults["send_message"]
+            del memory_backend.faults["send_message"]
             await client.wait_state(ConnectionState.CONNECTED)
-            assert backend.sent == []  # it hung; it was never sent again
+            assert memory_backend.sent == []  # it hung; it was never sent again
             await client.send("c1", "after")
-            assert backend.sent == [("c1", "after")]
+            assert memory_backend.sent == [("c1", "after")]
 
 
-async def test_a_request_finds_no_connection_in_time(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        transport = Transport(relay)
-        async with client_of(relay, transport, request_timeout=5.0) as client:
-            transport.refusing = True
-            await transport.cut()
-            await client.wait_state(ConnectionState.RECONNECTING)
-            start = trio.current_time()
-            with pytest.raises(ConnectionLost, match="not connected") as lost:
-                await client.send("c1", "hi")
-            assert trio.current_time() - start == pytest.approx(5.0)
-            assert lost.value.close_code == 1006
+async def test_a_request_finds_no_connection_in_time(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    async with client_of(memory_relay, transport, request_timeout=5.0) as client:
+        transport.refusing = True
+        await transport.cut()
+        await client.wait_state(ConnectionState.RECONNECTING)
+        start = trio.current_time()
+        with pytest.raises(ConnectionLost, match="not connected") as lost:
+            await client.send("c1", "hi")
+        assert trio.current_time() - start == pytest.approx(5.0)
+        assert lost.value.close_code == 1006
 
 
 # --- reconnecting -----------------------------------------------------------------------------
@@ -412,51 +368,51 @@ def test_backoff_caps_and_full_jitter() -> None:
 
 async def test_reconnect_delays_follow_the_backoff_schedule(
     autojump_clock: trio.abc.Clock,
+    memory_relay: MemoryRelay,
 ) -> None:
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        transport = Transport(relay)
-        backoff = Backoff(random=lambda: 1.0)  # the caps themselves: 0.5, 1, 2, ... 30
-        async with client_of(relay, transport, backoff=backoff) as client:
-            transport.refusing = True
-            cut_at = trio.current_time()
-            await transport.cut()
-            await transport.wait_attempts(1 + 9)  # nine refused
-            transport.refusing = False
-            await client.wait_state(ConnectionState.CONNECTED)
-            times = [cut_at, *transport.attempts[1:]]
-            delays = [round(b - a, 6) for a, b in itertools.pairwise(times)]
-            assert delays[:9] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
-            # Success starts the schedule over.
-            count = len(transport.attempts)
-            cut_at = trio.current_time()
-            await transport.cut()
-            await client.wait_state(ConnectionState.RECONNECTING)
-            await client.wait_state(ConnectionState.CONNECTED)
-            assert len(transport.attempts) == count + 1
-            assert transport.attempts[-1] - cut_at == pytest.approx(0.5)
+    transport = memory_relay.connector()
+    backoff = Backoff(random=lambda: 1.0)  # the caps themselves: 0.5, 1, 2, ... 30
+    async with client_of(memory_relay, transport, backoff=backoff) as client:
+        transport.refusing = True
+        cut_at = trio.current_time()
+        await transport.cut()
+        await transport.wait_attempts(1 + 9)  # nine refused
+        transport.refusing = False
+        await client.wait_state(ConnectionState.CONNECTED)
+        times = [cut_at, *transport.attempts[1:]]
+        delays = [round(b - a, 6) for a, b in itertools.pairwise(times)]
+        assert delays[:9] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+        # Success starts the schedule over.
+        count = len(transport.attempts)
+        cut_at = trio.current_time()
+        await transport.cut()
+        await client.wait_state(ConnectionState.RECONNECTING)
+        await client.wait_state(ConnectionState.CONNECTED)
+        assert len(transport.attempts) == count + 1
+        assert transport.attempts[-1] - cut_at == pytest.approx(0.5)
 
 
 async def test_jittered_delays_come_from_the_injected_random(
     autojump_clock: trio.abc.Clock,
+    memory_relay: MemoryRelay,
 ) -> None:
     draws = iter([0.5, 0.1, 0.75, 0.3])
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        transport = Transport(relay)
-        backoff = Backoff(initial=2, maximum=10, multiplier=2, random=lambda: next(draws))
-        async with client_of(relay, transport, backoff=backoff) as client:
-            transport.refusing = True
-            cut_at = trio.current_time()
-            await transport.cut()
-            await transport.wait_attempts(4)  # three refused
-            transport.refusing = False
-            await client.wait_state(ConnectionState.CONNECTED)
-            times = [cut_at, *transport.attempts[1:]]
-            assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [
-                1.0, 0.4, 6.0, 3.0]  # 0.5 * 2, 0.1 * 4, 0.75 * 8, 0.3 * 10 (the cap)
+    transport = memory_relay.connector()
+    backoff = Backoff(initial=2, maximum=10, multiplier=2, random=lambda: next(draws))
+    async with client_of(memory_relay, transport, backoff=backoff) as client:
+        transport.refusing = True
+        cut_at = trio.current_time()
+        await transport.cut()
+        await transport.wait_attempts(4)  # three refused
+        transport.refusing = False
+        await client.wait_state(ConnectionState.CONNECTED)
+        times = [cut_at, *transport.attempts[1:]]
+        assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [
+            1.0, 0.4, 6.0, 3.0]  # 0.5 * 2, 0.1 * 4, 0.75 * 8, 0.3 * 10 (the cap)
 
 
 async def _reconnect_keeps_the_chat_whole(
-    relay: MemoryRelay, backend: MemoryBackend, transport: Transport,
+    relay: MemoryRelay, backend: MemoryBackend, transport: MemoryConnector,
     drop: Callable[[], Any], expected_close: int | None,
 ) -> None:
     """Messages before, during and after a lost connection all reach the caller, as events
@@ -481,44 +437,46 @@ async def _reconnect_keeps_the_chat_whole(
             assert messages == backend.messages["c1"]
 
 
-async def test_reconnects_after_an_abrupt_close(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        transport = Transport(relay)
-        await _reconnect_keeps_the_chat_whole(relay, backend, transport, transport.cut, 1006)
+async def test_reconnects_after_an_abrupt_close(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    await _reconnect_keeps_the_chat_whole(
+        memory_relay, memory_backend, transport, transport.cut, 1006)
 
 
-async def test_reconnects_after_1011(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
+async def test_reconnects_after_1011(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     # A relay whose keepalive pings find no answer closes with 1011: a client that stopped
     # reading looks exactly like that.
     config = RelayConfig(ping_interval=5, ping_timeout=5)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        transport = Transport(relay)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector()
 
         async def stop_reading() -> None:
             stream = transport.streams[-1]
-            stream.gate = trio.Event()
+            stream.pause_reading()
             await trio.sleep(11)
-            stream.gate.set()
+            stream.resume_reading()
 
-        await _reconnect_keeps_the_chat_whole(relay, backend, transport, stop_reading, 1011)
+        await _reconnect_keeps_the_chat_whole(relay, memory_backend, transport, stop_reading, 1011)
 
 
 async def test_a_relay_that_stops_answering_is_dropped_and_reconnected(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
     # Only the client's own keepalive can notice here: the relay's pings are far apart.
     config = RelayConfig(ping_interval=1000, ping_timeout=1000)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        transport = Transport(relay)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector()
 
         async def go_silent() -> None:  # nothing from the relay gets through: no pong either
             stream = transport.streams[-1]
-            stream.gate = trio.Event()
+            stream.pause_reading()
             await trio.sleep(45)
-            stream.gate.set()
+            stream.resume_reading()
 
         async with client_of(relay, transport) as client:
             changes = client.state_changes()
@@ -534,33 +492,35 @@ async def test_a_relay_that_stops_answering_is_dropped_and_reconnected(
                 assert await anext(changes) is ConnectionState.CONNECTED
 
 
-async def test_slow_consumer_1013_reconnects(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
+async def test_slow_consumer_1013_reconnects(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     config = RelayConfig(outbound_queue_size=4)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        transport = Transport(relay, lockstep=True)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector(lockstep=True)
 
         async def fall_behind() -> None:
             stream = transport.streams[-1]
-            stream.gate = trio.Event()
+            stream.pause_reading()
             for n in range(10):
-                backend.emit("chat", "c1", {"n": n})
+                memory_backend.emit("chat", "c1", {"n": n})
                 await quiet()
-            stream.gate.set()
+            stream.resume_reading()
 
-        await _reconnect_keeps_the_chat_whole(relay, backend, transport, fall_behind, 1013)
+        await _reconnect_keeps_the_chat_whole(relay, memory_backend, transport, fall_behind, 1013)
         # Ten missed pushes are more than this relay can queue (4): resuming would overflow
         # again, so after a second 1013 the client starts over from a fresh snapshot.
         assert relay.relay.counters["slow_closes"] in (1, 2)
         assert len(transport.attempts) == 1 + relay.relay.counters["slow_closes"]
 
 
-async def test_relay_restart_1001_reconnects_with_a_reset(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    transport = Transport()
+async def test_relay_restart_1001_reconnects_with_a_reset(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    transport = MemoryConnector()
 
     async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(backend, pin=PIN) as relay:
+        async with open_memory_relay(memory_backend, pin=PIN) as relay:
             task_status.started(relay)
             await stop.wait()
 
@@ -572,14 +532,14 @@ async def test_relay_restart_1001_reconnects_with_a_reset(autojump_clock: trio.a
                 stop_first.set()
                 await client.wait_state(ConnectionState.RECONNECTING)
                 assert client.last_close is not None and client.last_close.code == 1001
-                backend.add_message("c1", "while the relay was down")
+                memory_backend.add_message("c1", "while the relay was down")
                 await trio.sleep(5)  # a few refused attempts
                 stop_second = trio.Event()
                 transport.relay = await nursery.start(run_relay, stop_second)
                 await client.wait_state(ConnectionState.CONNECTED)
                 event = await next_event(chat)
-                assert event == Reset(backend.messages["c1"], seq=event.seq)
-                backend.add_message("c1", "on the new relay")
+                assert event == Reset(memory_backend.messages["c1"], seq=event.seq)
+                memory_backend.add_message("c1", "on the new relay")
                 added = await next_event(chat)
                 assert isinstance(added, MessageAdded)
                 assert added.message["content"] == "on the new relay"
@@ -588,13 +548,14 @@ async def test_relay_restart_1001_reconnects_with_a_reset(autojump_clock: trio.a
         stop_second.set()
 
 
-async def test_policy_close_1008_is_terminal(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
+async def test_policy_close_1008_is_terminal(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     # A client that floods the relay is closed with 1008: after auth and one subscribe, the
     # next request is rate limited and, at the first strike, the connection is closed.
     config = RelayConfig(request_burst=2, request_rate=0.001, max_strikes=1)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        transport = Transport(relay)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector()
         async with client_of(relay, transport) as client:
             async with client.subscribe("chat", "c1") as chat:
                 with pytest.raises(RequestRejected) as rejected:
@@ -617,45 +578,46 @@ async def test_policy_close_1008_is_terminal(autojump_clock: trio.abc.Clock) -> 
             assert len(transport.attempts) == 1
 
 
-async def test_a_pin_refused_on_reconnect_is_terminal(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        transport = Transport(relay)
-        async with client_of(relay, transport) as client:
-            async with client.subscribe("chat", "c1") as chat:
-                relay.relay.pin = "5678"  # the host changed its PIN
-                await transport.cut()
-                with pytest.raises(AuthFailed):
-                    await next_event(chat)
-                with pytest.raises(AuthFailed):
-                    await client.send("c1", "hi")
-            assert client.state is ConnectionState.CLOSED
-            await trio.sleep(120)
-            assert len(transport.attempts) == 2
+async def test_a_pin_refused_on_reconnect_is_terminal(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    async with client_of(memory_relay, transport) as client:
+        async with client.subscribe("chat", "c1") as chat:
+            memory_relay.relay.pin = "5678"  # the host changed its PIN
+            await transport.cut()
+            with pytest.raises(AuthFailed):
+                await next_event(chat)
+            with pytest.raises(AuthFailed):
+                await client.send("c1", "hi")
+        assert client.state is ConnectionState.CLOSED
+        await trio.sleep(120)
+        assert len(transport.attempts) == 2
 
 
-async def test_state_changes_are_observable(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(make_backend(), pin=PIN) as relay:
-        transport = Transport(relay)
-        seen: list[ConnectionState] = []
+async def test_state_changes_are_observable(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    seen: list[ConnectionState] = []
 
-        async def watch(client: RelayClient) -> None:
-            async for state in client.state_changes():
-                seen.append(state)
+    async def watch(client: RelayClient) -> None:
+        async for state in client.state_changes():
+            seen.append(state)
 
-        async with trio.open_nursery() as nursery:
-            async with client_of(relay, transport) as client:
-                nursery.start_soon(watch, client)
-                await quiet()
-                await transport.cut()
-                assert await client.wait_state(ConnectionState.RECONNECTING) is (
-                    ConnectionState.RECONNECTING)
-                await client.wait_state(ConnectionState.CONNECTED)
-        assert seen == [ConnectionState.CONNECTED, ConnectionState.RECONNECTING,
-                        ConnectionState.CONNECTED, ConnectionState.CLOSED]
-        with pytest.raises(trio.ClosedResourceError):
+    async with trio.open_nursery() as nursery:
+        async with client_of(memory_relay, transport) as client:
+            nursery.start_soon(watch, client)
+            await quiet()
+            await transport.cut()
+            assert await client.wait_state(ConnectionState.RECONNECTING) is (
+                ConnectionState.RECONNECTING)
             await client.wait_state(ConnectionState.CONNECTED)
-        assert [s async for s in client.state_changes()] == [ConnectionState.CLOSED]
+    assert seen == [ConnectionState.CONNECTED, ConnectionState.RECONNECTING,
+                    ConnectionState.CONNECTED, ConnectionState.CLOSED]
+    with pytest.raises(trio.ClosedResourceError):
+        await client.wait_state(ConnectionState.CONNECTED)
+    assert [s async for s in client.state_changes()] == [ConnectionState.CLOSED]
 
 
 # --- subscriptions ----------------------------------------------------------------------------
@@ -663,16 +625,16 @@ async def test_state_changes_are_observable(autojump_clock: trio.abc.Clock) -> N
 
 async def test_subscriptions_of_one_resource_share_one_relay_subscription(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("chat", "c1") as first:
-            backend.add_message("c1", "one")
+            memory_backend.add_message("c1", "one")
             async with client.subscribe("chat", "c1") as second:
-                assert second.snapshot == backend.messages["c1"]
+                assert second.snapshot == memory_backend.messages["c1"]
                 await quiet()
                 assert relay.relay.statistics().subscriptions == 1
-                backend.add_message("c1", "two")
+                memory_backend.add_message("c1", "two")
                 assert [fold([], await next_event(first))[0]["content"],
                         fold([], await next_event(first))[0]["content"]] == ["one", "two"]
                 assert fold([], await next_event(second))[0]["content"] == "two"
@@ -680,41 +642,43 @@ async def test_subscriptions_of_one_resource_share_one_relay_subscription(
                 await second.__anext__()
             await quiet()
             assert relay.relay.statistics().subscriptions == 1
-            backend.add_message("c1", "three")
+            memory_backend.add_message("c1", "three")
             assert fold([], await next_event(first))[0]["content"] == "three"
         await quiet()
         assert relay.relay.statistics().subscriptions == 0
         assert client.statistics().resources == client.statistics().subscriptions == 0
 
 
-async def test_two_chats_are_routed_by_resource_id(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    backend.add_chat("p1", "c2")
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_two_chats_are_routed_by_resource_id(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    memory_backend.add_chat("p1", "c2")
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("chat", "c1") as one, client.subscribe("chat", "c2") as two:
-            backend.add_message("c2", "for two")
-            backend.add_message("c1", "for one")
+            memory_backend.add_message("c2", "for two")
+            memory_backend.add_message("c1", "for one")
             assert fold([], await next_event(one))[0]["content"] == "for one"
             assert fold([], await next_event(two))[0]["content"] == "for two"
             with pytest.raises(trio.WouldBlock):
                 one.receive_nowait()
 
 
-async def test_a_consumer_that_falls_behind_gets_a_reset(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_a_consumer_that_falls_behind_gets_a_reset(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("chat", "c1", buffer=3) as chat, \
                 client.subscribe("chat", "c1") as steady:
             for n in range(6):
-                backend.add_message("c1", f"m{n}")
+                memory_backend.add_message("c1", f"m{n}")
             await quiet()
             assert client.statistics().buffered_events == 3 + 6
             got = [await next_event(chat) for _ in range(4)]
             assert [e.message["content"] for e in got[:3] if isinstance(e, MessageAdded)] == [
                 "m0", "m1", "m2"]
-            assert got[3] == Reset(backend.messages["c1"], seq=got[3].seq)
-            assert chat.snapshot == backend.messages["c1"]
-            backend.add_message("c1", "next")
+            assert got[3] == Reset(memory_backend.messages["c1"], seq=got[3].seq)
+            assert chat.snapshot == memory_backend.messages["c1"]
+            memory_backend.add_message("c1", "next")
             assert fold([], await next_event(chat))[0]["content"] == "next"
             # The other consumer of the resource saw everything, once, with no reset.
             contents = [fold([], await next_event(steady))[0]["content"] for _ in range(7)]
@@ -723,18 +687,18 @@ async def test_a_consumer_that_falls_behind_gets_a_reset(autojump_clock: trio.ab
 
 async def test_completed_and_failed_upstreams_end_the_subscription(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = make_backend()
-    backend.add_chat("p1", "c2")
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+    memory_backend.add_chat("p1", "c2")
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with client.subscribe("chat", "c1") as chat:
-            backend.add_message("c1", "last words")
-            backend.end_feeds("chat", "c1")
+            memory_backend.add_message("c1", "last words")
+            memory_backend.end_feeds("chat", "c1")
             events = [event async for event in chat]
             assert isinstance(events[0], MessageAdded)
             assert events[1] == Completed(seq=events[0].seq + 1 if events[0].seq else None)
         async with client.subscribe("chat", "c2") as chat:
-            backend.end_feeds("chat", "c2", RuntimeError("upstream broke"))
+            memory_backend.end_feeds("chat", "c2", RuntimeError("upstream broke"))
             with pytest.raises(SubscriptionFailed) as failed:
                 await next_event(chat)
             assert failed.value.code == "backend_error"
@@ -745,51 +709,53 @@ async def test_completed_and_failed_upstreams_end_the_subscription(
 
 async def test_a_resource_gone_while_disconnected_fails_its_subscription(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        transport = Transport(relay)
-        async with client_of(relay, transport) as client:
-            async with client.subscribe("chat", "c1") as chat, \
-                    client.subscribe("project", "p1") as project:
-                await transport.cut()
-                del backend.chats["c1"]
-                with pytest.raises(SubscriptionFailed) as failed:
-                    await next_event(chat)
-                assert failed.value.code == "not_found"
-                backend.add_chat("p1", "c3")
-                event = await next_event(project)
-                assert isinstance(event, (ChatCreated, Reset))
-                assert client.state is ConnectionState.CONNECTED
+    transport = memory_relay.connector()
+    async with client_of(memory_relay, transport) as client:
+        async with client.subscribe("chat", "c1") as chat, \
+                client.subscribe("project", "p1") as project:
+            await transport.cut()
+            del memory_backend.chats["c1"]
+            with pytest.raises(SubscriptionFailed) as failed:
+                await next_event(chat)
+            assert failed.value.code == "not_found"
+            memory_backend.add_chat("p1", "c3")
+            event = await next_event(project)
+            assert isinstance(event, (ChatCreated, Reset))
+            assert client.state is ConnectionState.CONNECTED
 
 
 # --- the mirror -------------------------------------------------------------------------------
 
 
-async def test_mirror_folds_pushes_into_state(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    async with open_memory_relay(backend, pin=PIN) as relay, client_of(relay) as client:
+async def test_mirror_folds_pushes_into_state(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    async with open_memory_relay(memory_backend, pin=PIN) as relay, client_of(relay) as client:
         async with open_mirror(client, project_ids=["p1"], chat_ids=["c1"],
                                model_profiles=True) as mirror:
             assert mirror.projects == client.projects
             assert list(mirror.chats["p1"]) == ["c1"]
-            assert mirror.messages["c1"] == backend.messages["c1"]
+            assert mirror.messages["c1"] == memory_backend.messages["c1"]
             assert mirror.model_profiles == PROFILES
             assert mirror.watching == {("project", "p1"), ("chat", "c1"), ("modelProfiles", "")}
 
             await client.send("c1", "question")
             await mirror.wait_for(lambda m: len(m.messages["c1"]) == 2)
-            backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r1"})
-            backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "ans"})
-            backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "wer"})
+            memory_backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r1"})
+            memory_backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "ans"})
+            memory_backend.emit("chat", "c1", {"type": "chunk", "messageId": "r1", "text": "wer"})
             await mirror.wait_for(lambda m: m.streaming["c1"].get("r1") == "answer")
-            backend.messages["c1"].append(
+            memory_backend.messages["c1"].append(
                 {"id": "r1", "chatId": "c1", "role": "assistant", "content": "answer"})
-            backend.emit("chat", "c1", {"type": "message", "message": backend.messages["c1"][-1]})
+            memory_backend.emit(
+                "chat", "c1", {"type": "message", "message": memory_backend.messages["c1"][-1]})
             await mirror.wait_for(lambda m: "r1" not in m.streaming["c1"])
-            assert mirror.messages["c1"] == backend.messages["c1"]
-            backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r2"})
-            backend.emit("chat", "c1", {"type": "error", "messageId": "r2",
+            assert mirror.messages["c1"] == memory_backend.messages["c1"]
+            memory_backend.emit("chat", "c1", {"type": "reply_started", "messageId": "r2"})
+            memory_backend.emit("chat", "c1", {"type": "error", "messageId": "r2",
                                         "error": "agent failed"})
             await mirror.wait_for(lambda m: m.agent_errors["c1"] == {"r2": "agent failed"})
             assert mirror.streaming["c1"] == {}
@@ -798,12 +764,12 @@ async def test_mirror_folds_pushes_into_state(autojump_clock: trio.abc.Clock) ->
             created = await client.create_chat("p1", "Second")
             assert await mirror.wait_changed(version) > version
             await mirror.wait_for(lambda m: created["id"] in m.chats["p1"])
-            backend.set_model_profiles([])
+            memory_backend.set_model_profiles([])
             await mirror.wait_for(lambda m: m.model_profiles == [])
 
             await mirror.watch_chat(created["id"])
             assert mirror.messages[created["id"]] == []
-            backend.emit("project", "p1", {"type": "chat_deleted", "chatId": created["id"]})
+            memory_backend.emit("project", "p1", {"type": "chat_deleted", "chatId": created["id"]})
             await mirror.wait_for(lambda m: created["id"] not in m.chats["p1"])
             assert created["id"] not in mirror.messages
             assert ("chat", created["id"]) not in mirror.watching
@@ -818,13 +784,14 @@ async def test_mirror_folds_pushes_into_state(autojump_clock: trio.abc.Clock) ->
         assert relay.relay.statistics().subscriptions == 0
 
 
-async def test_mirror_takes_a_reset_and_records_failures(autojump_clock: trio.abc.Clock) -> None:
-    backend = make_backend()
-    backend.add_chat("p1", "c2")
-    transport = Transport()
+async def test_mirror_takes_a_reset_and_records_failures(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    memory_backend.add_chat("p1", "c2")
+    transport = MemoryConnector()
 
     async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(backend, pin=PIN) as relay:
+        async with open_memory_relay(memory_backend, pin=PIN) as relay:
             task_status.started(relay)
             await stop.wait()
 
@@ -835,13 +802,13 @@ async def test_mirror_takes_a_reset_and_records_failures(autojump_clock: trio.ab
             async with open_mirror(client, chat_ids=["c1", "c2"]) as mirror:
                 stop.set()
                 await client.wait_state(ConnectionState.RECONNECTING)
-                backend.add_message("c1", "written while the relay was down")
-                backend.end_feeds("chat", "c2")
-                del backend.chats["c2"]
+                memory_backend.add_message("c1", "written while the relay was down")
+                memory_backend.end_feeds("chat", "c2")
+                del memory_backend.chats["c2"]
                 stop = trio.Event()
                 transport.relay = await nursery.start(run_relay, stop)
                 await mirror.wait_for(lambda m: len(m.messages["c1"]) == 2)
-                assert mirror.messages["c1"] == backend.messages["c1"]
+                assert mirror.messages["c1"] == memory_backend.messages["c1"]
                 await mirror.wait_for(lambda m: ("chat", "c2") in m.failures)
                 assert mirror.failures[("chat", "c2")].code == "not_found"
                 assert mirror.watching == {("chat", "c1")}
@@ -866,15 +833,14 @@ def _load(source: str) -> dict[str, Any]:
 
 
 @pytest.mark.e2e
-async def test_default_transport_over_loopback_tcp_and_tls() -> None:
+async def test_default_transport_over_loopback_tcp_and_tls(memory_backend: MemoryBackend) -> None:
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    backend = make_backend()
     with trio.fail_after(10):
-        async with open_relay(backend, pin=PIN) as relay:
+        async with open_relay(memory_backend, pin=PIN) as relay:
             port = await relay.start_serving("127.0.0.1", 0)
             tls_port = await relay.start_serving("127.0.0.1", 0, ssl_context=server_context)
             for url, context in [(f"ws://127.0.0.1:{port}/ws", None),

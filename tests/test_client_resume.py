@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Literal
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -28,38 +29,29 @@ from trio_relay.client import (
     Subscription,
     open_relay_client,
 )
-from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    MemoryBackend,
+    MemoryConnector,
+    MemoryRelay,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 URL = "ws://relay.test/ws"
 #: Store a message (pushed), drop the connection, let a second pass, let every task settle.
 Step = Literal["emit", "cut", "settle", "quiet"]
 
 
-class Transport:
-    """The client's ``connect`` over memory streams; `cut` drops the current connection."""
-
-    def __init__(self, relay: MemoryRelay | None = None, *, lockstep: bool = False) -> None:
-        self.relay = relay
-        self.lockstep = lockstep
-        self.streams: list[trio.abc.Stream] = []
-        self.attempts = 0
-
-    async def __call__(self) -> trio.abc.Stream:
-        self.attempts += 1
-        if self.relay is None:
-            await trio.lowlevel.checkpoint()
-            raise OSError("connection refused")
-        stream = await self.relay.listener.connect(lockstep=self.lockstep)
-        self.streams.append(stream)
-        return stream
-
-    async def cut(self) -> None:
-        await self.streams[-1].aclose()
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    return backend
 
 
 @asynccontextmanager
-async def client_of(transport: Transport) -> AsyncIterator[RelayClient]:
+async def client_of(transport: MemoryConnector) -> AsyncIterator[RelayClient]:
     # A fixed draw keeps reconnect times (and so every interleaving) reproducible.
     async with open_relay_client(URL, pin=PIN, connect=transport,
                                  backoff=Backoff(random=lambda: 0.5)) as client:
@@ -125,7 +117,7 @@ async def _cut_anywhere(steps: list[Step], keeper: bool) -> None:
         if keeper:
             # Another subscriber keeps the broadcaster (and its numbering) alive throughout.
             await stack.enter_async_context(relay.relay.listen("chat", "c1"))
-        transport = Transport(relay)
+        transport = relay.connector()
         async with client_of(transport) as client, trio.open_nursery() as nursery:
             async with client.subscribe("chat", "c1") as chat:
                 assert chat.seq is not None
@@ -159,8 +151,7 @@ async def _cut_anywhere(steps: list[Step], keeper: bool) -> None:
                         assert isinstance(event, (MessageAdded, Reset))
                 nursery.cancel_scope.cancel()
             assert client.state is ConnectionState.CONNECTED
-        await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.statistics().connections == 0
+        assert (await relay.quiet_statistics()).connections == 0
 
 
 steps_strategy = st.lists(st.sampled_from(["emit", "emit", "cut", "settle", "quiet"]), max_size=40)
@@ -179,54 +170,50 @@ def test_cutting_the_transport_anywhere_loses_and_repeats_nothing(
 
 async def test_a_lone_subscribers_blip_resumes_without_a_reset(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        transport = Transport(relay)
-        async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
-            backend.add_message("c1", "before")
-            first = await anext(chat)
-            assert isinstance(first, MessageAdded) and first.seq is not None
-            await transport.cut()
-            await trio.testing.wait_all_tasks_blocked()
-            assert relay.relay.statistics().kept_histories == 1  # held for our return
-            await client.wait_state(ConnectionState.CONNECTED)
-            assert transport.attempts == 2
-            backend.add_message("c1", "after")
-            second = await anext(chat)
-            assert isinstance(second, MessageAdded)  # not a Reset
-            assert second.message["content"] == "after"
-            assert second.seq == first.seq + 1
+    transport = memory_relay.connector()
+    async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
+        memory_backend.add_message("c1", "before")
+        first = await anext(chat)
+        assert isinstance(first, MessageAdded) and first.seq is not None
+        await transport.cut()
+        assert (await memory_relay.quiet_statistics()).kept_histories == 1  # held for our return
+        await client.wait_state(ConnectionState.CONNECTED)
+        assert len(transport.attempts) == 2
+        memory_backend.add_message("c1", "after")
+        second = await anext(chat)
+        assert isinstance(second, MessageAdded)  # not a Reset
+        assert second.message["content"] == "after"
+        assert second.seq == first.seq + 1
 
 
 async def test_a_change_nobody_relayed_comes_back_as_a_reset(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        transport = Transport(relay)
-        async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
-            await transport.cut()
-            await trio.testing.wait_all_tasks_blocked()  # the relay saw the drop; we wait
-            assert client.state is ConnectionState.RECONNECTING
-            backend.add_message("c1", "while nobody watched")
-            event = await anext(chat)
-            assert event == Reset(backend.messages["c1"], seq=event.seq)
-            assert chat.snapshot == backend.messages["c1"]
-            assert client.statistics().state is ConnectionState.CONNECTED
+    transport = memory_relay.connector()
+    async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
+        await transport.cut()
+        await trio.testing.wait_all_tasks_blocked()  # the relay saw the drop; we wait
+        assert client.state is ConnectionState.RECONNECTING
+        memory_backend.add_message("c1", "while nobody watched")
+        event = await anext(chat)
+        assert event == Reset(memory_backend.messages["c1"], seq=event.seq)
+        assert chat.snapshot == memory_backend.messages["c1"]
+        assert client.statistics().state is ConnectionState.CONNECTED
 
 
 async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    transport = Transport()
+    transport = MemoryConnector()
 
     async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(backend, pin=PIN) as relay:
+        async with open_memory_relay(memory_backend, pin=PIN) as relay:
             task_status.started(relay)
             await stop.wait()
 
@@ -234,7 +221,7 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
         stop = trio.Event()
         transport.relay = await nursery.start(run_relay, stop)
         async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
-            backend.add_message("c1", "one")
+            memory_backend.add_message("c1", "one")
             assert isinstance(await anext(chat), MessageAdded)
             # The restarted relay numbers from scratch under a new epoch, even if nothing
             # changed: the old seq means nothing to it, so the client must start over.
@@ -245,30 +232,30 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
             stop = trio.Event()
             transport.relay = await nursery.start(run_relay, stop)
             reset = await anext(chat)
-            assert reset == Reset(backend.messages["c1"], seq=reset.seq)
-            backend.add_message("c1", "two")
+            assert reset == Reset(memory_backend.messages["c1"], seq=reset.seq)
+            memory_backend.add_message("c1", "two")
             added = await anext(chat)
             assert isinstance(added, MessageAdded) and reset.seq is not None
             assert added.seq == reset.seq + 1
         stop.set()
 
 
-async def test_a_slow_consumer_comes_back_with_a_reset(autojump_clock: trio.abc.Clock) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
+async def test_a_slow_consumer_comes_back_with_a_reset(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     config = RelayConfig(outbound_queue_size=4)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        transport = Transport(relay, lockstep=True)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        transport = relay.connector(lockstep=True)
         async with client_of(transport) as client, trio.open_nursery() as nursery:
             async with client.subscribe("chat", "c1") as chat:
                 collector = Collector(chat)
                 # Emitting without a checkpoint between outruns even a prompt reader.
                 for n in range(12):
-                    backend.add_message("c1", f"m{n}")
+                    memory_backend.add_message("c1", f"m{n}")
                 nursery.start_soon(collector.run)
-                backend.add_message("c1", "end")
+                memory_backend.add_message("c1", "end")
                 await collector.wait_for_content("end")
-                assert contents(collector.state()) == contents(backend.messages["c1"])
+                assert contents(collector.state()) == contents(memory_backend.messages["c1"])
                 # More pushes were missed than the relay can queue, so they cannot be
                 # replayed: the client is told so with a reset (after one more 1013 at most).
                 assert client.last_close is not None and client.last_close.code == 1013
@@ -277,28 +264,26 @@ async def test_a_slow_consumer_comes_back_with_a_reset(autojump_clock: trio.abc.
                 nursery.cancel_scope.cancel()
 
 
-async def test_many_reconnects_leave_nothing_behind(autojump_clock: trio.abc.Clock) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    backend.set_model_profiles([{"id": "echo"}])
+async def test_many_reconnects_leave_nothing_behind(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
+    memory_backend.set_model_profiles([{"id": "echo"}])
     config = RelayConfig(resume_grace=30)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
-        await trio.testing.wait_all_tasks_blocked()
-        baseline = relay.relay.statistics()
-        transport = Transport(relay)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
+        baseline = await relay.quiet_statistics()
+        transport = relay.connector()
         async with client_of(transport) as client:
             async with client.subscribe("chat", "c1") as chat, \
                     client.subscribe("project", "p1") as project, \
                     client.subscribe("modelProfiles") as profiles:
-                await trio.testing.wait_all_tasks_blocked()
-                connected = relay.relay.statistics()
+                connected = await relay.quiet_statistics()
                 assert (connected.connections, connected.subscriptions,
                         connected.broadcasters) == (1, 3, 3)
                 changes = client.state_changes()
                 assert await anext(changes) is ConnectionState.CONNECTED
                 for n in range(25):
                     await transport.cut()
-                    backend.add_message("c1", f"m{n}")  # sometimes replayed, else a reset
+                    memory_backend.add_message("c1", f"m{n}")  # sometimes replayed, else a reset
                     with trio.fail_after(60):
                         assert [await anext(changes), await anext(changes)] == [
                             ConnectionState.RECONNECTING, ConnectionState.CONNECTED]

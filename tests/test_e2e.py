@@ -3,7 +3,6 @@ against `trio-relay serve` started as a subprocess. Real time here, each wait bo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,65 +15,22 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed
 
 from trio_relay import open_relay
 from trio_relay._sqlite_backend import open_sqlite_backend
-from trio_relay.testing import MemoryBackend
+from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
 Frame = dict[str, Any]
-WAIT = 10.0  # generous bound on any single wait; the tests finish in well under it
+WAIT = 10.0  # generous bound on any single wait (a TestClient's too); tests take far less
 
 
-@asynccontextmanager
-async def open_websocket_url(url: str) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client that owns its TCP stream.
-
-    trio-websocket's own `open_websocket_url` leaves the client's socket open when the server
-    starts the closing handshake (its `aclose` returns early once a close reason is set), which
-    pytest reports as an unclosed socket; closing the stream ourselves avoids that.
-    """
-    host_port, _, path = url.removeprefix("ws://").partition("/")
-    host, _, port = host_port.rpartition(":")
-    stream = await trio.open_tcp_stream(host, int(port))
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, host, "/" + path)
-            try:
-                yield ws
-            finally:
-                await ws.aclose()
-    finally:
-        await stream.aclose()
-
-
-async def _send(ws: WebSocketConnection, frame: Frame) -> None:
-    await ws.send_message(json.dumps(frame))
-
-
-async def _receive(ws: WebSocketConnection) -> Frame:
-    with trio.fail_after(WAIT):
-        text = await ws.get_message()
-    assert isinstance(text, str)
-    frame: Frame = json.loads(text)
-    return frame
-
-
-async def _reply(ws: WebSocketConnection, request_id: str, pushes: list[Frame]) -> Frame:
-    """Read until the reply to ``request_id``; pushes read meanwhile go into ``pushes``."""
-    while True:
-        frame = await _receive(ws)
-        if frame["id"] == request_id:
-            return frame
-        pushes.append(frame)
-
-
-async def _login(ws: WebSocketConnection, pin: str) -> Frame:
-    assert await _receive(ws) == {"id": None, "type": "auth_required"}
-    await _send(ws, {"id": "auth-1", "type": "auth", "pin": pin})
-    return await _receive(ws)
+async def _login(ws: TestClient, pin: str) -> Frame:
+    assert await ws.receive() == {"id": None, "type": "auth_required"}
+    await ws.send({"id": "auth-1", "type": "auth", "pin": pin})
+    return await ws.receive()
 
 
 async def test_loopback_two_clients_see_the_same_stream() -> None:
@@ -83,25 +39,24 @@ async def test_loopback_two_clients_see_the_same_stream() -> None:
     async with open_relay(backend, pin="2468") as relay:
         port = await relay.start_serving("127.0.0.1", 0)
         url = f"ws://127.0.0.1:{port}/ws"
-        async with open_websocket_url(url) as alice, open_websocket_url(url) as bob:
+        async with open_loopback_client(url) as alice, open_loopback_client(url) as bob:
             for ws in (alice, bob):
                 reply = await _login(ws, "2468")
                 assert reply["type"] == "auth_success"
                 assert reply["data"]["projects"] == [{"id": "p1", "name": "p1"}]
-                await _send(ws, {"id": "s", "type": "subscribe", "resource": "chat",
-                                 "resourceId": "c1"})
-                subscribed = await _receive(ws)
+                await ws.send({"id": "s", "type": "subscribe", "resource": "chat",
+                               "resourceId": "c1"})
+                subscribed = await ws.receive()
                 assert subscribed["type"] == "subscribed"
                 assert subscribed["data"] == {"messages": []}
-            await _send(alice, {"id": "send-1", "type": "send", "resourceId": "c1",
-                                "message": "hello"})
-            pushes: list[Frame] = []
-            ack = await _reply(alice, "send-1", pushes)
+            await alice.send({"id": "send-1", "type": "send", "resourceId": "c1",
+                              "message": "hello"})
+            ack = await alice.reply_to("send-1")
             assert ack == {"id": "send-1", "type": "data", "resource": "chat",
                            "resourceId": "c1", "data": {"sent": True}}
-            push = pushes[0] if pushes else await _receive(alice)
+            push = await alice.receive()  # read meanwhile, or the next frame
             assert push["data"]["message"]["content"] == "hello"
-            assert await _receive(bob) == push  # the very same frame, seq included
+            assert await bob.receive() == push  # the very same frame, seq included
             assert relay.statistics().connections == 2
 
 
@@ -149,27 +104,27 @@ async def _stop(process: trio.Process, signum: int) -> int:
 async def test_serve_subprocess_streams_echo_and_keeps_history(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     async with _serve_subprocess(data_dir, "97531") as (process, url):
-        async with open_websocket_url(url) as ws:
+        async with open_loopback_client(url) as ws:
             reply = await _login(ws, "97531")
             assert reply["type"] == "auth_success"
             assert [p["id"] for p in reply["data"]["projects"]] == ["demo"]
             assert {p["id"] for p in reply["data"]["modelProfiles"]} >= {"echo"}
-            await _send(ws, {"id": "p", "type": "subscribe", "resource": "project",
-                             "resourceId": "demo"})
-            chats = (await _receive(ws))["data"]["chats"]
+            await ws.send({"id": "p", "type": "subscribe", "resource": "project",
+                           "resourceId": "demo"})
+            chats = (await ws.receive())["data"]["chats"]
             chat_id = chats[0]["id"]
-            await _send(ws, {"id": "c", "type": "subscribe", "resource": "chat",
-                             "resourceId": chat_id})
-            history = (await _receive(ws))["data"]["messages"]
+            await ws.send({"id": "c", "type": "subscribe", "resource": "chat",
+                           "resourceId": chat_id})
+            history = (await ws.receive())["data"]["messages"]
             assert history and history[0]["role"] == "assistant"
-            await _send(ws, {"id": "send-1", "type": "send", "resourceId": chat_id,
-                             "message": "ping"})
+            await ws.send({"id": "send-1", "type": "send", "resourceId": chat_id,
+                           "message": "ping"})
+            assert (await ws.reply_to("send-1"))["data"] == {"sent": True}
             pushes: list[Frame] = []
-            assert (await _reply(ws, "send-1", pushes))["data"] == {"sent": True}
             # Streamed chunks arrive before the stored reply, all through the subscription.
             while not any(p["data"].get("type") == "message"
                           and p["data"]["message"]["role"] == "assistant" for p in pushes):
-                pushes.append(await _receive(ws))
+                pushes.append(await ws.receive())
             kinds = [p["data"]["type"] for p in pushes]
             assert kinds[0] == "message"  # the user's own message comes back first
             assert kinds.count("chunk") >= 2
@@ -184,17 +139,17 @@ async def test_serve_subprocess_streams_echo_and_keeps_history(tmp_path: Path) -
             # SIGTERM: the client is closed with 1001 and the process exits 0.
             assert await _stop(process, signal.SIGTERM) == 0
             with pytest.raises(ConnectionClosed) as closed:
-                await _receive(ws)
+                await ws.receive()
             assert closed.value.reason is not None
             assert closed.value.reason.code == 1001
 
     # History survives a restart on the same data dir; Ctrl-C (SIGINT) stops it cleanly too.
     async with _serve_subprocess(data_dir, "97531") as (process, url):
-        async with open_websocket_url(url) as ws:
+        async with open_loopback_client(url) as ws:
             await _login(ws, "97531")
-            await _send(ws, {"id": "c", "type": "subscribe", "resource": "chat",
-                             "resourceId": chat_id})
-            contents = [m["content"] for m in (await _receive(ws))["data"]["messages"]]
+            await ws.send({"id": "c", "type": "subscribe", "resource": "chat",
+                           "resourceId": chat_id})
+            contents = [m["content"] for m in (await ws.receive())["data"]["messages"]]
             assert "ping" in contents
             assert final["content"] in contents
             assert await _stop(process, signal.SIGINT) == 0
@@ -215,7 +170,7 @@ async def test_serve_generates_a_pin_when_none_is_given(tmp_path: Path) -> None:
         pin_line = await _read_line(process.stdout, buffer)
         pin = pin_line.split()[1]
         assert pin.isdigit() and len(pin) == 6
-        async with open_websocket_url(url) as ws:
+        async with open_loopback_client(url) as ws:
             assert (await _login(ws, pin))["type"] == "auth_success"
         assert await _stop(process, signal.SIGTERM) == 0
         assert process.stderr is not None
@@ -228,13 +183,13 @@ async def test_sqlite_backend_in_process_over_loopback(tmp_path: Path) -> None:
         async with open_relay(backend, pin="1111") as relay:
             port = await relay.start_serving("127.0.0.1", 0)
             async with relay.listen("chat", "welcome") as host_view:
-                async with open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+                async with open_loopback_client(f"ws://127.0.0.1:{port}/ws") as ws:
                     await _login(ws, "1111")
-                    await _send(ws, {"id": "c", "type": "subscribe", "resource": "chat",
-                                     "resourceId": "welcome"})
-                    assert (await _receive(ws))["seq"] == host_view.seq
+                    await ws.send({"id": "c", "type": "subscribe", "resource": "chat",
+                                   "resourceId": "welcome"})
+                    assert (await ws.receive())["seq"] == host_view.seq
                     await relay.send("welcome", "from the host")
-                    web = await _receive(ws)
+                    web = await ws.receive()
                     with trio.fail_after(WAIT):
                         host = await host_view.__anext__()
                     assert web["data"] == host.data

@@ -15,19 +15,27 @@ import pytest
 import trio
 import trio.testing
 
-from trio_relay import CloseCode, Listener, RelayConfig, Snapshot, Update
+from trio_relay import CloseCode, RelayConfig, Snapshot, Update
 from trio_relay._backend import BackendError
 from trio_relay._protocol import ResourceKey
-from trio_relay.testing import HANG, MemoryBackend, MemoryRelay, TestClient, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    HANG,
+    MemoryBackend,
+    MemoryRelay,
+    TestClient,
+    next_update,
+    open_memory_relay,
+)
 
 Frame = dict[str, Any]
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 PROFILES = [{"id": "sonnet", "name": "Sonnet"}, {"id": "opus", "name": "Opus"}]
 
 
 @pytest.fixture
-def backend() -> MemoryBackend:
+def memory_backend() -> MemoryBackend:
     """Project p1 with chat c1 (one stored message), an empty project p2, two model profiles."""
     backend = MemoryBackend()
     backend.add_project("p1", "Project one")
@@ -81,21 +89,6 @@ def error(request_id: Any, code: str, text: str, resource: str | None = None,
     return frame
 
 
-async def frames_until_quiet(client: TestClient) -> list[Frame]:
-    """Every frame that arrives before the whole program is blocked (mock time barely moves)."""
-    frames: list[Frame] = []
-    while True:
-        with trio.move_on_after(0.001):
-            frames.append(await client.receive())
-            continue
-        return frames
-
-
-async def next_update(listener: Listener) -> Update:
-    with trio.fail_after(5):
-        return await anext(listener)
-
-
 async def connect(relay: MemoryRelay) -> TestClient:
     return await relay.connect(authenticate=PIN)
 
@@ -104,54 +97,52 @@ async def connect(relay: MemoryRelay) -> TestClient:
 
 
 async def test_connect_sends_auth_required_first(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
-        assert await client.receive() == {"id": None, "type": "auth_required"}
-        await client.assert_no_push()
+    client = await memory_relay.connect()
+    assert await client.receive() == {"id": None, "type": "auth_required"}
+    await client.assert_no_push()
 
 
 # --- 2. auth --------------------------------------------------------------------------------
 
 
 async def test_auth_success_returns_projects_and_model_profiles(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
-        assert await client.receive() == {"id": None, "type": "auth_required"}
-        await client.send({"id": "auth-1", "type": "auth", "pin": PIN})
-        assert await client.receive() == {
-            "id": "auth-1",
-            "type": "auth_success",
-            "data": {
-                "projects": [{"id": "p1", "name": "Project one"},
-                             {"id": "p2", "name": "Project two"}],
-                "modelProfiles": PROFILES,
-            },
-        }
+    client = await memory_relay.connect()
+    assert await client.receive() == {"id": None, "type": "auth_required"}
+    await client.send({"id": "auth-1", "type": "auth", "pin": PIN})
+    assert await client.receive() == {
+        "id": "auth-1",
+        "type": "auth_success",
+        "data": {
+            "projects": [{"id": "p1", "name": "Project one"},
+                         {"id": "p2", "name": "Project two"}],
+            "modelProfiles": PROFILES,
+        },
+    }
 
 
 async def test_wrong_pin_gets_auth_failed_with_a_code(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
-        reply = await client.request("auth", pin="9999")
-        assert reply == {"id": "r1", "type": "auth_failed", "error": reply.get("error"),
-                         "code": "auth_failed"}
-        assert isinstance(reply["error"], str) and reply["error"]
+    client = await memory_relay.connect()
+    reply = await client.request("auth", pin="9999")
+    assert reply == {"id": "r1", "type": "auth_failed", "error": reply.get("error"),
+                     "code": "auth_failed"}
+    assert isinstance(reply["error"], str) and reply["error"]
 
 
 @pytest.mark.parametrize("guess", ["1235", "123", "12345", "0000", "", "1234 "])
 async def test_auth_failed_reveals_nothing_about_the_pin(
-    guess: str, backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    guess: str, memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Near misses, prefixes and far misses get the same words after the same delay."""
 
     async def attempt(pin: str) -> tuple[Frame, float]:
-        async with open_memory_relay(backend, pin=PIN) as relay:  # a fresh PIN guard each time
+        # A fresh relay each time: a fresh PIN guard.
+        async with open_memory_relay(memory_backend, pin=PIN) as relay:
             client = await relay.connect()
             start = trio.current_time()
             reply = await client.request("auth", pin=pin)
@@ -167,225 +158,214 @@ async def test_auth_failed_reveals_nothing_about_the_pin(
 
 
 async def test_auth_after_a_wrong_pin_works_on_the_same_connection(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
-        assert (await client.request("auth", pin="0000"))["type"] == "auth_failed"
-        reply = await client.authenticate(PIN)
-        assert reply["data"]["modelProfiles"] == PROFILES
+    client = await memory_relay.connect()
+    assert (await client.request("auth", pin="0000"))["type"] == "auth_failed"
+    reply = await client.authenticate(PIN)
+    assert reply["data"]["modelProfiles"] == PROFILES
 
 
 async def test_requests_before_auth_are_refused_and_the_connection_stays_usable(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
-        assert await client.receive() == {"id": None, "type": "auth_required"}
-        refused = "Not authenticated"
-        code = "not_authenticated"
-        assert await client.request("subscribe", resource="chat", resourceId="c1") == error(
-            "r1", code, refused, "chat", "c1")
-        assert await client.request("send", resourceId="c1", message="hi") == error(
-            "r2", code, refused, "chat", "c1")
-        assert await client.request("unsubscribe", resource="project", resourceId="p1") == error(
-            "r3", code, refused, "project", "p1")
-        assert await client.request(
-            "create", resource="chat", resourceId="p1", message={"title": "T"}
-        ) == error("r4", code, refused, "chat", "p1")
-        assert await client.request("subscribe", resource="modelProfiles") == error(
-            "r5", code, refused, "modelProfiles")
-        await client.assert_no_push()
-        assert backend.sent == []
-        assert backend.feeds_opened == 0
-        # Nothing was half-done, and auth afterwards works as if nothing happened.
-        await client.authenticate(PIN)
-        reply = await client.subscribe("chat", "c1")
-        assert reply["data"] == {"messages": backend.messages["c1"]}
+    client = await memory_relay.connect()
+    assert await client.receive() == {"id": None, "type": "auth_required"}
+    refused = "Not authenticated"
+    code = "not_authenticated"
+    assert await client.request("subscribe", resource="chat", resourceId="c1") == error(
+        "r1", code, refused, "chat", "c1")
+    assert await client.request("send", resourceId="c1", message="hi") == error(
+        "r2", code, refused, "chat", "c1")
+    assert await client.request("unsubscribe", resource="project", resourceId="p1") == error(
+        "r3", code, refused, "project", "p1")
+    assert await client.request(
+        "create", resource="chat", resourceId="p1", message={"title": "T"}
+    ) == error("r4", code, refused, "chat", "p1")
+    assert await client.request("subscribe", resource="modelProfiles") == error(
+        "r5", code, refused, "modelProfiles")
+    await client.assert_no_push()
+    assert memory_backend.sent == []
+    assert memory_backend.feeds_opened == 0
+    # Nothing was half-done, and auth afterwards works as if nothing happened.
+    await client.authenticate(PIN)
+    reply = await client.subscribe("chat", "c1")
+    assert reply["data"] == {"messages": memory_backend.messages["c1"]}
 
 
 # --- 3. subscribe to a project --------------------------------------------------------------
 
 
 async def test_project_subscription_gets_chats_then_a_push_per_chat_change(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.subscribe("project", "p1")
-        assert reply == subscribed("r2", "project", "p1", {"chats": [backend.chats["c1"]]}, 0)
+    client = await connect(memory_relay)
+    reply = await client.subscribe("project", "p1")
+    assert reply == subscribed("r2", "project", "p1", {"chats": [memory_backend.chats["c1"]]}, 0)
 
-        chat = backend.add_chat("p1", "c2", title="Second chat")
-        assert await client.next_push() == push(
-            "project", "p1", {"type": "chat_created", "chat": chat}, 1)
-        # Renames and deletions are upstream events of the project like any other.
-        renamed = {"type": "chat_renamed", "chat": {**chat, "title": "Renamed"}}
-        backend.emit("project", "p1", renamed)
-        assert await client.next_push() == push("project", "p1", renamed, 2)
-        deleted = {"type": "chat_deleted", "chatId": "c2"}
-        backend.emit("project", "p1", deleted)
-        assert await client.next_push() == push("project", "p1", deleted, 3)
-        # Another project's chats are not pushed here.
-        backend.add_chat("p2", "c3")
-        await client.assert_no_push()
+    chat = memory_backend.add_chat("p1", "c2", title="Second chat")
+    assert await client.next_push() == push(
+        "project", "p1", {"type": "chat_created", "chat": chat}, 1)
+    # Renames and deletions are upstream events of the project like any other.
+    renamed = {"type": "chat_renamed", "chat": {**chat, "title": "Renamed"}}
+    memory_backend.emit("project", "p1", renamed)
+    assert await client.next_push() == push("project", "p1", renamed, 2)
+    deleted = {"type": "chat_deleted", "chatId": "c2"}
+    memory_backend.emit("project", "p1", deleted)
+    assert await client.next_push() == push("project", "p1", deleted, 3)
+    # Another project's chats are not pushed here.
+    memory_backend.add_chat("p2", "c3")
+    await client.assert_no_push()
 
 
 async def test_subscribing_to_an_unknown_resource_is_not_found(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        for resource in ("project", "chat"):
-            reply = await client.request("subscribe", resource=resource, resourceId="nope")
-            assert reply == error(reply["id"], "not_found", reply["error"], resource, "nope")
-            assert "nope" in reply["error"]
-        assert backend.open_feeds == {}
-        assert relay.relay.statistics().subscriptions == 0
+    client = await connect(memory_relay)
+    for resource in ("project", "chat"):
+        reply = await client.request("subscribe", resource=resource, resourceId="nope")
+        assert reply == error(reply["id"], "not_found", reply["error"], resource, "nope")
+        assert "nope" in reply["error"]
+    assert memory_backend.open_feeds == {}
+    assert memory_relay.relay.statistics().subscriptions == 0
 
 
 # --- 4. subscribe to a chat -----------------------------------------------------------------
 
 
 async def test_chat_subscription_gets_history_then_every_event_with_seq(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.subscribe("chat", "c1")
-        assert reply == subscribed("r2", "chat", "c1", {"messages": backend.messages["c1"]}, 0)
+    client = await connect(memory_relay)
+    reply = await client.subscribe("chat", "c1")
+    assert reply == subscribed("r2", "chat", "c1", {"messages": memory_backend.messages["c1"]}, 0)
 
-        backend.add_message("c1", "Hi, how can I help?")
-        backend.emit("chat", "c1", {"type": "chunk", "text": "Let me"})
-        backend.emit("chat", "c1", {"type": "chunk", "text": " think."})
-        assert await client.next_push() == message_push(backend, "c1", 1)
-        assert await client.next_push() == push(
-            "chat", "c1", {"type": "chunk", "text": "Let me"}, 2)
-        assert await client.next_push() == push(
-            "chat", "c1", {"type": "chunk", "text": " think."}, 3)
-        await client.assert_no_push()
+    memory_backend.add_message("c1", "Hi, how can I help?")
+    memory_backend.emit("chat", "c1", {"type": "chunk", "text": "Let me"})
+    memory_backend.emit("chat", "c1", {"type": "chunk", "text": " think."})
+    assert await client.next_push() == message_push(memory_backend, "c1", 1)
+    assert await client.next_push() == push(
+        "chat", "c1", {"type": "chunk", "text": "Let me"}, 2)
+    assert await client.next_push() == push(
+        "chat", "c1", {"type": "chunk", "text": " think."}, 3)
+    await client.assert_no_push()
 
 
 async def test_upstream_completion_pushes_completed_once_and_ends_the_subscription(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        await client.subscribe("chat", "c1")
-        backend.emit("chat", "c1", {"type": "chunk", "text": "done"})
-        backend.end_feeds("chat", "c1")
-        assert await client.next_push() == push(
-            "chat", "c1", {"type": "chunk", "text": "done"}, 1)
-        assert await client.next_push() == push("chat", "c1", {"completed": True}, 2)
-        await client.assert_no_push()
-        # The subscription is gone, and so is its upstream.
-        assert backend.open_feeds == {}
-        assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
-            "id": "r3", "type": "data", "resource": "chat", "resourceId": "c1",
-            "data": {"unsubscribed": False},
-        }
-        # Resubscribing works and starts from a fresh snapshot.
-        backend.add_message("c1", "stored while nobody watched")
-        reply = await client.subscribe("chat", "c1")
-        assert reply["data"] == {"messages": backend.messages["c1"]}
-        assert len(reply["data"]["messages"]) == 2
-        backend.add_message("c1", "live again")
-        assert await client.next_push() == message_push(backend, "c1", reply["seq"] + 1)
+    client = await connect(memory_relay)
+    await client.subscribe("chat", "c1")
+    memory_backend.emit("chat", "c1", {"type": "chunk", "text": "done"})
+    memory_backend.end_feeds("chat", "c1")
+    assert await client.next_push() == push(
+        "chat", "c1", {"type": "chunk", "text": "done"}, 1)
+    assert await client.next_push() == push("chat", "c1", {"completed": True}, 2)
+    await client.assert_no_push()
+    # The subscription is gone, and so is its upstream.
+    assert memory_backend.open_feeds == {}
+    assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
+        "id": "r3", "type": "data", "resource": "chat", "resourceId": "c1",
+        "data": {"unsubscribed": False},
+    }
+    # Resubscribing works and starts from a fresh snapshot.
+    memory_backend.add_message("c1", "stored while nobody watched")
+    reply = await client.subscribe("chat", "c1")
+    assert reply["data"] == {"messages": memory_backend.messages["c1"]}
+    assert len(reply["data"]["messages"]) == 2
+    memory_backend.add_message("c1", "live again")
+    assert await client.next_push() == message_push(memory_backend, "c1", reply["seq"] + 1)
 
 
 async def test_upstream_failure_pushes_backend_error_and_ends_the_subscription(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        await client.subscribe("chat", "c1")
-        backend.end_feeds("chat", "c1", error=RuntimeError("disk /var/secret/db.sqlite failed"))
-        frame = await client.next_push()
-        # A push like any other, so it is numbered: the first push of this subscription.
-        assert frame == {**error(None, "backend_error", frame["error"], "chat", "c1"), "seq": 1}
-        assert frame["error"] and "secret" not in frame["error"]  # no internals
-        await client.assert_no_push()
-        assert backend.open_feeds == {}
-        assert (await client.request("unsubscribe", resource="chat", resourceId="c1"))["data"] == {
-            "unsubscribed": False}
-        reply = await client.subscribe("chat", "c1")
-        assert reply["data"] == {"messages": backend.messages["c1"]}
-        backend.add_message("c1", "after the failure")
-        assert await client.next_push() == message_push(backend, "c1", reply["seq"] + 1)
+    client = await connect(memory_relay)
+    await client.subscribe("chat", "c1")
+    memory_backend.end_feeds("chat", "c1", error=RuntimeError("disk /var/secret/db.sqlite failed"))
+    frame = await client.next_push()
+    # A push like any other, so it is numbered: the first push of this subscription.
+    assert frame == {**error(None, "backend_error", frame["error"], "chat", "c1"), "seq": 1}
+    assert frame["error"] and "secret" not in frame["error"]  # no internals
+    await client.assert_no_push()
+    assert memory_backend.open_feeds == {}
+    assert (await client.request("unsubscribe", resource="chat", resourceId="c1"))["data"] == {
+        "unsubscribed": False}
+    reply = await client.subscribe("chat", "c1")
+    assert reply["data"] == {"messages": memory_backend.messages["c1"]}
+    memory_backend.add_message("c1", "after the failure")
+    assert await client.next_push() == message_push(memory_backend, "c1", reply["seq"] + 1)
 
 
 # --- 5. send --------------------------------------------------------------------------------
 
 
 async def test_send_replies_sent_and_every_subscriber_gets_the_message(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        sender = await connect(relay)
-        watcher = await connect(relay)
-        await sender.subscribe("chat", "c1")
-        await watcher.subscribe("chat", "c1")
-        reply = await sender.request("send", resourceId="c1", message={"text": "What is 2+2?"})
-        assert reply == {"id": "r3", "type": "data", "resource": "chat", "resourceId": "c1",
-                         "data": {"sent": True}}
-        assert backend.sent == [("c1", {"text": "What is 2+2?"})]
-        assert backend.messages["c1"][-1]["content"] == "What is 2+2?"
-        expected = message_push(backend, "c1", 1)
-        assert await sender.next_push() == expected
-        assert await watcher.next_push() == expected
-        # The agent's answer arrives the same way, to both.
-        backend.add_message("c1", "4")
-        for client in (sender, watcher):
-            assert await client.next_push() == message_push(backend, "c1", 2)
+    sender = await connect(memory_relay)
+    watcher = await connect(memory_relay)
+    await sender.subscribe("chat", "c1")
+    await watcher.subscribe("chat", "c1")
+    reply = await sender.request("send", resourceId="c1", message={"text": "What is 2+2?"})
+    assert reply == {"id": "r3", "type": "data", "resource": "chat", "resourceId": "c1",
+                     "data": {"sent": True}}
+    assert memory_backend.sent == [("c1", {"text": "What is 2+2?"})]
+    assert memory_backend.messages["c1"][-1]["content"] == "What is 2+2?"
+    expected = message_push(memory_backend, "c1", 1)
+    assert await sender.next_push() == expected
+    assert await watcher.next_push() == expected
+    # The agent's answer arrives the same way, to both.
+    memory_backend.add_message("c1", "4")
+    for client in (sender, watcher):
+        assert await client.next_push() == message_push(memory_backend, "c1", 2)
 
 
 async def test_send_to_an_unknown_chat_is_not_found(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.request("send", resourceId="nope", message="hi")
-        assert reply == error("r2", "not_found", reply["error"], "chat", "nope")
-        assert backend.sent == []
+    client = await connect(memory_relay)
+    reply = await client.request("send", resourceId="nope", message="hi")
+    assert reply == error("r2", "not_found", reply["error"], "chat", "nope")
+    assert memory_backend.sent == []
 
 
 async def test_send_backend_error_passes_its_message_on(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        backend.faults["send_message"] = BackendError("the agent is busy")
-        reply = await client.request("send", resourceId="c1", message="hi")
-        assert reply == error("r2", "backend_error", "the agent is busy", "chat", "c1")
+    client = await connect(memory_relay)
+    memory_backend.faults["send_message"] = BackendError("the agent is busy")
+    reply = await client.request("send", resourceId="c1", message="hi")
+    assert reply == error("r2", "backend_error", "the agent is busy", "chat", "c1")
 
 
 async def test_send_unexpected_backend_exception_hides_internals(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        backend.faults["send_message"] = KeyError("/home/alice/.secrets token=abc")
-        reply = await client.request("send", resourceId="c1", message="hi")
-        assert reply == error("r2", "backend_error", "backend error", "chat", "c1")
-        # The connection is fine and the relay did not close it.
-        del backend.faults["send_message"]
-        assert (await client.request("send", resourceId="c1", message="hi"))["data"] == {
-            "sent": True}
+    client = await connect(memory_relay)
+    memory_backend.faults["send_message"] = KeyError("/home/alice/.secrets token=abc")
+    reply = await client.request("send", resourceId="c1", message="hi")
+    assert reply == error("r2", "backend_error", "backend error", "chat", "c1")
+    # The connection is fine and the relay did not close it.
+    del memory_backend.faults["send_message"]
+    assert (await client.request("send", resourceId="c1", message="hi"))["data"] == {
+        "sent": True}
 
 
 async def test_send_backend_hang_times_out_and_nobody_is_stalled(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = RelayConfig(backend_timeout=3.0)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         client = await connect(relay)
         other = await connect(relay)
         await other.subscribe("chat", "c1")
-        backend.faults["send_message"] = HANG
+        memory_backend.faults["send_message"] = HANG
         start = trio.current_time()
         await client.send({"id": "hang", "type": "send", "resourceId": "c1", "message": "hi"})
         # While the send hangs, another client's pushes flow at once.
         await trio.testing.wait_all_tasks_blocked()
-        backend.emit("chat", "c1", {"type": "chunk", "text": "x"})
+        memory_backend.emit("chat", "c1", {"type": "chunk", "text": "x"})
         assert await other.next_push() == push("chat", "c1", {"type": "chunk", "text": "x"}, 1)
         assert trio.current_time() == start
 
@@ -394,7 +374,7 @@ async def test_send_backend_hang_times_out_and_nobody_is_stalled(
         assert reply == error("hang", "backend_error", reply["error"], "chat", "c1")
         assert "timed out" in reply["error"]
         # The connection stays usable.
-        del backend.faults["send_message"]
+        del memory_backend.faults["send_message"]
         assert (await client.request("send", resourceId="c1", message="hi"))["data"] == {
             "sent": True}
         assert (await client.subscribe("chat", "c1"))["resourceId"] == "c1"
@@ -404,116 +384,110 @@ async def test_send_backend_hang_times_out_and_nobody_is_stalled(
 
 
 async def test_create_replies_with_the_new_chat_and_pushes_to_the_project(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        creator = await connect(relay)
-        watcher = await connect(relay)
-        await watcher.subscribe("project", "p1")
-        reply = await creator.request(
-            "create", resource="chat", resourceId="p1", message={"title": "Plans"})
-        chat = reply["data"]["chat"]
-        assert chat == backend.chats[chat["id"]]
-        assert chat["title"] == "Plans" and chat["projectId"] == "p1"
-        assert reply == {"id": "r2", "type": "data", "resource": "chat",
-                         "resourceId": chat["id"], "data": {"chat": chat}}
-        assert await watcher.next_push() == push(
-            "project", "p1", {"type": "chat_created", "chat": chat}, 1)
-        # The new chat can be subscribed to at once.
-        assert (await creator.subscribe("chat", chat["id"]))["data"] == {"messages": []}
+    creator = await connect(memory_relay)
+    watcher = await connect(memory_relay)
+    await watcher.subscribe("project", "p1")
+    reply = await creator.request(
+        "create", resource="chat", resourceId="p1", message={"title": "Plans"})
+    chat = reply["data"]["chat"]
+    assert chat == memory_backend.chats[chat["id"]]
+    assert chat["title"] == "Plans" and chat["projectId"] == "p1"
+    assert reply == {"id": "r2", "type": "data", "resource": "chat",
+                     "resourceId": chat["id"], "data": {"chat": chat}}
+    assert await watcher.next_push() == push(
+        "project", "p1", {"type": "chat_created", "chat": chat}, 1)
+    # The new chat can be subscribed to at once.
+    assert (await creator.subscribe("chat", chat["id"]))["data"] == {"messages": []}
 
 
 async def test_create_without_a_title_uses_the_backend_default(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.request("create", resource="chat", resourceId="p2")
-        assert reply["type"] == "data"
-        assert reply["data"]["chat"]["projectId"] == "p2"
-        assert reply["data"]["chat"]["title"] == "New chat"  # the backend got title None
-        assert reply["resourceId"] == reply["data"]["chat"]["id"]
+    client = await connect(memory_relay)
+    reply = await client.request("create", resource="chat", resourceId="p2")
+    assert reply["type"] == "data"
+    assert reply["data"]["chat"]["projectId"] == "p2"
+    assert reply["data"]["chat"]["title"] == "New chat"  # the backend got title None
+    assert reply["resourceId"] == reply["data"]["chat"]["id"]
 
 
 async def test_create_in_an_unknown_project_is_not_found(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        chats_before = dict(backend.chats)
-        reply = await client.request(
-            "create", resource="chat", resourceId="nope", message={"title": "T"})
-        assert reply == error("r2", "not_found", reply["error"], "chat", "nope")
-        assert backend.chats == chats_before
+    client = await connect(memory_relay)
+    chats_before = dict(memory_backend.chats)
+    reply = await client.request(
+        "create", resource="chat", resourceId="nope", message={"title": "T"})
+    assert reply == error("r2", "not_found", reply["error"], "chat", "nope")
+    assert memory_backend.chats == chats_before
 
 
 # --- 6. unsubscribe -------------------------------------------------------------------------
 
 
 async def test_unsubscribe_answers_and_stops_the_pushes(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        await client.subscribe("chat", "c1")
-        await client.subscribe("project", "p1")
-        assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
-            "id": "r4", "type": "data", "resource": "chat", "resourceId": "c1",
-            "data": {"unsubscribed": True},
-        }
-        backend.add_message("c1", "nobody listens here")
-        backend.emit("chat", "c1", {"type": "chunk", "text": "nor here"})
-        await client.assert_no_push()
-        # The other subscription is untouched: the next push is the project's.
-        chat = backend.add_chat("p1", "c9")
-        assert await client.next_push() == push(
-            "project", "p1", {"type": "chat_created", "chat": chat}, 1)
+    client = await connect(memory_relay)
+    await client.subscribe("chat", "c1")
+    await client.subscribe("project", "p1")
+    assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
+        "id": "r4", "type": "data", "resource": "chat", "resourceId": "c1",
+        "data": {"unsubscribed": True},
+    }
+    memory_backend.add_message("c1", "nobody listens here")
+    memory_backend.emit("chat", "c1", {"type": "chunk", "text": "nor here"})
+    await client.assert_no_push()
+    # The other subscription is untouched: the next push is the project's.
+    chat = memory_backend.add_chat("p1", "c9")
+    assert await client.next_push() == push(
+        "project", "p1", {"type": "chat_created", "chat": chat}, 1)
 
 
 async def test_unsubscribe_without_a_subscription_answers_false(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
-            "id": "r2", "type": "data", "resource": "chat", "resourceId": "c1",
-            "data": {"unsubscribed": False},
-        }
-        assert await client.request("unsubscribe", resource="modelProfiles") == {
-            "id": "r3", "type": "data", "resource": "modelProfiles",
-            "data": {"unsubscribed": False},
-        }
-        # Unsubscribing twice: true, then false.
-        await client.subscribe("project", "p1")
-        first = await client.request("unsubscribe", resource="project", resourceId="p1")
-        second = await client.request("unsubscribe", resource="project", resourceId="p1")
-        assert first["data"] == {"unsubscribed": True}
-        assert second["data"] == {"unsubscribed": False}
+    client = await connect(memory_relay)
+    assert await client.request("unsubscribe", resource="chat", resourceId="c1") == {
+        "id": "r2", "type": "data", "resource": "chat", "resourceId": "c1",
+        "data": {"unsubscribed": False},
+    }
+    assert await client.request("unsubscribe", resource="modelProfiles") == {
+        "id": "r3", "type": "data", "resource": "modelProfiles",
+        "data": {"unsubscribed": False},
+    }
+    # Unsubscribing twice: true, then false.
+    await client.subscribe("project", "p1")
+    first = await client.request("unsubscribe", resource="project", resourceId="p1")
+    second = await client.request("unsubscribe", resource="project", resourceId="p1")
+    assert first["data"] == {"unsubscribed": True}
+    assert second["data"] == {"unsubscribed": False}
 
 
 # --- 7. modelProfiles -----------------------------------------------------------------------
 
 
 async def test_model_profiles_subscription_and_push_on_change(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.subscribe("modelProfiles")
-        assert reply == subscribed("r2", "modelProfiles", None, {"modelProfiles": PROFILES}, 0)
-        changed = [*PROFILES, {"id": "haiku", "name": "Haiku"}]
-        backend.set_model_profiles(changed)
-        assert await client.next_push() == push(
-            "modelProfiles", None, {"modelProfiles": changed}, 1)
-        backend.set_model_profiles([])
-        assert await client.next_push() == push("modelProfiles", None, {"modelProfiles": []}, 2)
+    client = await connect(memory_relay)
+    reply = await client.subscribe("modelProfiles")
+    assert reply == subscribed("r2", "modelProfiles", None, {"modelProfiles": PROFILES}, 0)
+    changed = [*PROFILES, {"id": "haiku", "name": "Haiku"}]
+    memory_backend.set_model_profiles(changed)
+    assert await client.next_push() == push(
+        "modelProfiles", None, {"modelProfiles": changed}, 1)
+    memory_backend.set_model_profiles([])
+    assert await client.next_push() == push("modelProfiles", None, {"modelProfiles": []}, 2)
 
 
 # --- guarantees -----------------------------------------------------------------------------
 
 
 async def test_every_request_with_an_id_gets_exactly_one_reply(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
     requests: list[tuple[Frame, str]] = [
         ({"type": "subscribe", "resource": "chat", "resourceId": "c1"}, "subscribed"),
@@ -533,78 +507,75 @@ async def test_every_request_with_an_id_gets_exactly_one_reply(
         ({"type": "send", "resourceId": "c1"}, "error"),
         ({"type": "auth", "pin": PIN}, "auth_success"),
     ]
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        expected: dict[Any, str] = {}
-        for n, (fields, reply_type) in enumerate(requests * 2):
-            request_id: Any = n if n % 3 == 0 else f"req-{n}"  # string and integer ids
-            expected[request_id] = reply_type
-            await client.send({"id": request_id, **fields})
-        replies: dict[Any, list[Frame]] = {}
-        with trio.fail_after(10):
-            while set(replies) != set(expected):
-                frame = await client.receive()
-                if frame["id"] is not None:
-                    replies.setdefault(frame["id"], []).append(frame)
-        for frame in await frames_until_quiet(client):  # and nothing more comes
+    client = await connect(memory_relay)
+    expected: dict[Any, str] = {}
+    for n, (fields, reply_type) in enumerate(requests * 2):
+        request_id: Any = n if n % 3 == 0 else f"req-{n}"  # string and integer ids
+        expected[request_id] = reply_type
+        await client.send({"id": request_id, **fields})
+    replies: dict[Any, list[Frame]] = {}
+    with trio.fail_after(10):
+        while set(replies) != set(expected):
+            frame = await client.receive()
             if frame["id"] is not None:
-                replies[frame["id"]].append(frame)
-        assert {rid: [f["type"] for f in frames] for rid, frames in replies.items()} == {
-            rid: [reply_type] for rid, reply_type in expected.items()
-        }
+                replies.setdefault(frame["id"], []).append(frame)
+    for frame in await client.frames_until_quiet():  # and nothing more comes
+        if frame["id"] is not None:
+            replies[frame["id"]].append(frame)
+    assert {rid: [f["type"] for f in frames] for rid, frames in replies.items()} == {
+        rid: [reply_type] for rid, reply_type in expected.items()
+    }
 
 
 async def test_subscribing_twice_on_one_connection_does_not_double_pushes(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        history = {"messages": backend.messages["c1"]}
-        assert await client.subscribe("chat", "c1") == subscribed("r2", "chat", "c1", history, 0)
-        assert await client.subscribe("chat", "c1") == subscribed("r3", "chat", "c1", history, 0)
-        assert relay.relay.statistics().subscriptions == 1
-        for n in range(1, 4):
-            backend.emit("chat", "c1", {"n": n})
-            assert await client.next_push() == push("chat", "c1", {"n": n}, n)
-            await client.assert_no_push()
-        # One subscription, so one unsubscribe ends it.
-        unsub = await client.request("unsubscribe", resource="chat", resourceId="c1")
-        assert unsub["data"] == {"unsubscribed": True}
-        backend.emit("chat", "c1", {"n": 4})
+    client = await connect(memory_relay)
+    history = {"messages": memory_backend.messages["c1"]}
+    assert await client.subscribe("chat", "c1") == subscribed("r2", "chat", "c1", history, 0)
+    assert await client.subscribe("chat", "c1") == subscribed("r3", "chat", "c1", history, 0)
+    assert memory_relay.relay.statistics().subscriptions == 1
+    for n in range(1, 4):
+        memory_backend.emit("chat", "c1", {"n": n})
+        assert await client.next_push() == push("chat", "c1", {"n": n}, n)
         await client.assert_no_push()
-        assert backend.open_feeds == {}
+    # One subscription, so one unsubscribe ends it.
+    unsub = await client.request("unsubscribe", resource="chat", resourceId="c1")
+    assert unsub["data"] == {"unsubscribed": True}
+    memory_backend.emit("chat", "c1", {"n": 4})
+    await client.assert_no_push()
+    assert memory_backend.open_feeds == {}
 
 
 async def test_pushes_arrive_in_order_without_gaps_across_interleaved_resources(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    backend.add_chat("p1", "c2")
+    memory_backend.add_chat("p1", "c2")
     events = 150
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        clients = [await connect(relay) for _ in range(2)]
-        for client in clients:
-            await client.subscribe("chat", "c1")
-            await client.subscribe("chat", "c2")
-            await client.subscribe("project", "p1")
-        for n in range(events):
-            backend.emit("chat", "c1", {"n": n})
-            backend.emit("chat", "c2", {"n": n})
-            if n % 10 == 0:
-                backend.emit("project", "p1", {"n": n})
-            if n % 7 == 0:  # sometimes the writers catch up, sometimes they lag
-                await trio.testing.wait_all_tasks_blocked()
-        for client in clients:
-            by_resource: dict[str, list[Frame]] = {}
-            for _ in range(2 * events + events // 10):
-                frame = await client.next_push()
-                by_resource.setdefault(f"{frame['resource']}:{frame['resourceId']}", []).append(
-                    frame)
-            await client.assert_no_push()
-            for key, count, step in (("chat:c1", events, 1), ("chat:c2", events, 1),
-                                     ("project:p1", events // 10, 10)):
-                frames = by_resource[key]
-                assert [f["seq"] for f in frames] == list(range(1, count + 1)), key
-                assert [f["data"] for f in frames] == [{"n": n} for n in range(0, events, step)]
+    clients = [await connect(memory_relay) for _ in range(2)]
+    for client in clients:
+        await client.subscribe("chat", "c1")
+        await client.subscribe("chat", "c2")
+        await client.subscribe("project", "p1")
+    for n in range(events):
+        memory_backend.emit("chat", "c1", {"n": n})
+        memory_backend.emit("chat", "c2", {"n": n})
+        if n % 10 == 0:
+            memory_backend.emit("project", "p1", {"n": n})
+        if n % 7 == 0:  # sometimes the writers catch up, sometimes they lag
+            await trio.testing.wait_all_tasks_blocked()
+    for client in clients:
+        by_resource: dict[str, list[Frame]] = {}
+        for _ in range(2 * events + events // 10):
+            frame = await client.next_push()
+            by_resource.setdefault(f"{frame['resource']}:{frame['resourceId']}", []).append(
+                frame)
+        await client.assert_no_push()
+        for key, count, step in (("chat:c1", events, 1), ("chat:c2", events, 1),
+                                 ("project:p1", events // 10, 10)):
+            frames = by_resource[key]
+            assert [f["seq"] for f in frames] == list(range(1, count + 1)), key
+            assert [f["data"] for f in frames] == [{"n": n} for n in range(0, events, step)]
 
 
 class GatedBackend(MemoryBackend):
@@ -676,54 +647,53 @@ async def test_events_during_subscription_setup_are_neither_lost_nor_duplicated(
 
 
 async def test_one_upstream_per_resource_cancelled_when_the_last_watcher_leaves(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
     key = ResourceKey("chat", "c1")
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        clients = [await connect(relay) for _ in range(5)]
+    clients = [await connect(memory_relay) for _ in range(5)]
+    for client in clients:
+        await client.subscribe("chat", "c1")
+    async with memory_relay.relay.listen("chat", "c1") as listener:
+        assert memory_backend.open_feeds == {key: 1}
+        assert memory_backend.feeds_opened == 1
+        memory_backend.add_message("c1", "to all")
         for client in clients:
-            await client.subscribe("chat", "c1")
-        async with relay.relay.listen("chat", "c1") as listener:
-            assert backend.open_feeds == {key: 1}
-            assert backend.feeds_opened == 1
-            backend.add_message("c1", "to all")
-            for client in clients:
-                assert await client.next_push() == message_push(backend, "c1", 1)
-            assert (await next_update(listener)).seq == 1
-        # The listener left; the web clients leave one way after another.
-        unsub = await clients[0].request("unsubscribe", resource="chat", resourceId="c1")
-        assert unsub["data"] == {"unsubscribed": True}
-        await clients[1].close()
-        await clients[2].abort()  # vanished without a closing handshake
-        await clients[3].send("not even JSON")  # still subscribed after a bad request
-        await clients[3].close()
-        await trio.testing.wait_all_tasks_blocked()
-        assert backend.open_feeds == {key: 1}
-        assert backend.feeds_closed == 0
-        backend.add_message("c1", "to the last one")
-        assert await clients[4].next_push() == message_push(backend, "c1", 2)
-        await clients[4].abort()
-        await trio.testing.wait_all_tasks_blocked()
-        assert backend.open_feeds == {}
-        assert (backend.feeds_opened, backend.feeds_closed) == (1, 1)
-        statistics = relay.relay.statistics()
-        # Only clients[0], which unsubscribed but stayed connected, is left.
-        assert (statistics.connections, statistics.subscriptions, statistics.broadcasters,
-                statistics.listeners) == (1, 0, 0, 0)
+            assert await client.next_push() == message_push(memory_backend, "c1", 1)
+        assert (await next_update(listener)).seq == 1
+    # The listener left; the web clients leave one way after another.
+    unsub = await clients[0].request("unsubscribe", resource="chat", resourceId="c1")
+    assert unsub["data"] == {"unsubscribed": True}
+    await clients[1].close()
+    await clients[2].abort()  # vanished without a closing handshake
+    await clients[3].send("not even JSON")  # still subscribed after a bad request
+    await clients[3].close()
+    await trio.testing.wait_all_tasks_blocked()
+    assert memory_backend.open_feeds == {key: 1}
+    assert memory_backend.feeds_closed == 0
+    memory_backend.add_message("c1", "to the last one")
+    assert await clients[4].next_push() == message_push(memory_backend, "c1", 2)
+    await clients[4].abort()
+    await trio.testing.wait_all_tasks_blocked()
+    assert memory_backend.open_feeds == {}
+    assert (memory_backend.feeds_opened, memory_backend.feeds_closed) == (1, 1)
+    statistics = memory_relay.relay.statistics()
+    # Only clients[0], which unsubscribed but stayed connected, is left.
+    assert (statistics.connections, statistics.subscriptions, statistics.broadcasters,
+            statistics.listeners) == (1, 0, 0, 0)
 
 
 async def test_slow_client_alone_is_closed_1013_and_can_resume(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = RelayConfig(outbound_queue_size=4)
-    async with open_memory_relay(backend, pin=PIN, config=config) as relay:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as relay:
         fast = await connect(relay)
         await fast.subscribe("chat", "c1")
         slow = await relay.connect(lockstep=True, authenticate=PIN)  # writes wait for our reads
         await slow.subscribe("chat", "c1")
         start = trio.current_time()
         for n in range(1, 11):
-            backend.emit("chat", "c1", {"n": n})
+            memory_backend.emit("chat", "c1", {"n": n})
             await trio.testing.wait_all_tasks_blocked()
         for n in range(1, 11):
             assert await fast.next_push() == push("chat", "c1", {"n": n}, n)
@@ -735,47 +705,45 @@ async def test_slow_client_alone_is_closed_1013_and_can_resume(
         again = await connect(relay)
         reply = await again.subscribe("chat", "c1")
         assert reply["seq"] == 10
-        backend.emit("chat", "c1", {"n": 11})
+        memory_backend.emit("chat", "c1", {"n": 11})
         assert await again.next_push() == push("chat", "c1", {"n": 11}, 11)
         assert await fast.next_push() == push("chat", "c1", {"n": 11}, 11)
-        assert backend.feeds_opened == 1
+        assert memory_backend.feeds_opened == 1
 
 
 # --- in-process listeners -------------------------------------------------------------------
 
 
 async def test_host_send_reaches_web_clients_and_listeners(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await connect(relay)
-        reply = await client.subscribe("chat", "c1")
-        async with relay.relay.listen("chat", "c1") as listener:
-            assert listener.snapshot == reply["data"]["messages"]
-            assert listener.seq == reply["seq"]
-            await relay.relay.send("c1", "from the desktop")
-            expected = message_push(backend, "c1", 1)
-            assert expected["data"]["message"]["content"] == "from the desktop"
-            assert await client.next_push() == expected
-            assert await next_update(listener) == Update("chat", "c1", 1, expected["data"])
+    client = await connect(memory_relay)
+    reply = await client.subscribe("chat", "c1")
+    async with memory_relay.relay.listen("chat", "c1") as listener:
+        assert listener.snapshot == reply["data"]["messages"]
+        assert listener.seq == reply["seq"]
+        await memory_relay.relay.send("c1", "from the desktop")
+        expected = message_push(memory_backend, "c1", 1)
+        assert expected["data"]["message"]["content"] == "from the desktop"
+        assert await client.next_push() == expected
+        assert await next_update(listener) == Update("chat", "c1", 1, expected["data"])
 
 
 async def test_web_send_reaches_the_host_listener(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        async with relay.relay.listen("chat", "c1") as listener:
-            client = await connect(relay)
-            reply = await client.request("send", resourceId="c1", message={"text": "from web"})
-            assert reply["data"] == {"sent": True}
-            update = await next_update(listener)
-            assert update == Update("chat", "c1", 1, message_push(backend, "c1", 1)["data"])
-            assert update.data["message"]["content"] == "from web"
-            # A web client joining later sees the same snapshot and seq as the listener.
-            web = await client.subscribe("chat", "c1")
-            async with relay.relay.listen("chat", "c1") as late:
-                assert (late.snapshot, late.seq) == (web["data"]["messages"], web["seq"])
-                assert web["seq"] == listener.seq == 1
+    async with memory_relay.relay.listen("chat", "c1") as listener:
+        client = await connect(memory_relay)
+        reply = await client.request("send", resourceId="c1", message={"text": "from web"})
+        assert reply["data"] == {"sent": True}
+        update = await next_update(listener)
+        assert update == Update("chat", "c1", 1, message_push(memory_backend, "c1", 1)["data"])
+        assert update.data["message"]["content"] == "from web"
+        # A web client joining later sees the same snapshot and seq as the listener.
+        web = await client.subscribe("chat", "c1")
+        async with memory_relay.relay.listen("chat", "c1") as late:
+            assert (late.snapshot, late.seq) == (web["data"]["messages"], web["seq"])
+            assert web["seq"] == listener.seq == 1
 
 
 # --- the seed's client, unchanged -----------------------------------------------------------
@@ -831,7 +799,7 @@ class WsLink:
 
 
 async def test_the_seeds_ws_link_client_works_unchanged(
-    backend: MemoryBackend, autojump_clock: trio.testing.MockClock
+    memory_backend: MemoryBackend, autojump_clock: trio.testing.MockClock, memory_relay: MemoryRelay
 ) -> None:
     link = WsLink()
     now = 1_732_579_200_000  # Date.now()
@@ -839,69 +807,68 @@ async def test_the_seeds_ws_link_client_works_unchanged(
     chat_data: list[Any] = []
     errors: list[Any] = []
 
-    async with open_memory_relay(backend, pin=PIN) as relay:
-        client = await relay.connect()
+    client = await memory_relay.connect()
 
-        async def pump_until(done: Callable[[], bool]) -> None:
-            with trio.fail_after(5):
-                while not done():
-                    link.onmessage(await client.ws.get_message())  # type: ignore[arg-type]
+    async def pump_until(done: Callable[[], bool]) -> None:
+        with trio.fail_after(5):
+            while not done():
+                link.onmessage(await client.ws.get_message())  # type: ignore[arg-type]
 
-        assert json.loads(await client.ws.get_message()) == {"id": None, "type": "auth_required"}
-        await client.send({"id": f"auth-{now}", "type": "auth", "pin": PIN})
-        await pump_until(lambda: link.is_authenticated)
-        assert link.initial_data == {"projects": list(backend.projects.values()),
-                                     "modelProfiles": PROFILES}
+    assert json.loads(await client.ws.get_message()) == {"id": None, "type": "auth_required"}
+    await client.send({"id": f"auth-{now}", "type": "auth", "pin": PIN})
+    await pump_until(lambda: link.is_authenticated)
+    assert link.initial_data == {"projects": list(memory_backend.projects.values()),
+                                 "modelProfiles": PROFILES}
 
-        # subscribeToProject(projectId): resolves with data.chats || [].
-        sub_project = f"sub-project-{now + 1}"
+    # subscribeToProject(projectId): resolves with data.chats || [].
+    sub_project = f"sub-project-{now + 1}"
 
-        def resolve_chats(data: Any) -> None:  # a one-time handler: resolve(data.chats || [])
-            del link.subscription_handlers[sub_project]
-            outcomes["chats"] = data.get("chats") or []
+    def resolve_chats(data: Any) -> None:  # a one-time handler: resolve(data.chats || [])
+        del link.subscription_handlers[sub_project]
+        outcomes["chats"] = data.get("chats") or []
 
-        link.subscription_handlers[sub_project] = {
-            "onData": resolve_chats, "onError": errors.append, "onComplete": errors.append,
-        }
-        await client.send({"id": sub_project, "type": "subscribe", "resource": "project",
-                           "resourceId": "p1"})
-        await pump_until(lambda: "chats" in outcomes)
-        assert outcomes["chats"] == [backend.chats["c1"]]
+    link.subscription_handlers[sub_project] = {
+        "onData": resolve_chats, "onError": errors.append, "onComplete": errors.append,
+    }
+    await client.send({"id": sub_project, "type": "subscribe", "resource": "project",
+                       "resourceId": "p1"})
+    await pump_until(lambda: "chats" in outcomes)
+    assert outcomes["chats"] == [memory_backend.chats["c1"]]
 
-        # subscribeToChat(chatId, onData): snapshot, then every push of the chat.
-        sub_chat = f"sub-chat-{now + 2}"
-        link.subscription_handlers[sub_chat] = {
-            "onData": chat_data.append, "onError": errors.append, "onComplete": errors.append,
-        }
-        await client.send({"id": sub_chat, "type": "subscribe", "resource": "chat",
-                           "resourceId": "c1"})
-        await pump_until(lambda: len(chat_data) == 1)
-        assert chat_data == [{"messages": backend.messages["c1"]}]
+    # subscribeToChat(chatId, onData): snapshot, then every push of the chat.
+    sub_chat = f"sub-chat-{now + 2}"
+    link.subscription_handlers[sub_chat] = {
+        "onData": chat_data.append, "onError": errors.append, "onComplete": errors.append,
+    }
+    await client.send({"id": sub_chat, "type": "subscribe", "resource": "chat",
+                       "resourceId": "c1"})
+    await pump_until(lambda: len(chat_data) == 1)
+    assert chat_data == [{"messages": memory_backend.messages["c1"]}]
 
-        # sendChatMessage(chatId, { message }): resolves with data, rejects on error.
-        send_id = f"send-{now + 3}"
-        link.pending_requests[send_id] = {
-            "resolve": lambda data: outcomes.update(sent=data),
-            "reject": errors.append,
-        }
-        await client.send({"id": send_id, "type": "send", "resourceId": "c1",
-                           "message": {"message": "Hello from the web"}})
-        await pump_until(lambda: "sent" in outcomes and len(chat_data) == 2)
-        assert outcomes["sent"] == {"sent": True}
-        assert backend.sent == [("c1", {"message": "Hello from the web"})]
-        assert chat_data[1] == {"type": "message", "message": backend.messages["c1"][-1]}
-        backend.emit("chat", "c1", {"type": "text-delta", "delta": "Hi!"})
-        backend.end_feeds("chat", "c1")
-        await pump_until(lambda: len(chat_data) == 4)
-        assert chat_data[2:] == [{"type": "text-delta", "delta": "Hi!"}, {"completed": True}]
+    # sendChatMessage(chatId, { message }): resolves with data, rejects on error.
+    send_id = f"send-{now + 3}"
+    link.pending_requests[send_id] = {
+        "resolve": lambda data: outcomes.update(sent=data),
+        "reject": errors.append,
+    }
+    await client.send({"id": send_id, "type": "send", "resourceId": "c1",
+                       "message": {"message": "Hello from the web"}})
+    await pump_until(lambda: "sent" in outcomes and len(chat_data) == 2)
+    assert outcomes["sent"] == {"sent": True}
+    assert memory_backend.sent == [("c1", {"message": "Hello from the web"})]
+    assert chat_data[1] == {"type": "message", "message": memory_backend.messages["c1"][-1]}
+    memory_backend.emit("chat", "c1", {"type": "text-delta", "delta": "Hi!"})
+    memory_backend.end_feeds("chat", "c1")
+    await pump_until(lambda: len(chat_data) == 4)
+    assert chat_data[2:] == [{"type": "text-delta", "delta": "Hi!"}, {"completed": True}]
 
-        # The unsubscribe function: its reply is read by nobody and must break nothing.
-        del link.subscription_handlers[sub_chat]
-        await client.send({"id": f"unsub-{now + 4}", "type": "unsubscribe", "resource": "chat",
-                           "resourceId": "c1"})
-        await pump_until(lambda: len(link.ignored) == 1)
-        assert link.ignored[0]["id"] == f"unsub-{now + 4}"
-        assert errors == []
+    # The unsubscribe function: its reply is read by nobody and must break nothing.
+    del link.subscription_handlers[sub_chat]
+    await client.send({"id": f"unsub-{now + 4}", "type": "unsubscribe", "resource": "chat",
+                       "resourceId": "c1"})
+    await pump_until(lambda: len(link.ignored) == 1)
+    assert link.ignored[0]["id"] == f"unsub-{now + 4}"
+    assert errors == []
 
 
 async def test_create_with_a_model_profile(autojump_clock: trio.abc.Clock) -> None:

@@ -16,24 +16,27 @@ import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, wrap_client_stream
+from wsproto.frame_protocol import Opcode
 
 from trio_relay import CloseCode, RelayConfig, open_relay
 from trio_relay._connection import Connection
-from trio_relay.testing import MemoryBackend, MemoryRelay, TestClient, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    MemoryBackend,
+    MemoryRelay,
+    TestClient,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 Frame = dict[str, Any]
 
 
-def _backend() -> MemoryBackend:
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
     backend = MemoryBackend()
     backend.add_chat("p1", "c1")
     return backend
-
-
-async def _idle(memory: MemoryRelay) -> Any:
-    await trio.testing.wait_all_tasks_blocked()
-    return memory.relay.statistics()
 
 
 async def _still_serves(memory: MemoryRelay) -> None:
@@ -65,9 +68,10 @@ async def test_origin_allowlist(
     origin: str | None,
     allowed_origins: tuple[str, ...],
     accepted: bool,
+    memory_backend: MemoryBackend,
 ) -> None:
     config = RelayConfig(allowed_origins=allowed_origins)
-    async with open_memory_relay(_backend(), pin=PIN, config=config) as memory:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
         headers = [("Origin", origin)] if origin is not None else []
         if accepted:
             client = await memory.connect(headers=headers, authenticate=PIN)
@@ -77,16 +81,17 @@ async def test_origin_allowlist(
                 await memory.connect(headers=headers)
             assert refused.value.status_code == 403
             assert refused.value.body == b"origin not allowed"
-        await trio.testing.wait_all_tasks_blocked()
-        assert memory.relay.statistics().connections == 0
+        assert (await memory.quiet_statistics()).connections == 0
 
 
 # --- connections per address ------------------------------------------------------------------
 
 
-async def test_connections_per_address_are_capped(autojump_clock: trio.abc.Clock) -> None:
+async def test_connections_per_address_are_capped(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     config = RelayConfig(max_connections_per_address=2)
-    async with open_memory_relay(_backend(), pin=PIN, config=config) as memory:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
         first = await memory.connect(peer="10.0.0.1:1000", authenticate=PIN)
         await memory.connect(peer="10.0.0.1:1001", authenticate=PIN)
         with pytest.raises(ConnectionRejected) as refused:
@@ -105,27 +110,27 @@ async def test_connections_per_address_are_capped(autojump_clock: trio.abc.Clock
 
 async def test_an_hour_of_keepalive_pings_keeps_a_live_client(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        client = await memory.connect(authenticate=PIN)
-        await client.subscribe("chat", "c1")
-        start = trio.current_time()
-        # The client's trio-websocket reader answers every ping; nothing else happens.
-        await trio.sleep(3600)
-        assert trio.current_time() - start == 3600
-        backend.emit("chat", "c1", {"still": "here"})
-        assert (await client.next_push())["data"] == {"still": "here"}
-        assert memory.relay.statistics().connections == 1
+    client = await memory_relay.connect(authenticate=PIN)
+    await client.subscribe("chat", "c1")
+    start = trio.current_time()
+    # The client's trio-websocket reader answers every ping; nothing else happens.
+    await trio.sleep(3600)
+    assert trio.current_time() - start == 3600
+    memory_backend.emit("chat", "c1", {"still": "here"})
+    assert (await client.next_push())["data"] == {"still": "here"}
+    assert memory_relay.relay.statistics().connections == 1
 
 
 async def test_a_peer_that_stops_answering_pings_is_closed_and_freed(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     config = RelayConfig(ping_interval=20, ping_timeout=20, close_timeout=5)
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
-        baseline = await _idle(memory)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
+        baseline = await memory.quiet_statistics()
         # A client that stops reading: its trio-websocket reader blocks on its full message
         # queue, so it answers no ping, just like a peer behind a dead network path.
         silent = await memory.connect()
@@ -133,18 +138,17 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_freed(
         await silent.send({"id": "s", "type": "subscribe", "resource": "chat",
                            "resourceId": "c1"})
         for n in range(3):
-            backend.emit("chat", "c1", {"n": n})
-        await trio.testing.wait_all_tasks_blocked()
-        assert memory.relay.statistics().connections == 1
+            memory_backend.emit("chat", "c1", {"n": n})
+        assert (await memory.quiet_statistics()).connections == 1
         start = trio.current_time()
         with trio.fail_after(20 + 20 + 5 + 5):
             while memory.relay.statistics().connections:  # noqa: ASYNC110 - polls stats
                 await trio.sleep(1)
         assert trio.current_time() - start >= 40  # not before a ping went unanswered
-        assert backend.open_feeds == {}
+        assert memory_backend.open_feeds == {}
         await trio.sleep(memory.relay.config.resume_grace + 1)  # the replay buffer goes too
-        assert await _idle(memory) == baseline
-        assert backend.open_feeds == {}
+        assert await memory.quiet_statistics() == baseline
+        assert memory_backend.open_feeds == {}
 
 
 # --- the handshake ----------------------------------------------------------------------------
@@ -152,16 +156,17 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_freed(
 
 async def test_a_client_that_never_completes_the_handshake_is_dropped(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     config = RelayConfig(handshake_timeout=10)
-    async with open_memory_relay(_backend(), pin=PIN, config=config) as memory:
-        baseline = await _idle(memory)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
+        baseline = await memory.quiet_statistics()
         stream = await memory.listener.connect()
         await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: relay.test\r\n")  # never finished
         start = trio.current_time()
         assert await stream.receive_some() == b""  # the relay closed it
         assert trio.current_time() - start == pytest.approx(10)
-        assert await _idle(memory) == baseline
+        assert await memory.quiet_statistics() == baseline
         await _still_serves(memory)
 
 
@@ -175,54 +180,50 @@ async def test_a_client_that_never_completes_the_handshake_is_dropped(
     ids=["plain-http", "tls-hello", "bytes"],
 )
 async def test_plain_http_and_garbage_are_refused_at_once(
-    autojump_clock: trio.abc.Clock, garbage: bytes
+    autojump_clock: trio.abc.Clock, garbage: bytes, memory_relay: MemoryRelay
 ) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as memory:
-        baseline = await _idle(memory)
-        stream = await memory.listener.connect()
-        await stream.send_all(garbage)
-        start = trio.current_time()
-        received = b""
-        while chunk := await stream.receive_some():
-            received += chunk
-        assert received.startswith(b"HTTP/1.1 4")  # a 4xx answer, then the stream closes
-        assert trio.current_time() == start  # at once, not after the handshake timeout
-        assert await _idle(memory) == baseline
-        await _still_serves(memory)
+    baseline = await memory_relay.quiet_statistics()
+    stream = await memory_relay.listener.connect()
+    await stream.send_all(garbage)
+    start = trio.current_time()
+    received = b""
+    while chunk := await stream.receive_some():
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 4")  # a 4xx answer, then the stream closes
+    assert trio.current_time() == start  # at once, not after the handshake timeout
+    assert await memory_relay.quiet_statistics() == baseline
+    await _still_serves(memory_relay)
 
 
 # --- faults -----------------------------------------------------------------------------------
 
 
-def _masked_frame(opcode: int, payload: bytes) -> bytes:
-    mask = b"\x01\x02\x03\x04"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
-
-
 async def test_a_ping_that_arrives_while_the_relay_closes(
     autojump_clock: trio.abc.Clock,
+    memory_relay: MemoryRelay,
 ) -> None:
     # trio-websocket issue #184: answering a ping once the closing handshake has begun.
-    async with open_memory_relay(_backend(), pin=PIN) as memory:
-        baseline = await _idle(memory)
-        client = await memory.connect()
-        # The client reads nothing, so its trio-websocket reader stalls on its full queue
-        # and does not answer the relay's close frame: the relay stays in its closing state.
-        await client.send({"id": "a", "type": "auth", "pin": PIN})
-        await client.ws.send_message(b"binary")  # the relay closes with 1003 ...
-        await trio.testing.wait_all_tasks_blocked()
-        # ... and before the client answers the close frame, a ping reaches the relay.
-        await client.stream.send_all(_masked_frame(0x9, b"late ping"))
-        await trio.testing.wait_all_tasks_blocked()
-        code, _ = await client.wait_closed()
-        assert code == CloseCode.UNSUPPORTED_DATA
-        assert await _idle(memory) == baseline
-        await _still_serves(memory)
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect()
+    # The client reads nothing, so its trio-websocket reader stalls on its full queue
+    # and does not answer the relay's close frame: the relay stays in its closing state.
+    await client.send({"id": "a", "type": "auth", "pin": PIN})
+    await client.ws.send_message(b"binary")  # the relay closes with 1003 ...
+    await trio.testing.wait_all_tasks_blocked()
+    # ... and before the client answers the close frame, a ping reaches the relay.
+    await client.send_raw_frame(Opcode.PING, b"late ping")
+    await trio.testing.wait_all_tasks_blocked()
+    code, _ = await client.wait_closed()
+    assert code == CloseCode.UNSUPPORTED_DATA
+    assert await memory_relay.quiet_statistics() == baseline
+    await _still_serves(memory_relay)
 
 
 async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
-    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.abc.Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
     dispatch = Connection._dispatch
 
@@ -232,30 +233,29 @@ async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
         await dispatch(self, request)
 
     monkeypatch.setattr(Connection, "_dispatch", buggy)
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        bystander = await memory.connect(authenticate=PIN)
-        await bystander.subscribe("chat", "c1")
-        victim = await memory.connect(authenticate=PIN)
-        reply = await victim.request("create", resource="chat", resourceId="p1")
-        assert (reply["type"], reply["code"]) == ("error", "internal_error")
-        code, _ = await victim.wait_closed()
-        assert code == CloseCode.INTERNAL_ERROR == 1011
-        backend.emit("chat", "c1", {"after": "the bug"})
-        assert (await bystander.next_push())["data"] == {"after": "the bug"}
-        await _still_serves(memory)
+    bystander = await memory_relay.connect(authenticate=PIN)
+    await bystander.subscribe("chat", "c1")
+    victim = await memory_relay.connect(authenticate=PIN)
+    reply = await victim.request("create", resource="chat", resourceId="p1")
+    assert (reply["type"], reply["code"]) == ("error", "internal_error")
+    code, _ = await victim.wait_closed()
+    assert code == CloseCode.INTERNAL_ERROR == 1011
+    memory_backend.emit("chat", "c1", {"after": "the bug"})
+    assert (await bystander.next_push())["data"] == {"after": "the bug"}
+    await _still_serves(memory_relay)
 
 
-async def test_shutdown_closes_every_client_with_1001(autojump_clock: trio.abc.Clock) -> None:
+async def test_shutdown_closes_every_client_with_1001(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend
+) -> None:
     codes: list[int] = []
 
     async def watch(client: TestClient) -> None:
         code, _ = await client.wait_closed()
         codes.append(code)
 
-    backend = _backend()
     async with trio.open_nursery() as watchers:
-        async with open_memory_relay(backend, pin=PIN) as memory:
+        async with open_memory_relay(memory_backend, pin=PIN) as memory:
             for _ in range(10):
                 client = await memory.connect(authenticate=PIN)
                 await client.subscribe("chat", "c1")
@@ -264,7 +264,7 @@ async def test_shutdown_closes_every_client_with_1001(autojump_clock: trio.abc.C
             start = trio.current_time()
         assert trio.current_time() - start < 1  # nobody waited for a timeout
     assert codes == [CloseCode.GOING_AWAY] * 10  # and nobody saw 1006
-    assert backend.feeds_closed == backend.feeds_opened
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened
 
 
 # --- TCP resets over real loopback ------------------------------------------------------------
@@ -278,9 +278,10 @@ async def _reset(stream: trio.SocketStream) -> None:
 
 @pytest.mark.parametrize("when", ["before-handshake", "mid-handshake", "after-handshake",
                                   "after-auth", "mid-stream"])
-async def test_tcp_reset_at_any_point_leaves_nothing_behind(when: str) -> None:
-    backend = _backend()
-    async with open_relay(backend, pin=PIN) as relay:
+async def test_tcp_reset_at_any_point_leaves_nothing_behind(
+    when: str, memory_backend: MemoryBackend
+) -> None:
+    async with open_relay(memory_backend, pin=PIN) as relay:
         port = await relay.start_serving("127.0.0.1", 0)
         await trio.testing.wait_all_tasks_blocked()
         baseline = relay.statistics()
@@ -299,7 +300,7 @@ async def test_tcp_reset_at_any_point_leaves_nothing_behind(when: str) -> None:
                             await trio.sleep(0.01)
                 if when == "mid-stream":
                     for n in range(200):
-                        backend.emit("chat", "c1", {"n": n, "pad": "x" * 1000})
+                        memory_backend.emit("chat", "c1", {"n": n, "pad": "x" * 1000})
             await trio.sleep(0.01)  # let the relay get to the point being tested
             await _reset(stream)
             nursery.cancel_scope.cancel()
@@ -307,7 +308,7 @@ async def test_tcp_reset_at_any_point_leaves_nothing_behind(when: str) -> None:
             # (The chat's replay buffer is kept for resume_grace; everything else goes now.)
             while attrs.evolve(relay.statistics(), kept_histories=0) != baseline:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        assert backend.open_feeds == {}
+        assert memory_backend.open_feeds == {}
         # The relay is unharmed: the next client is served.
         async with trio.open_nursery() as nursery:
             fresh = await trio.open_tcp_stream("127.0.0.1", port)

@@ -20,6 +20,7 @@ from trio_relay._protocol import (
     AuthRequest,
     AuthRequired,
     AuthSuccess,
+    CancelRequest,
     CreateRequest,
     DataReply,
     ErrorReply,
@@ -871,6 +872,8 @@ def to_wire(request: Request, include_empty: bool) -> dict[str, Any]:
     elif isinstance(request, SendRequest):
         wire["resourceId"] = request.resource_id
         wire["message"] = request.message
+    elif isinstance(request, CancelRequest):
+        wire["resourceId"] = request.resource_id
     else:
         wire["resource"] = request.resource
         wire["resourceId"] = request.resource_id

@@ -5,130 +5,131 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from trio_relay import RelayConfig
-from trio_relay.testing import MemoryBackend, MemoryRelay, TestClient, open_memory_relay
+from trio_relay.testing import (
+    DEFAULT_PIN,
+    MemoryBackend,
+    MemoryRelay,
+    TestClient,
+    open_memory_relay,
+)
 
-PIN = "1234"
+PIN = DEFAULT_PIN  # the memory_relay fixture's
 Frame = dict[str, Any]
 
 
-def _backend() -> MemoryBackend:
+@pytest.fixture
+def memory_backend() -> MemoryBackend:
     backend = MemoryBackend()
     backend.add_chat("p1", "c1")
     return backend
 
 
-async def _pushes(client: TestClient, count: int) -> list[Frame]:
-    return [await client.next_push() for _ in range(count)]
-
-
 async def _resume(memory: MemoryRelay, since: int, epoch: str | None) -> tuple[TestClient, Frame]:
+    """A new connection that resumes c1 from ``since`` of ``epoch``."""
     client = await memory.connect(authenticate=PIN)
-    fields: dict[str, Any] = {"resource": "chat", "resourceId": "c1", "sinceSeq": since}
-    if epoch is not None:
-        fields["epoch"] = epoch
-    reply = await client.request("subscribe", **fields)
-    assert reply["type"] == "subscribed", reply
-    return client, reply
+    return client, await client.subscribe("chat", "c1", since_seq=since, epoch=epoch)
 
 
 def _numbers(pushes: list[Frame]) -> list[int]:
     return [p["data"]["n"] for p in pushes]
 
 
-async def test_subscribed_carries_seq_and_epoch(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as memory:
-        a = await memory.connect(authenticate=PIN)
-        b = await memory.connect(authenticate=PIN)
-        first, second = await a.subscribe("chat", "c1"), await b.subscribe("chat", "c1")
-        assert isinstance(first["epoch"], str) and first["epoch"]
-        assert second["epoch"] == first["epoch"]  # one sequence per resource
-        assert "reset" not in first and "resumed" not in first
+async def test_subscribed_carries_seq_and_epoch(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    a = await memory_relay.connect(authenticate=PIN)
+    b = await memory_relay.connect(authenticate=PIN)
+    first, second = await a.subscribe("chat", "c1"), await b.subscribe("chat", "c1")
+    assert isinstance(first["epoch"], str) and first["epoch"]
+    assert second["epoch"] == first["epoch"]  # one sequence per resource
+    assert "reset" not in first and "resumed" not in first
 
 
 async def test_reconnect_resumes_with_exactly_the_missed_pushes(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        watcher = await memory.connect(authenticate=PIN)
-        await watcher.subscribe("chat", "c1")  # keeps the broadcaster alive
-        client = await memory.connect(authenticate=PIN)
-        reply = await client.subscribe("chat", "c1")
-        for n in range(3):
-            backend.emit("chat", "c1", {"n": n})
-        seen = await _pushes(client, 3)
-        last_seq, epoch = seen[-1]["seq"], reply["epoch"]
-        await client.abort()  # a blip
-        for n in range(3, 8):
-            backend.emit("chat", "c1", {"n": n})
-        again, resumed = await _resume(memory, last_seq, epoch)
-        assert resumed == {"id": resumed["id"], "type": "subscribed", "resource": "chat",
-                           "resourceId": "c1", "seq": last_seq, "epoch": epoch,
-                           "resumed": True}
-        backend.emit("chat", "c1", {"n": 8})
-        missed = await _pushes(again, 6)
-        assert _numbers(missed) == [3, 4, 5, 6, 7, 8]
-        assert [p["seq"] for p in missed] == list(range(last_seq + 1, last_seq + 7))
-        await again.assert_no_push()
-        # The very same frames the uninterrupted subscriber got.
-        assert missed == (await _pushes(watcher, 9))[3:]
+    watcher = await memory_relay.connect(authenticate=PIN)
+    await watcher.subscribe("chat", "c1")  # keeps the broadcaster alive
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    for n in range(3):
+        memory_backend.emit("chat", "c1", {"n": n})
+    seen = await client.next_pushes(3)
+    last_seq, epoch = seen[-1]["seq"], reply["epoch"]
+    await client.abort()  # a blip
+    for n in range(3, 8):
+        memory_backend.emit("chat", "c1", {"n": n})
+    again, resumed = await _resume(memory_relay, last_seq, epoch)
+    assert resumed == {"id": resumed["id"], "type": "subscribed", "resource": "chat",
+                       "resourceId": "c1", "seq": last_seq, "epoch": epoch,
+                       "resumed": True}
+    memory_backend.emit("chat", "c1", {"n": 8})
+    missed = await again.next_pushes(6)
+    assert _numbers(missed) == [3, 4, 5, 6, 7, 8]
+    assert [p["seq"] for p in missed] == list(range(last_seq + 1, last_seq + 7))
+    await again.assert_no_push()
+    # The very same frames the uninterrupted subscriber got.
+    assert missed == (await watcher.next_pushes(9))[3:]
 
 
-async def test_the_lone_subscriber_blip_resumes(autojump_clock: trio.abc.Clock) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        client = await memory.connect(authenticate=PIN)
-        reply = await client.subscribe("chat", "c1")
-        backend.emit("chat", "c1", {"n": 0})
-        seq = (await client.next_push())["seq"]
-        await client.abort()
-        await trio.testing.wait_all_tasks_blocked()
-        # The upstream is closed at once; the numbering and replay buffer are kept.
-        assert backend.open_feeds == {}
-        assert memory.relay.statistics().kept_histories == 1
-        await trio.sleep(5)  # a short blip, well inside resume_grace
-        again, resumed = await _resume(memory, seq, reply["epoch"])
-        assert resumed.get("resumed") is True and resumed["epoch"] == reply["epoch"]
-        assert backend.feeds_opened == 2  # a fresh upstream, continuing the old numbering
-        backend.emit("chat", "c1", {"n": 1})
-        push = await again.next_push()
-        assert (push["seq"], push["data"]) == (seq + 1, {"n": 1})
-        assert memory.relay.statistics().kept_histories == 0
+async def test_the_lone_subscriber_blip_resumes(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    memory_backend.emit("chat", "c1", {"n": 0})
+    seq = (await client.next_push())["seq"]
+    await client.abort()
+    await trio.testing.wait_all_tasks_blocked()
+    # The upstream is closed at once; the numbering and replay buffer are kept.
+    assert memory_backend.open_feeds == {}
+    assert memory_relay.relay.statistics().kept_histories == 1
+    await trio.sleep(5)  # a short blip, well inside resume_grace
+    again, resumed = await _resume(memory_relay, seq, reply["epoch"])
+    assert resumed.get("resumed") is True and resumed["epoch"] == reply["epoch"]
+    assert memory_backend.feeds_opened == 2  # a fresh upstream, continuing the old numbering
+    memory_backend.emit("chat", "c1", {"n": 1})
+    push = await again.next_push()
+    assert (push["seq"], push["data"]) == (seq + 1, {"n": 1})
+    assert memory_relay.relay.statistics().kept_histories == 0
 
 
 async def test_a_change_while_nobody_watched_means_a_reset(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
 ) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        client = await memory.connect(authenticate=PIN)
-        reply = await client.subscribe("chat", "c1")
-        await client.abort()
-        await trio.testing.wait_all_tasks_blocked()
-        # Stored while no feed was open: the relay could not have recorded it as a push.
-        message = backend.add_message("c1", "written during the blip")
-        _, fresh = await _resume(memory, reply["seq"], reply["epoch"])
-        assert fresh["reset"] is True
-        assert fresh["epoch"] != reply["epoch"]
-        assert fresh["data"] == {"messages": [message]}
-        assert "resumed" not in fresh
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    await client.abort()
+    await trio.testing.wait_all_tasks_blocked()
+    # Stored while no feed was open: the relay could not have recorded it as a push.
+    message = memory_backend.add_message("c1", "written during the blip")
+    _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert fresh["reset"] is True
+    assert fresh["epoch"] != reply["epoch"]
+    assert fresh["data"] == {"messages": [message]}
+    assert "resumed" not in fresh
 
 
 async def test_unknown_epoch_or_unserviceable_seq_gets_a_fresh_snapshot(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = _backend()
     config = RelayConfig(replay_buffer_size=4)
-    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
         watcher = await memory.connect(authenticate=PIN)
         epoch = (await watcher.subscribe("chat", "c1"))["epoch"]
         for n in range(10):
-            backend.emit("chat", "c1", {"n": n})
-        await _pushes(watcher, 10)
+            memory_backend.emit("chat", "c1", {"n": n})
+        await watcher.next_pushes(10)
         cases = [
             (9, "not-this-epoch"),  # a restarted relay, another resource's epoch, ...
             (9, None),  # sinceSeq without an epoch: nothing to vouch for
@@ -145,44 +146,42 @@ async def test_unknown_epoch_or_unserviceable_seq_gets_a_fresh_snapshot(
         # The oldest seq still buffered resumes exactly.
         client, reply = await _resume(memory, 6, epoch)
         assert reply.get("resumed") is True
-        assert _numbers(await _pushes(client, 4)) == [6, 7, 8, 9]
+        assert _numbers(await client.next_pushes(4)) == [6, 7, 8, 9]
 
 
 async def test_pushes_older_than_replay_max_age_are_not_replayed(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = _backend()
     config = RelayConfig(replay_max_age=60, ping_interval=1000, ping_timeout=1000)
-    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
         watcher = await memory.connect(authenticate=PIN)
         epoch = (await watcher.subscribe("chat", "c1"))["epoch"]
-        backend.emit("chat", "c1", {"n": 0})
+        memory_backend.emit("chat", "c1", {"n": 0})
         await trio.sleep(61)
-        backend.emit("chat", "c1", {"n": 1})
-        await _pushes(watcher, 2)
+        memory_backend.emit("chat", "c1", {"n": 1})
+        await watcher.next_pushes(2)
         _, reply = await _resume(memory, 0, epoch)
         assert reply["reset"] is True
         client, reply = await _resume(memory, 1, epoch)
         assert reply.get("resumed") is True
-        assert _numbers(await _pushes(client, 1)) == [1]
+        assert _numbers(await client.next_pushes(1)) == [1]
         await client.assert_no_push()
 
 
 async def test_kept_replay_buffer_is_freed_after_the_grace_period(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
-    backend = _backend()
     config = RelayConfig(resume_grace=30)
-    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
-        await trio.testing.wait_all_tasks_blocked()
-        baseline = memory.relay.statistics()
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
+        baseline = await memory.quiet_statistics()
         client = await memory.connect(authenticate=PIN)
         reply = await client.subscribe("chat", "c1")
-        backend.emit("chat", "c1", {"n": 0})
+        memory_backend.emit("chat", "c1", {"n": 0})
         seq = (await client.next_push())["seq"]
         await client.close()
-        await trio.testing.wait_all_tasks_blocked()
-        kept = memory.relay.statistics()
+        kept = await memory.quiet_statistics()
         assert kept.kept_histories == 1
         assert kept.tasks == baseline.tasks  # kept by data and a deadline, not by a task
         await trio.sleep(30.5)
@@ -192,72 +191,70 @@ async def test_kept_replay_buffer_is_freed_after_the_grace_period(
         assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
 
 
-async def test_a_completed_upstream_is_not_resumed(autojump_clock: trio.abc.Clock) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        client = await memory.connect(authenticate=PIN)
-        reply = await client.subscribe("chat", "c1")
-        backend.end_feeds("chat", "c1")
-        final = await client.next_push()
-        assert final["data"] == {"completed": True}
-        await trio.testing.wait_all_tasks_blocked()
-        assert memory.relay.statistics().kept_histories == 0
-        _, fresh = await _resume(memory, reply["seq"], reply["epoch"])
-        assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
+async def test_a_completed_upstream_is_not_resumed(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    memory_backend.end_feeds("chat", "c1")
+    final = await client.next_push()
+    assert final["data"] == {"completed": True}
+    assert (await memory_relay.quiet_statistics()).kept_histories == 0
+    _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
 
 
-async def test_many_reconnects_leave_nothing_behind(autojump_clock: trio.abc.Clock) -> None:
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        await trio.testing.wait_all_tasks_blocked()
-        baseline = memory.relay.statistics()
-        client = await memory.connect(authenticate=PIN)
-        reply = await client.subscribe("chat", "c1")
-        seq, epoch, received = reply["seq"], reply["epoch"], []
-        for n in range(50):
-            backend.emit("chat", "c1", {"n": n})
-            push = await client.next_push()
-            received.append(push["data"]["n"])
-            seq = push["seq"]
-            if n % 5 == 4:
-                await client.abort()
-                client, resumed = await _resume(memory, seq, epoch)
-                assert resumed.get("resumed") is True
-        assert received == list(range(50))
-        await client.close()
-        await trio.sleep(memory.relay.config.resume_grace + 1)
-        assert memory.relay.statistics() == baseline
-        assert backend.open_feeds == {}
-        assert backend.feeds_closed == backend.feeds_opened
+async def test_many_reconnects_leave_nothing_behind(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    seq, epoch, received = reply["seq"], reply["epoch"], []
+    for n in range(50):
+        memory_backend.emit("chat", "c1", {"n": n})
+        push = await client.next_push()
+        received.append(push["data"]["n"])
+        seq = push["seq"]
+        if n % 5 == 4:
+            await client.abort()
+            client, resumed = await _resume(memory_relay, seq, epoch)
+            assert resumed.get("resumed") is True
+    assert received == list(range(50))
+    await client.close()
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    assert memory_relay.relay.statistics() == baseline
+    assert memory_backend.open_feeds == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened
 
 
-async def test_the_seed_client_is_unaffected(autojump_clock: trio.abc.Clock) -> None:
+async def test_the_seed_client_is_unaffected(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
     # The seed's client sends no sinceSeq and reads only data; extra fields cost it nothing.
-    backend = _backend()
-    async with open_memory_relay(backend, pin=PIN) as memory:
-        client = await memory.connect(authenticate=PIN)
-        await client.send({"id": "sub-chat-1", "type": "subscribe", "resource": "chat",
-                           "resourceId": "c1"})
-        reply = await client.reply_to("sub-chat-1")
-        assert reply["data"] == {"messages": []}
-        assert "reset" not in reply and "resumed" not in reply
+    client = await memory_relay.connect(authenticate=PIN)
+    await client.send({"id": "sub-chat-1", "type": "subscribe", "resource": "chat",
+                       "resourceId": "c1"})
+    reply = await client.reply_to("sub-chat-1")
+    assert reply["data"] == {"messages": []}
+    assert "reset" not in reply and "resumed" not in reply
 
 
 async def test_a_replay_larger_than_the_outbound_queue_is_a_reset(
     autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
 ) -> None:
     # Otherwise the replay itself would overflow the queue: 1013 on every reconnect.
-    backend = _backend()
     config = RelayConfig(outbound_queue_size=8)
-    async with open_memory_relay(backend, pin=PIN, config=config) as memory:
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
         watcher = await memory.connect(authenticate=PIN)
         epoch = (await watcher.subscribe("chat", "c1"))["epoch"]
         for n in range(12):
-            backend.emit("chat", "c1", {"n": n})
+            memory_backend.emit("chat", "c1", {"n": n})
             await watcher.next_push()
         client, reply = await _resume(memory, 0, epoch)  # 12 missed: more than fit
         assert reply["reset"] is True and reply["seq"] == 12
         await client.assert_no_push()
         client, reply = await _resume(memory, 6, epoch)  # 6 missed: they fit
         assert reply.get("resumed") is True
-        assert _numbers(await _pushes(client, 6)) == [6, 7, 8, 9, 10, 11]
+        assert _numbers(await client.next_pushes(6)) == [6, 7, 8, 9, 10, 11]

@@ -4,7 +4,6 @@ Real time here, each wait bounded."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,7 +11,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ import pytest
 import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
-from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from trio_relay import Relay, RelayConfig, RelayStatistics, open_relay
 from trio_relay._cli import main, server_ssl_context
-from trio_relay.testing import MemoryBackend
+from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
@@ -77,41 +75,14 @@ async def serve_tls(relay: Relay, certs: Certs) -> AsyncIterator[int]:
         nursery.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def open_wss(port: int, context: ssl.SSLContext) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client over TLS that owns (and closes) its stream, as in test_e2e."""
-    stream = await trio.open_ssl_over_tcp_stream(
-        "127.0.0.1", port, ssl_context=context, https_compatible=True
-    )
-    try:
-        # The TLS handshake first: trio-websocket's client waits forever if it fails.
-        await stream.do_handshake()
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
-            try:
-                yield ws
-            finally:
-                await ws.aclose()
-    finally:
-        await stream.aclose()
+def open_wss(port: int, context: ssl.SSLContext) -> AbstractAsyncContextManager[TestClient]:
+    return open_loopback_client(f"wss://127.0.0.1:{port}/ws", ssl_context=context)
 
 
-async def _send(ws: WebSocketConnection, frame: Frame) -> None:
-    await ws.send_message(json.dumps(frame))
-
-
-async def _receive(ws: WebSocketConnection) -> Frame:
-    with trio.fail_after(WAIT):
-        text = await ws.get_message()
-    assert isinstance(text, str)
-    frame: Frame = json.loads(text)
-    return frame
-
-
-async def _login(ws: WebSocketConnection, pin: str = PIN) -> Frame:
-    assert await _receive(ws) == {"id": None, "type": "auth_required"}
-    await _send(ws, {"id": "auth-1", "type": "auth", "pin": pin})
-    return await _receive(ws)
+async def _login(ws: TestClient, pin: str = PIN) -> Frame:
+    assert await ws.receive() == {"id": None, "type": "auth_required"}
+    await ws.send({"id": "auth-1", "type": "auth", "pin": pin})
+    return await ws.receive()
 
 
 def _held(statistics: RelayStatistics) -> dict[str, int]:
@@ -140,11 +111,11 @@ async def test_a_client_that_trusts_the_ca_authenticates_subscribes_and_gets_pus
             async with open_wss(port, _client_context(certs)) as ws:
                 reply = await _login(ws)
                 assert reply["type"] == "auth_success"
-                await _send(ws, {"id": "s", "type": "subscribe", "resource": "chat",
-                                 "resourceId": "c1"})
-                assert (await _receive(ws))["type"] == "subscribed"
+                await ws.send({"id": "s", "type": "subscribe", "resource": "chat",
+                               "resourceId": "c1"})
+                assert (await ws.receive())["type"] == "subscribed"
                 await relay.send("c1", "over TLS")
-                push = await _receive(ws)
+                push = await ws.receive()
                 assert push["data"]["message"]["content"] == "over TLS"
                 assert relay.statistics().authenticated_connections == 1
             await _idle(relay, baseline)
