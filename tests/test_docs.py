@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, get_args
 import attrs
 import pytest
 
-from trio_relay import RelayStatistics
+from trio_relay import RelayConfig, RelayStatistics
 from trio_relay._protocol import _REQUEST_TYPES, _WIRE_NAMES, ProtocolError, Reply, decode, encode
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -134,3 +134,9 @@ def test_the_embedding_doc_lists_every_statistic() -> None:
     text = (DOCS / "embedding.md").read_text(encoding="utf-8")
     for field in attrs.fields(RelayStatistics):
         assert f"| `{field.name}` |" in text, field.name
+
+
+def test_security_doc_lists_every_limit_with_its_default() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
+    for field in attrs.fields(RelayConfig):
+        assert f"| `{field.name}` | `{field.default!r}` |" in text, field.name
