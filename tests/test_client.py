@@ -40,6 +40,7 @@ from trio_relay.client import (
     ModelProfilesChanged,
     Other,
     RelayClient,
+    ReplyCancelled,
     ReplyStarted,
     RequestRejected,
     RequestTimeout,
@@ -887,3 +888,21 @@ def test_the_documented_test_and_helpers_run() -> None:
     assert apply([], MessageAdded({"id": 3})) == [{"id": 3}]
     for name in ("send_or_explain", "show_connection"):
         assert callable(_load(next(c for c in code if f"def {name}(" in c))[name])
+
+
+async def test_a_cancelled_reply_is_typed_and_leaves_the_mirror(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    async with open_memory_relay(backend, pin="1234") as relay:
+        async with open_relay_client(relay.url, pin="1234", connect=relay.connector()) as client:
+            async with client.subscribe("chat", "c1") as chat, open_mirror(
+                client, chat_ids=["c1"]
+            ) as mirror:
+                backend.emit("chat", "c1", {"type": "reply_started", "messageId": "m1"})
+                backend.emit("chat", "c1", {"type": "chunk", "messageId": "m1", "text": "par"})
+                backend.emit("chat", "c1", {"type": "cancelled", "messageId": "m1"})
+                events = [await chat.__anext__() for _ in range(3)]
+                assert events[-1] == ReplyCancelled("m1", seq=events[-1].seq)
+                await mirror.wait_for(lambda m: not m.streaming.get("c1"))

@@ -75,6 +75,7 @@ __all__ = [
     "Other",
     "RelayClient",
     "RelayClientError",
+    "ReplyCancelled",
     "ReplyStarted",
     "RequestRejected",
     "RequestTimeout",
@@ -310,6 +311,14 @@ class AgentError:
 
 
 @attrs.frozen
+class ReplyCancelled:
+    """chat: a ``cancel`` stopped the agent's reply; nothing is stored for it."""
+
+    message_id: str | None
+    seq: int | None = attrs.field(default=None, kw_only=True)
+
+
+@attrs.frozen
 class ChatCreated:
     """project: a chat was created."""
 
@@ -367,8 +376,8 @@ class Other:
 
 
 Event: TypeAlias = (
-    MessageAdded | ReplyStarted | Chunk | AgentError | ChatCreated | ChatRenamed | ChatDeleted
-    | ModelProfilesChanged | Reset | Completed | Other
+    MessageAdded | ReplyStarted | Chunk | AgentError | ReplyCancelled | ChatCreated
+    | ChatRenamed | ChatDeleted | ModelProfilesChanged | Reset | Completed | Other
 )
 
 
@@ -391,6 +400,8 @@ def parse_event(resource: str, data: JSON, seq: int | None = None) -> Event:
             message_id is None or isinstance(message_id, str)
         ):
             return AgentError(message_id, data["error"], seq=seq)
+        if kind == "cancelled" and (message_id is None or isinstance(message_id, str)):
+            return ReplyCancelled(message_id, seq=seq)
     elif resource == "project":
         if kind == "chat_created" and isinstance(data.get("chat"), dict):
             return ChatCreated(data["chat"], seq=seq)
@@ -1537,6 +1548,12 @@ class SyncedMirror:
             if event.message_id is not None:
                 self.streaming.get(resource_id, {}).pop(event.message_id, None)
                 self.agent_errors.setdefault(resource_id, {})[event.message_id] = event.error
+        elif isinstance(event, ReplyCancelled):
+            streams = self.streaming.get(resource_id, {})
+            if event.message_id is not None:
+                streams.pop(event.message_id, None)
+            else:  # a backend that does not say which: the chat runs one reply at a time
+                streams.clear()
         elif isinstance(event, (ChatCreated, ChatRenamed)):
             chat_id = event.chat.get("id")
             if isinstance(chat_id, str):

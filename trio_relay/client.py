@@ -32,6 +32,7 @@ from ._client import ModelProfilesChanged as ModelProfilesChanged
 from ._client import Other as Other
 from ._client import RelayClient as RelayClient
 from ._client import RelayClientError as RelayClientError
+from ._client import ReplyCancelled as ReplyCancelled
 from ._client import ReplyStarted as ReplyStarted
 from ._client import RequestRejected as RequestRejected
 from ._client import RequestTimeout as RequestTimeout
@@ -65,6 +66,7 @@ __all__ = [
     "Other",
     "RelayClient",
     "RelayClientError",
+    "ReplyCancelled",
     "ReplyStarted",
     "RequestRejected",
     "RequestTimeout",
