@@ -906,3 +906,21 @@ async def test_a_cancelled_reply_is_typed_and_leaves_the_mirror(
                 events = [await chat.__anext__() for _ in range(3)]
                 assert events[-1] == ReplyCancelled("m1", seq=events[-1].seq)
                 await mirror.wait_for(lambda m: not m.streaming.get("c1"))
+
+
+async def test_cancel_reply_and_create_with_a_profile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    backend.add_project("p1")
+    backend.set_model_profiles([{"id": "echo"}, {"id": "slow"}])
+    async with open_memory_relay(backend, pin="1234") as relay:
+        async with open_relay_client(relay.url, pin="1234", connect=relay.connector()) as client:
+            chat = await client.create_chat("p1", "T", model_profile_id="slow")
+            assert chat["modelProfileId"] == "slow"
+            assert await client.cancel_reply(chat["id"]) is False
+            backend.replying.add(chat["id"])
+            assert await client.cancel_reply(chat["id"]) is True
+            with pytest.raises(RequestRejected) as refused:
+                await client.cancel_reply("nope")
+            assert refused.value.code == "not_found"

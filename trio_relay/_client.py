@@ -824,6 +824,13 @@ class RelayClient:
 
     # --- requests ---------------------------------------------------------------------------
 
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the agent's reply running in a chat; True if one was running. Its
+        subscribers get `ReplyCancelled`."""
+        reply = await self._request({"type": "cancel", "resourceId": chat_id}, retry=False)
+        data = self._expect_data(reply)
+        return bool(isinstance(data, dict) and data.get("cancelled"))
+
     async def send(self, chat_id: str, message: JSON) -> None:
         """Send a message to a chat; returns once the backend accepted it.
 
@@ -835,11 +842,19 @@ class RelayClient:
         )
         self._expect_data(reply)
 
-    async def create_chat(self, project_id: str, title: str | None = None) -> JSON:
-        """Create a chat in a project; returns the new chat object."""
+    async def create_chat(
+        self, project_id: str, title: str | None = None, model_profile_id: str | None = None
+    ) -> JSON:
+        """Create a chat in a project, answered by the agent of ``model_profile_id`` (None:
+        the relay's default); returns the new chat object."""
         fields: Frame = {"type": "create", "resource": "chat", "resourceId": project_id}
+        message: Frame = {}
         if title is not None:
-            fields["message"] = {"title": title}
+            message["title"] = title
+        if model_profile_id is not None:
+            message["modelProfileId"] = model_profile_id
+        if message:
+            fields["message"] = message
         reply = await self._request(fields, retry=False)
         data = self._expect_data(reply)
         chat = data.get("chat") if isinstance(data, dict) else None
