@@ -20,6 +20,7 @@ from trio_relay._settings import (
     all_settings,
     flag_values,
     load_settings,
+    unknown_variables,
 )
 
 DOCS = Path(__file__).parent.parent / "docs" / "operations.md"
@@ -381,3 +382,9 @@ def test_the_operations_doc_lists_every_setting() -> None:
         assert default.replace("`", "").startswith(setting.default_text.replace("`", "")), (
             setting.key)
         assert meaning
+
+
+def test_unknown_trio_relay_variables_are_named_never_their_values() -> None:
+    environ = {"TRIO_RELAY_PIN": "1", "TRIO_RELAY_MAX_MESAGE_SIZE": "9", "HOME": "/x",
+               "TRIO_RELAY_PORTT": "secret"}
+    assert unknown_variables(environ) == ["TRIO_RELAY_MAX_MESAGE_SIZE", "TRIO_RELAY_PORTT"]

@@ -25,6 +25,7 @@ from ._settings import (
     check_programs,
     flag_values,
     load_settings,
+    unknown_variables,
 )
 
 if TYPE_CHECKING:
@@ -172,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level)
+        for name in unknown_variables(os.environ):
+            logger.warning("ignoring {}: no setting has that name", name)
         for key, problem in check_programs(settings):
             logger.warning("{}: {}: {}", args.config, key, problem)
         pin = settings.pin or f"{secrets.randbelow(10**6):06d}"

@@ -57,6 +57,7 @@ else:
 
 __all__ = [
     "ENV_PREFIX",
+    "unknown_variables",
     "LOG_LEVELS",
     "CommandProfile",
     "EchoProfile",
@@ -587,6 +588,13 @@ def _dotted(path: _Path) -> str:
     """A key path as the messages show it: ``relay.max_message_size``, ``model_profiles[1].id``."""
     return "".join(part if part.startswith("[") or i == 0 else f".{part}"
                    for i, part in enumerate(path))
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``TRIO_RELAY_*`` variables that name no setting: most likely typos, which would
+    otherwise be ignored without a word. Names only; a value may be a secret."""
+    known = {setting.env for setting in all_settings()}
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 
 def load_settings(
