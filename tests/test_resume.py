@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_relay import RelayConfig
+from trio_relay import BackendError, RelayConfig
 from trio_relay.testing import (
     DEFAULT_PIN,
     MemoryBackend,
@@ -258,3 +258,29 @@ async def test_a_replay_larger_than_the_outbound_queue_is_a_reset(
         client, reply = await _resume(memory, 6, epoch)  # 6 missed: they fit
         assert reply.get("resumed") is True
         assert _numbers(await client.next_pushes(6)) == [6, 7, 8, 9, 10, 11]
+
+
+async def test_a_failed_restart_keeps_the_history_for_resuming(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
+) -> None:
+    # A broadcaster that was to continue a kept history but could not start (the backend
+    # failed once) must not throw that history away.
+    alice = await memory_relay.connect(authenticate=PIN)
+    first = await alice.subscribe("chat", "c1")
+    memory_backend.emit("chat", "c1", {"n": 0})
+    seq = (await alice.next_push())["seq"]
+    await alice.abort()
+    assert (await memory_relay.quiet_statistics()).kept_histories == 1
+    memory_backend.faults["watch_chat"] = BackendError("down for a moment")
+    bob = await memory_relay.connect(authenticate=PIN)
+    refused = await bob.request("subscribe", resource="chat", resourceId="c1")
+    assert (refused["type"], refused["code"]) == ("error", "backend_error")
+    assert (await memory_relay.quiet_statistics()).kept_histories == 1
+    del memory_backend.faults["watch_chat"]
+    again = await memory_relay.connect(authenticate=PIN)
+    reply = await again.subscribe("chat", "c1", since_seq=seq, epoch=first["epoch"])
+    assert reply.get("resumed") is True
+    # And it is still freed when its original grace period ends.
+    await again.close()
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    assert (await memory_relay.quiet_statistics()).kept_histories == 0

@@ -175,6 +175,8 @@ class Broadcaster:
         self._final: Push | None = None
         self._advanced = trio.Event()
         self._continues = continues
+        #: When the history it continues would have been forgotten (set by the relay).
+        self.kept_until = math.inf
         #: This resource's numbering (replaced once started, unless it continues a kept one).
         self.history = StreamHistory(replay_size, replay_max_age)
         # The newest snapshot and the seq it is current to, reused while no change happens so
@@ -190,6 +192,12 @@ class Broadcaster:
     def version(self) -> int | None:
         """Version of the last change seen (or of the first snapshot); None if unversioned."""
         return self.history.version
+
+    @property
+    def unstarted_history(self) -> StreamHistory | None:
+        """The kept history it was to continue, if it never got to (its start failed or was
+        cancelled): the relay keeps it again rather than lose resumability."""
+        return self._continues
 
     @property
     def resumable(self) -> bool:

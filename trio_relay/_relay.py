@@ -421,6 +421,8 @@ class Relay:
                 on_done=self._broadcaster_done,
                 continues=kept[0] if kept is not None else None,
             )
+            if kept is not None:
+                broadcaster.kept_until = kept[1]
             self._broadcasters[key] = broadcaster
             self._nursery.start_soon(broadcaster.run, name=f"broadcaster {key}")
         broadcaster.add(subscriber)
@@ -432,10 +434,17 @@ class Relay:
     def _broadcaster_done(self, broadcaster: Broadcaster) -> None:
         if self._broadcasters.get(broadcaster.key) is broadcaster:
             del self._broadcasters[broadcaster.key]
-        if broadcaster.resumable and not self._closing:
+        if self._closing:
+            return
+        if broadcaster.resumable:
             # Its last subscriber left: keep its history a while for clients that come back.
             expiry = trio.current_time() + self.config.resume_grace
             self._kept[broadcaster.key] = (broadcaster.history, expiry)
+            self._kept_changed.set()
+        elif broadcaster.unstarted_history is not None and broadcaster.key not in self._kept:
+            # It failed (or was cancelled) before continuing a kept history: keep that
+            # history again, until the end of its original grace period.
+            self._kept[broadcaster.key] = (broadcaster.unstarted_history, broadcaster.kept_until)
             self._kept_changed.set()
 
     async def _forget_kept_histories(self) -> None:
