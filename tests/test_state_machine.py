@@ -4,10 +4,10 @@ Clients connect, subscribe (to chats, projects and modelProfiles that exist or n
 twice, unsubscribe, send (valid, to an unknown chat, empty), create chats, pipeline several
 requests without waiting, leave by closing or aborting (sometimes with requests in flight) and
 come back resuming with ``sinceSeq``; the host meanwhile streams output, stores messages,
-creates chats, changes the model profiles, completes upstreams, and writes while a
-subscription is being set up. A model kept on the side says what every client must have seen;
-after every step the invariants compare it with what the clients received and what the relay
-holds:
+creates chats, changes the model profiles, completes or breaks upstreams, fails backend calls,
+and writes while a subscription is being set up. A model kept on the side says what every
+client must have seen; after every step the invariants compare it with what the clients
+received and what the relay holds:
 
 - every request got exactly one reply with its id, of the expected kind (a request sent just
   before its client left gets at most one);
@@ -57,7 +57,7 @@ from hypothesis.stateful import (
 )
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from trio_relay import RelayConfig, RelayStatistics, Snapshot
+from trio_relay import BackendError, RelayConfig, RelayStatistics, Snapshot
 from trio_relay._protocol import ResourceKey
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
@@ -78,6 +78,12 @@ SNAPSHOT_FIELDS = {"chat": "messages", "project": "chats", "modelProfiles": "mod
 SEND_KINDS = ("valid", "valid-object", "unknown-chat", "empty")
 #: The epoch a client that comes back sends: the one it had, none, or one that never was.
 EPOCHS = ("kept", "kept", "kept", "none", "bogus")
+#: The backend calls a subscription may need: the snapshot read and opening the feed.
+FAILING_CALLS = {
+    "chat": ("get_history", "watch_chat"),
+    "project": ("list_chats", "watch_project"),
+    "modelProfiles": ("get_model_profiles", "watch_model_profiles"),
+}
 #: What the host may write to each kind of resource while a subscription is set up.
 HOST_WRITES = {"chat": ("chunk", "message"), "project": ("chat",), "modelProfiles": ("profiles",)}
 Frame = dict[str, Any]
@@ -262,15 +268,16 @@ class Expect:
     optional: bool = False
 
     def check(self, frame: Frame, request: Frame) -> None:
-        assert frame["type"] == self.type, f"{request} was answered with {frame}"
-        if self.code is not None:
+        # ``type`` may name alternatives: "subscribed|error".
+        assert frame["type"] in self.type.split("|"), f"{request} was answered with {frame}"
+        if self.code is not None and frame["type"] == "error":
             assert frame.get("code") == self.code, f"{request} was answered with {frame}"
         if self.resource is not None:
             assert frame.get("resource") == self.resource, f"{request}: {frame}"
             assert frame.get("resourceId") == (self.resource_id or None), f"{request}: {frame}"
         if self.data is not None:
             assert frame.get("data") == self.data, f"{request} was answered with {frame}"
-        if self.type == "subscribed":
+        if frame["type"] == "subscribed":
             assert isinstance(frame.get("seq"), int), frame
             assert isinstance(frame.get("epoch"), str), frame
             resuming = "sinceSeq" in request
@@ -396,9 +403,10 @@ class RelayMachine(RuleBasedStateMachine):
         self.everyone: list[Client] = []
         self.counter = itertools.count(1)
         # What decides whether a client that comes back can resume a resource: writes while
-        # nobody watched it (the relay cannot replay them), completions of its upstream (its
+        # nobody watched it (the relay cannot replay them), ends of its upstream (its
         # numbering ends), and things the model cannot know (requests in flight as a client
-        # left: handled or not).
+        # left, handled or not; host writes racing a first subscriber; a broadcaster that
+        # failed to start).
         self.unwatched_writes: Counter[ResourceKey] = Counter()
         self.completions: Counter[ResourceKey] = Counter()
         self.uncertain: Counter[ResourceKey] = Counter()
@@ -458,6 +466,11 @@ class RelayMachine(RuleBasedStateMachine):
         self.backend.race = race
         await self._send(client, request)
         self.backend.race = None
+
+    async def _send_failing(self, client: Client, request: Frame, method: str) -> None:
+        self.backend.faults[method] = BackendError("the backend is down")
+        await self._send(client, request)
+        del self.backend.faults[method]
 
     async def _leave(self, client: Client, how: str, requests: list[Frame]) -> None:
         for request in requests:
@@ -805,17 +818,57 @@ class RelayMachine(RuleBasedStateMachine):
         self.host(self.backend.set_model_profiles, profiles)
 
     @precondition(lambda self: bool(self.watched()))
-    @rule(data=st.data())
-    def upstream_completes(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), fails=st.booleans())
+    def upstream_ends(self, data: st.DataObject, fails: bool) -> None:
+        """The upstream of a watched resource completes, or fails: every subscriber gets one
+        last push (``completed``, or an error) and is no longer subscribed."""
         key = data.draw(st.sampled_from(sorted(self.watched())), label="key")
         subscribers = [c for c in self.alive if key in c.subscriptions]
         for client in subscribers:
             del client.subscriptions[key]
         self.completions[key] += 1
-        self.host(self.backend.end_feeds, key.resource, key.resource_id)
+        error = BackendError("the upstream broke") if fails else None
+        self.host(self.backend.end_feeds, key.resource, key.resource_id, error)
         for client in subscribers:
             last = [f for f in client.frames if is_push(f) and key_of(f) == key][-1]
-            assert last["type"] == "data" and last["data"] == {"completed": True}, last
+            if fails:
+                assert last["type"] == "error" and last["code"] == "backend_error", last
+            else:
+                assert last["type"] == "data" and last["data"] == {"completed": True}, last
+
+    @rule(client=clients, data=st.data())
+    def backend_fails(self, client: Client, data: st.DataObject) -> None:
+        """One backend call the request needs raises: the request gets an error reply, and
+        nothing else changes (a subscription it replaced stays)."""
+        what = data.draw(st.sampled_from(("subscribe", "send", "create")), label="request")
+        if what == "subscribe":
+            key = data.draw(self.existing_keys(), label="key")
+            snapshot, feed = FAILING_CALLS[key.resource]
+            method = data.draw(st.sampled_from((snapshot, feed)), label="failing")
+            # The relay calls it only if it starts a broadcaster or needs a fresh snapshot, so
+            # the subscription may also succeed.
+            expect = Expect("subscribed|error", code="backend_error", resource=key.resource,
+                            resource_id=key.resource_id)
+            request = client.new_request("subscribe", expect, resource=key.resource,
+                                         **wire_id(key))
+            if key not in self.watched():
+                self.uncertain[key] += 1  # a broadcaster that fails to start drops what was kept
+        elif what == "send":
+            method, chat = "send_message", data.draw(self.chats, label="chat")
+            request = client.new_request(
+                "send", Expect("error", code="backend_error"), resourceId=chat, message="hi"
+            )
+        else:
+            method = "create_chat"
+            request = client.new_request(
+                "create", Expect("error", code="backend_error"), resource="chat",
+                resourceId=PROJECTS[0], message={"title": "Never"},
+            )
+        self.run(self._send_failing, client, request, method)
+        if what == "subscribe":
+            [reply] = [f for f in client.frames if f.get("id") == request["id"]]
+            if reply["type"] == "subscribed":
+                client.subscriptions[key] = []
 
     @rule(target=chats, client=clients, data=st.data())
     def subscribe_racing_the_host(self, client: Client, data: st.DataObject) -> Any:
