@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from _processes import alive, wait_gone
 
 from trio_relay.testing import TestClient, open_loopback_client
 
@@ -84,25 +85,6 @@ agent = "command"
 argv = ["no-such-agent-program-xyz"]
 """)
     return config
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process is running; a zombie (dead, not yet reaped by init) is not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-async def _wait_gone(pids: list[int]) -> None:
-    with trio.fail_after(WAIT):
-        while any(_alive(pid) for pid in pids):  # noqa: ASYNC110 - polls other processes
-            await trio.sleep(0.02)
 
 
 async def _read_pids(path: Path) -> list[int]:
@@ -212,23 +194,23 @@ async def test_serve_config_streams_a_command_cancels_it_and_cleans_up(tmp_path:
         await client.request("send", resourceId=hang, message="wait")
         started = await pushes_until(client, "chunk")
         pids = await _read_pids(tmp_path / "pids")
-        assert all(_alive(pid) for pid in pids)
+        assert all(alive(pid) for pid in pids)
         cancel = await client.request("cancel", resourceId=hang)
         assert cancel["data"] == {"cancelled": True}
         cancelled = (await pushes_until(client, "cancelled"))[-1]["data"]
         assert cancelled == {"type": "cancelled", "messageId": started[1]["data"]["messageId"]}
-        await _wait_gone(pids)
+        await wait_gone(pids)
 
         # A shutdown with a command running leaves nothing behind either.
         (tmp_path / "pids").unlink()
         await client.request("send", resourceId=hang, message="wait again")
         await pushes_until(client, "chunk")
         pids = await _read_pids(tmp_path / "pids")
-        assert all(_alive(pid) for pid in pids)
+        assert all(alive(pid) for pid in pids)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(WAIT):
             assert await process.wait() == 0
-        await _wait_gone(pids)
+        await wait_gone(pids)
 
     logs = log.read_text()
     assert "model profiles replaced (3 profiles)" in logs

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from _processes import alive, wait_gone
 from loguru import logger
 
 from trio_relay._agents import Agent, AgentError, CommandAgent
@@ -71,25 +72,6 @@ CAT = "import sys; sys.stdout.write(sys.stdin.read())"
 
 def command(script: str, **options: Any) -> CommandAgent:
     return CommandAgent(argv=(PY, "-c", script), **options)
-
-
-def alive(pid: int) -> bool:
-    """Whether a process is running; a zombie (dead, not yet reaped by init) is not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-async def wait_gone(pids: list[int]) -> None:
-    with trio.fail_after(WAIT):
-        while any(alive(pid) for pid in pids):  # noqa: ASYNC110 - polls other processes
-            await trio.sleep(0.02)
 
 
 def read_pids(path: Path) -> list[int]:
