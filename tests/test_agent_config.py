@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from trio_relay._agents import CommandAgent
+from trio_relay._agents import CommandAgent, SilentAgent
 from trio_relay._cli import main
 from trio_relay._echo_agent import EchoAgent
 from trio_relay._settings import (
@@ -18,6 +18,7 @@ from trio_relay._settings import (
     EchoProfile,
     ServeSettings,
     SettingsError,
+    SilentProfile,
     all_settings,
     check_programs,
     load_settings,
@@ -56,6 +57,10 @@ stop_grace = 0.5
 id = "ollama"
 agent = "command"
 argv = ["ollama", "run", "llama3.2"]
+
+[[model_profiles]]
+id = "notes"
+agent = "silent"
 """
 
 
@@ -79,7 +84,7 @@ def test_model_profiles_from_the_config_file(tmp_path: Path) -> None:
     settings = load(tmp_path, EXAMPLE)
     assert settings.port == 9000
     assert settings.model_profiles is not None
-    echo, slow, local, ollama = settings.model_profiles
+    echo, slow, local, ollama, notes = settings.model_profiles
     assert echo == EchoProfile(id="echo", name="Echo")
     assert slow == EchoProfile(id="slow-echo", chunk_delay=0.5)
     # Relative paths are relative to the file: the working directory, and a program given as
@@ -90,12 +95,14 @@ def test_model_profiles_from_the_config_file(tmp_path: Path) -> None:
         prompt="argument", history=True, timeout=120.0, max_output=5000, stop_grace=0.5,
     )
     assert ollama == CommandProfile(id="ollama", argv=("ollama", "run", "llama3.2"))
+    assert notes == SilentProfile(id="notes")
     # What clients see: never the command or its environment.
     assert [p.wire() for p in settings.model_profiles] == [
         {"id": "echo", "name": "Echo", "agent": "echo"},
         {"id": "slow-echo", "name": "slow-echo", "agent": "echo"},
         {"id": "local", "name": "Local model", "agent": "command"},
         {"id": "ollama", "name": "ollama", "agent": "command"},
+        {"id": "notes", "name": "notes", "agent": "silent"},
     ]
     agents = settings.agents()
     assert agents["slow-echo"] == EchoAgent(chunk_delay=0.5)
@@ -105,6 +112,7 @@ def test_model_profiles_from_the_config_file(tmp_path: Path) -> None:
     )
     assert isinstance(agents["local"], CommandAgent)
     assert agents["local"].env == {"MODEL": "small", "EMPTY": ""}
+    assert agents["notes"] == SilentAgent()
 
 
 def test_a_command_profiles_defaults_are_the_agents(tmp_path: Path) -> None:
@@ -136,11 +144,11 @@ def test_model_profiles_are_a_config_file_key_only() -> None:
     ("model_profiles = []\n", "model_profiles: expected at least one profile"),
     ("model_profiles = ['echo']\n", "model_profiles[0]: expected a table, got a string"),
     ("[[model_profiles]]\nid = 'x'\n",
-     'model_profiles[0].agent: must be "echo" or "command"; it is missing'),
+     'model_profiles[0].agent: must be "echo", "command" or "silent"; it is missing'),
     ("[[model_profiles]]\nid = 'x'\nagent = 'shell'\n",
-     "model_profiles[0].agent: must be \"echo\" or \"command\"; got 'shell'"),
+     "model_profiles[0].agent: must be \"echo\", \"command\" or \"silent\"; got 'shell'"),
     ("[[model_profiles]]\nid = 'x'\nagent = 1\n",
-     'model_profiles[0].agent: must be "echo" or "command"; got an integer'),
+     'model_profiles[0].agent: must be "echo", "command" or "silent"; got an integer'),
     ("[[model_profiles]]\nagent = 'echo'\n", "model_profiles[0].id: required, but missing"),
     ("[[model_profiles]]\nid = ''\nagent = 'echo'\n", "model_profiles[0].id: must not be empty"),
     ("[[model_profiles]]\nid = 'x'\nname = ''\nagent = 'echo'\n",
@@ -218,7 +226,7 @@ agent = "echo"
         "port: expected an integer, got a string",
         "model_profiles[1].argv: must name a program: expected at least one item",
         "model_profiles[1].timeout: must be positive, got -1.0",
-        "model_profiles[2].agent: must be \"echo\" or \"command\"; got 'robot'",
+        "model_profiles[2].agent: must be \"echo\", \"command\" or \"silent\"; got 'robot'",
         "model_profiles[3].id: 'a' is already the id of model_profiles[0]",
     ])
 

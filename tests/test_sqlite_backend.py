@@ -14,6 +14,7 @@ import trio
 from loguru import logger
 from trio.testing import MockClock, wait_all_tasks_blocked
 
+from trio_relay._agents import SilentAgent
 from trio_relay._backend import Backend, BackendError, Change, NotFound
 from trio_relay._echo_agent import EchoAgent
 from trio_relay._sqlite_backend import (
@@ -435,6 +436,24 @@ class FailingAgent(EchoAgent):
     async def reply(self, content: str, emit: Any) -> str:
         emit("partial ")
         raise RuntimeError("the model fell over")
+
+
+async def test_a_silent_profiles_chats_get_no_reply(
+    backend: SqliteBackend, autojump_clock: MockClock
+) -> None:
+    profiles = [{"id": "quiet", "name": "Quiet", "agent": "silent"}]
+    await backend.set_model_profiles(profiles, agents={"quiet": SilentAgent()})
+    chat = await backend.create_chat("demo", "notes", "quiet")
+    async with backend.watch_chat(chat["id"]) as feed:
+        for text in ("one", "two", "three"):
+            await backend.send_message(chat["id"], text)
+        # Every send is exactly one push, and no reply is even queued.
+        assert not backend._queues
+        changes = [await feed.__anext__() for _ in range(3)]
+    assert types(changes) == ["message"] * 3
+    assert [c.data["message"]["content"] for c in changes] == ["one", "two", "three"]
+    history = (await backend.get_history(chat["id"])).items
+    assert [m["role"] for m in history] == ["user"] * 3
 
 
 async def test_agent_failure_is_reported_and_logged(

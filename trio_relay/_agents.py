@@ -26,7 +26,7 @@ import attrs
 import trio
 from loguru import logger
 
-__all__ = ["PROMPT_MODES", "Agent", "AgentError", "CommandAgent", "HistoryItem"]
+__all__ = ["PROMPT_MODES", "Agent", "AgentError", "CommandAgent", "HistoryItem", "SilentAgent"]
 
 #: Where a `CommandAgent` puts the message it answers: on its stdin, or as its last argument.
 PROMPT_MODES: Final = ("stdin", "argument")
@@ -46,6 +46,16 @@ class Agent(Protocol):
     async def reply(self, content: str, emit: Callable[[str], None]) -> str:
         """Stream the answer to ``content`` through ``emit``, piece by piece; return it whole."""
         ...
+
+
+@attrs.frozen
+class SilentAgent:
+    """An agent that never answers: a message sent to its chats is stored and pushed, and
+    that is all. For chats that only people write in, and for benchmarks, where every
+    ``send`` must be exactly one push."""
+
+    async def reply(self, content: str, emit: Callable[[str], None]) -> str:
+        raise AssertionError("a silent agent is never asked to reply")  # pragma: no cover
 
 
 class AgentError(Exception):

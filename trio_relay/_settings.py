@@ -11,7 +11,7 @@ private cattrs converter define everything. Every leaf field of the tree is, aut
 documented by the field's ``#:`` comment (or a ``metadata={"help": ...}`` on the field), so a
 new field gets all three, with help text, without touching this module. Fields of types with
 no text form are config-file keys only: ``model_profiles``, an array of tables, each a
-`EchoProfile` or a `CommandProfile` according to its ``agent`` key.
+`EchoProfile`, a `CommandProfile` or a `SilentProfile` according to its ``agent`` key.
 
 Every problem, whatever its source, is raised as one `SettingsError` whose message names
 where the value came from and the key: ``relay.toml: relay.max_message_size: must be
@@ -45,7 +45,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._agents import PROMPT_MODES, Agent, CommandAgent
+from ._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
 from ._config import RelayConfig
 from ._echo_agent import EchoAgent
 from ._protocol import JSON
@@ -62,6 +62,7 @@ __all__ = [
     "CommandProfile",
     "EchoProfile",
     "ModelProfile",
+    "SilentProfile",
     "ServeSettings",
     "Setting",
     "SettingsError",
@@ -209,10 +210,26 @@ class CommandProfile:
         )
 
 
+@attrs.frozen(kw_only=True)
+class SilentProfile:
+    """A ``[[model_profiles]]`` entry with ``agent = "silent"``: messages get no answer."""
+
+    id: str = attrs.field(validator=_profile_id)
+    name: str | None = attrs.field(default=None, validator=_not_empty)
+    agent: str = attrs.field(default="silent", validator=_one_of("silent"))
+
+    def wire(self) -> dict[str, JSON]:
+        """The profile as clients see it."""
+        return {"id": self.id, "name": self.name or self.id, "agent": self.agent}
+
+    def make_agent(self) -> SilentAgent:
+        return SilentAgent()
+
+
 #: One ``[[model_profiles]]`` table; its ``agent`` key says which.
-ModelProfile: TypeAlias = EchoProfile | CommandProfile
-_PROFILE_KINDS: Final[dict[str, type[EchoProfile | CommandProfile]]] = {
-    "echo": EchoProfile, "command": CommandProfile,
+ModelProfile: TypeAlias = EchoProfile | CommandProfile | SilentProfile
+_PROFILE_KINDS: Final[dict[str, type[ModelProfile]]] = {
+    "echo": EchoProfile, "command": CommandProfile, "silent": SilentProfile,
 }
 
 
@@ -490,7 +507,8 @@ def _structure_profile(value: object) -> ModelProfile:
     kind = value.get("agent")
     cls = _PROFILE_KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        names = " or ".join(f'"{name}"' for name in _PROFILE_KINDS)
+        *first, last = (f'"{name}"' for name in _PROFILE_KINDS)
+        names = f"{', '.join(first)} or {last}"
         got = "it is missing" if kind is None else f"got {_shown(kind)}"
         raise _InvalidBelow([(("agent",), f"must be {names}; {got}")])
     profile: ModelProfile = _converter.structure(value, cls)

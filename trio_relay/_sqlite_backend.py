@@ -31,7 +31,7 @@ import attrs
 import trio
 from loguru import logger
 
-from ._agents import Agent, AgentError, CommandAgent
+from ._agents import Agent, AgentError, CommandAgent, SilentAgent
 from ._backend import BackendError, Feed, NotFound, Snapshot
 from ._echo_agent import EchoAgent
 from ._hub import ChangeHub
@@ -450,7 +450,8 @@ class SqliteBackend:
             stored, chat = await self._run(write)
             self.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
             # Queued under the lock, so replies run in the order the messages were stored.
-            self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], stored["id"]))
+            if not isinstance(self.agent_for(chat["modelProfileId"]), SilentAgent):
+                self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], stored["id"]))
         logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
 
     async def create_chat(
