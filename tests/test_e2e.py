@@ -3,6 +3,7 @@ against `trio-relay serve` started as a subprocess. Real time here, each wait bo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,9 @@ async def _serve_subprocess(data_dir: Path, pin: str) -> AsyncIterator[tuple[tri
         first = await _read_line(process.stdout, buffer)
         assert first.startswith("trio-relay serving ws://127.0.0.1:"), first
         assert await _read_line(process.stdout, buffer) == "PIN: " + pin
+        assert await _read_line(process.stdout, buffer) == f"data: {data_dir}"
+        port = first.rsplit(":", 1)[1].split("/")[0]
+        assert await _read_line(process.stdout, buffer) == f"web client: http://127.0.0.1:{port}/"
         try:
             yield process, first.split()[-1]
         finally:
@@ -153,6 +157,38 @@ async def test_serve_subprocess_streams_echo_and_keeps_history(tmp_path: Path) -
             assert "ping" in contents
             assert final["content"] in contents
             assert await _stop(process, signal.SIGINT) == 0
+
+
+async def _http_get(url: str, path: str) -> bytes:
+    """One plain HTTP request over a real socket, the connection closed after it."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                              "Connection: close\r\n\r\n".encode())
+        received = b""
+        with trio.fail_after(WAIT):
+            while chunk := await stream.receive_some():
+                received += chunk
+    return received
+
+
+async def test_serve_answers_the_page_health_and_metrics_on_its_port(tmp_path: Path) -> None:
+    async with _serve_subprocess(tmp_path / "data", "24680") as (process, url):
+        page = await _http_get(url, "/")
+        assert page.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"Content-Type: text/html; charset=utf-8\r\n" in page
+        assert b'<script type="module"' in page
+        health = await _http_get(url, "/healthz")
+        assert health.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert json.loads(health.partition(b"\r\n\r\n")[2])["status"] == "ok"
+        async with open_loopback_client(url) as ws:
+            assert (await _login(ws, "24680"))["type"] == "auth_success"
+            metrics = (await _http_get(url, "/metrics")).decode()
+            assert "\ntrio_relay_connections 1\n" in metrics
+            assert "\ntrio_relay_authenticated_connections 1\n" in metrics
+        assert (await _http_get(url, "/nothing")).startswith(b"HTTP/1.1 404 Not Found\r\n")
+        assert await _stop(process, signal.SIGTERM) == 0
 
 
 async def test_serve_generates_a_pin_when_none_is_given(tmp_path: Path) -> None:

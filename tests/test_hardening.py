@@ -173,11 +173,12 @@ async def test_a_client_that_never_completes_the_handshake_is_dropped(
 @pytest.mark.parametrize(
     "garbage",
     [
-        b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n",  # plain HTTP, no upgrade
+        b"GET / HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+        b"POST /ws HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 2\r\n\r\n{}",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS ClientHello
         b"\x00\xff\xfe garbage \r\n\r\n",
     ],
-    ids=["plain-http", "tls-hello", "bytes"],
+    ids=["no-host", "post", "tls-hello", "bytes"],
 )
 async def test_plain_http_and_garbage_are_refused_at_once(
     autojump_clock: trio.abc.Clock, garbage: bytes, memory_relay: MemoryRelay

@@ -61,6 +61,8 @@ def _value(settings: ServeSettings, setting: Setting) -> Any:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, (str, Path)):
         return json.dumps(str(value))
     if isinstance(value, tuple):
@@ -179,6 +181,8 @@ def _other_value(setting: Setting) -> tuple[Any, str]:
         return setting.default * 3, repr(setting.default * 3)
     if setting.type is Path:
         return Path("/some/where.pem"), "/some/where.pem"
+    if setting.type is bool:
+        return not setting.default, str(not setting.default).lower()
     assert setting.type is str, setting
     return "something-else", "something-else"
 

@@ -123,6 +123,9 @@ async def serve(
                 print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
                                        if generated else ""), flush=True)
                 print(f"data: {data_dir}", flush=True)
+                if settings.relay.web_client:
+                    web = "http" if ssl_context is None else "https"
+                    print(f"web client: {web}://{host}:{port}/", flush=True)
                 async for signum in signals:
                     logger.info("received {}, shutting down", signal.Signals(signum).name)
                     break

@@ -94,6 +94,8 @@ class RelayConfig:
     #: Seconds a resource's numbering and replay buffer are kept after its last subscriber
     #: left, so that a lone subscriber's reconnect still resumes; then they are freed.
     resume_grace: float = attrs.field(default=30.0, validator=_positive)
+    #: Serve the web client at ``/`` (``/healthz`` and ``/metrics`` are always served).
+    web_client: bool = True
 
 
 @attrs.frozen(kw_only=True)

@@ -86,6 +86,7 @@ class _WebSubscription:
         self.detach: Callable[[], None] = self.cancel_scope.cancel
 
     def deliver(self, push: Push) -> None:
+        self.connection.relay.counters["pushes_sent"] += 1
         self.connection.push(push.text)
 
     def end(self, push: Push) -> None:

@@ -29,6 +29,7 @@ from ._backend import Backend, Feed, Snapshot
 from ._broadcaster import Broadcaster, Push, StreamHistory, SubscribeFailed, Subscriber, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
+from ._http import MetricsView, WebFiles, serve_http
 from ._limits import PinGuard
 from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
 from ._transport import OwnedStream
@@ -185,8 +186,9 @@ class Relay:
         self._closing = False
         self._started_at = trio.current_time()
         self.counters: dict[str, int] = {
-            "slow_closes": 0, "failed_pins": 0, "backend_errors": 0,
+            "pushes_sent": 0, "slow_closes": 0, "failed_pins": 0, "backend_errors": 0,
         }
+        self._web_files = WebFiles.load() if config.web_client else None
 
     def __repr__(self) -> str:
         return f"<Relay connections={len(self._connections)}>"
@@ -275,7 +277,7 @@ class Relay:
                 with trio.move_on_after(self.config.handshake_timeout) as handshake:
                     # A bad handshake makes trio-websocket answer 400 and close: stop waiting.
                     owned.on_close = handshake.cancel
-                    ws = await self._handshake(nursery, owned, address)
+                    ws = await self._handshake(nursery, owned, address, handshake)
                 owned.on_close = None
                 if ws is not None:
                     await self._serve_connection(ws, peer)
@@ -295,17 +297,26 @@ class Relay:
                 )
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: OwnedStream, address: str
+        self, nursery: trio.Nursery, stream: OwnedStream, address: str, deadline: trio.CancelScope
     ) -> WebSocketConnection | None:
-        """Read the upgrade request and accept it, unless a rule refuses it with HTTP."""
+        """Answer plain HTTP requests (the page, health, metrics) until the client asks for a
+        WebSocket upgrade; accept that unless a rule refuses it with HTTP."""
+        log = logger.bind(peer=address)
+        upgrade = await serve_http(
+            stream, web=self._web_files, metrics=self._metrics_view, deadline=deadline,
+            request_timeout=self.config.handshake_timeout,
+            log=lambda method, target, status: log.debug(
+                "HTTP {} {} {}", method, target.partition("?")[0], status),
+        )
+        if upgrade is None:
+            return None
         try:
             request = await wrap_server_stream(
                 nursery, stream, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
             )
-            headers = {name.lower(): value for name, value in request.headers}
-            host = stream.request_header(b"host")
-            if host is not None:
-                headers[b"host"] = host
+            # trio-websocket's `request.headers` leave out Host, which the origin check needs.
+            headers = {name.encode("latin-1"): value.encode("latin-1")
+                       for name, value in upgrade.items()}
             refusal = _refuse(headers, self.config, self._per_address[address])
             if refusal is not None:
                 status, why = refusal
@@ -471,6 +482,9 @@ class Relay:
         return backend.watch_model_profiles, backend.get_model_profiles
 
     # --- counters for metrics ---------------------------------------------------------------
+
+    def _metrics_view(self) -> MetricsView:
+        return MetricsView(self.statistics(), dict(self.counters), self.uptime, self._closing)
 
     def _count_slow_close(self) -> None:
         self.counters["slow_closes"] += 1

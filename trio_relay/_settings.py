@@ -369,6 +369,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # as TOML, the environment and the flag write it
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, tuple):

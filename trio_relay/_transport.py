@@ -12,8 +12,8 @@ Two gaps in trio-websocket 0.12 are closed here, with its public API only:
 trio-websocket writes each WebSocket frame with one ``send_all`` call, so a close frame is
 recognised by its first byte (FIN + opcode 8); server frames are never masked.
 
-It also keeps the head of the client's HTTP upgrade request, because trio-websocket's
-`WebSocketRequest.headers` leaves out ``Host``, which the origin check needs.
+The relay's HTTP front (`trio_relay._http`) reads each request head itself; an upgrade
+request is pushed back with `OwnedStream.unread` for trio-websocket to read.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = ["OwnedStream", "close_frame"]
 
 _CLOSE_FRAME_FIRST_BYTE: Final = 0x88
 _MAX_REASON: Final = 123  # a control frame's payload is at most 125 bytes
-_MAX_HEAD: Final = 16 * 1024  # more than any sane upgrade request; wsproto limits it too
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
@@ -45,8 +44,7 @@ class OwnedStream(trio.abc.Stream):
         self.close_frame_sent = False
         #: Called when trio-websocket closes (during the handshake: it has given up).
         self.on_close: Callable[[], object] | None = None
-        self._head = bytearray()
-        self._head_done = False
+        self._unread = b""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
@@ -57,6 +55,12 @@ class OwnedStream(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._unread:
+            # What the relay's HTTP front read ahead (an upgrade request) comes first.
+            size = len(self._unread) if max_bytes is None else max_bytes
+            unread, self._unread = self._unread[:size], self._unread[size:]
+            await trio.lowlevel.checkpoint()
+            return unread
         try:
             data = await self.inner.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -64,21 +68,11 @@ class OwnedStream(trio.abc.Stream):
             raise
         if not data:
             self._gone()
-        if not self._head_done:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end >= 0 or len(self._head) > _MAX_HEAD:
-                del self._head[end if end >= 0 else _MAX_HEAD:]
-                self._head_done = True
         return data
 
-    def request_header(self, name: bytes) -> bytes | None:
-        """A header of the upgrade request (the first of that name), once it has arrived."""
-        for line in bytes(self._head).split(b"\r\n")[1:]:
-            key, colon, value = line.partition(b":")
-            if colon and key.strip().lower() == name.lower():
-                return value.strip()
-        return None
+    def unread(self, data: bytes) -> None:
+        """Push bytes back: the next ``receive_some`` returns them before reading more."""
+        self._unread = data + self._unread
 
     async def aclose(self) -> None:
         # trio-websocket closes from inside its reader; the relay closes when the whole
