@@ -410,6 +410,8 @@ class RelayMachine(RuleBasedStateMachine):
         self.unwatched_writes: Counter[ResourceKey] = Counter()
         self.completions: Counter[ResourceKey] = Counter()
         self.uncertain: Counter[ResourceKey] = Counter()
+        #: What a leaving client is subscribed to as its requests in flight are handled.
+        self.in_flight_keys: set[ResourceKey] = set()
         self.baseline: RelayStatistics = self.loop.call(self._stats)
         self.baseline_run_tasks: int = self.loop.call(self._run_tasks)
         self.per_connection_tasks: int | None = None
@@ -541,6 +543,8 @@ class RelayMachine(RuleBasedStateMachine):
                 expect = Expect("subscribed", resource=key.resource, resource_id=key.resource_id)
                 if not in_flight:
                     client.subscriptions[key] = []
+                else:
+                    self.in_flight_keys.add(key)
             else:
                 expect = Expect("error", code="not_found")
             return client.new_request(
@@ -548,7 +552,10 @@ class RelayMachine(RuleBasedStateMachine):
                 resource=key.resource, **wire_id(key),
             )
         if kind == "unsubscribe":
-            was = key in client.subscriptions
+            # Requests in flight are answered in order if at all (as fast as the relay writes):
+            # an unsubscribe answers as the ones before it left the subscriptions.
+            was = key in (self.in_flight_keys if in_flight else client.subscriptions)
+            self.in_flight_keys.discard(key)
             if not in_flight:
                 client.subscriptions.pop(key, None)
             return client.new_request(
@@ -736,6 +743,7 @@ class RelayMachine(RuleBasedStateMachine):
 
     def go_away(self, client: Client, how: str, in_flight: list[tuple[Any, ...]]) -> None:
         client.marks = {key: self.marks(key) for key in client.subscriptions}
+        self.in_flight_keys = set(client.subscriptions)
         requests = [self.request_for(client, op, in_flight=True) for op in in_flight]
         self.alive.remove(client)
         client.away = True

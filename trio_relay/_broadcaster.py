@@ -36,6 +36,7 @@ import trio
 from loguru import logger
 
 from ._backend import BackendError, Change, Feed, NotFound, Snapshot
+from ._direct import frame_text
 from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 
 __all__ = ["Broadcaster", "Push", "StreamHistory", "Subscriber", "SubscribeFailed", "Synced"]
@@ -54,6 +55,12 @@ class Push:
     final: bool = False
     #: For a final push after a failure: why the upstream ended.
     error: str | None = None
+    #: ``text`` as one WebSocket frame, the same bytes for every web client (`_direct`).
+    frame: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    @frame.default
+    def _frame(self) -> bytes:
+        return frame_text(self.text.encode())
 
 
 class Subscriber(Protocol):

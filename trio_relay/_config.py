@@ -96,6 +96,9 @@ class RelayConfig:
     resume_grace: float = attrs.field(default=30.0, validator=_positive)
     #: Serve the web client at ``/`` (``/healthz`` and ``/metrics`` are always served).
     web_client: bool = True
+    #: Write pushes straight into each client's socket when its queue is empty, framed once
+    #: for all clients (docs/performance.md); off: every frame goes through trio-websocket.
+    direct_writes: bool = True
 
 
 @attrs.frozen(kw_only=True)

@@ -30,6 +30,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ._backend import BackendError, NotFound
 from ._broadcaster import Push, SubscribeFailed
 from ._config import CloseCode
+from ._direct import DirectPath, Written, frame_text
 from ._limits import TokenBucket, pin_matches
 from ._protocol import (
     AuthFailed,
@@ -55,6 +56,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from ._relay import Relay
+    from ._transport import OwnedStream
 
 __all__ = ["Connection"]
 
@@ -87,10 +89,10 @@ class _WebSubscription:
 
     def deliver(self, push: Push) -> None:
         self.connection.relay.counters["pushes_sent"] += 1
-        self.connection.push(push.text)
+        self.connection.push(push.text, push.frame)
 
     def end(self, push: Push) -> None:
-        self.connection.push(push.text)
+        self.connection.push(push.text, push.frame)
         self.connection.forget(self)
         self.cancel_scope.cancel()
 
@@ -98,16 +100,29 @@ class _WebSubscription:
 class Connection:
     """Serves one accepted WebSocket until either side ends it."""
 
-    def __init__(self, relay: Relay, ws: WebSocketConnection, peer: str) -> None:
+    def __init__(
+        self, relay: Relay, ws: WebSocketConnection, peer: str, stream: OwnedStream | None = None
+    ) -> None:
         self.relay = relay
         self.ws = ws
         self.peer = peer
+        #: Frames go straight into the socket when nothing is queued (`trio_relay._direct`);
+        #: None: every frame goes through trio-websocket (TLS, or direct writes are off).
+        self.direct = (
+            DirectPath.open(ws, stream)
+            if stream is not None and relay.config.direct_writes else None
+        )
+        self._stream = stream
+        # Frames handed to the writer and not yet written (the channel's own count misses the
+        # one the writer has taken): direct writes wait until it is zero, to keep the order.
+        self._queued = 0
         self.id = f"c{next(_ids)}"
         self.authenticated = False
         self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
         config = relay.config
         self._config = config
-        self._out_send, self._out_receive = trio.open_memory_channel[str](
+        # Text for trio-websocket to frame, or frames for the stream when direct.
+        self._out_send, self._out_receive = trio.open_memory_channel[str | bytes](
             config.outbound_queue_size
         )
         self._close_request: tuple[int, str] | None = None
@@ -174,18 +189,26 @@ class Connection:
 
     async def _writer(self) -> None:
         try:
-            async for text in self._out_receive:
+            async for item in self._out_receive:
                 # A slow client's backlog is dropped (it resumes by seq); any other close
                 # first sends what is queued, so every request still gets its reply.
                 if self._close_request is not None and (
                     self._close_request[0] == CloseCode.SLOW_CONSUMER
                 ):
                     break
-                await self.ws.send_message(text)
+                if isinstance(item, str):
+                    await self.ws.send_message(item)
+                else:
+                    assert self._stream is not None
+                    if self.ws.closed is not None:
+                        break
+                    # An empty frame only writes what a direct write left owed.
+                    await self._stream.send_frame(item)
+                self._queued -= 1
             if self._close_request is not None:
                 code, reason = self._close_request
                 await self.ws.aclose(code, reason)
-        except ConnectionClosed:
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         self._cancel()
 
@@ -234,10 +257,23 @@ class Connection:
 
     # --- output -----------------------------------------------------------------------------
 
-    def push(self, text: str) -> None:
-        """Queue one frame without blocking; a full queue means a slow client: close it."""
+    def push(self, text: str, frame: bytes | None = None) -> None:
+        """Send one message without blocking: straight into the socket when nothing is queued
+        (``frame``, if given, is ``text`` framed), else into the outbound queue. A full queue
+        means a slow client: close it."""
+        item: str | bytes = text
+        direct = self.direct
+        if direct is not None:
+            item = frame if frame is not None else frame_text(text.encode())
+            if not self._queued and self._close_request is None:
+                written = direct.write(item)
+                if written is Written.ALL:
+                    return
+                if written is Written.PART:
+                    item = b""  # the writer writes the rest of the frame
         try:
-            self._out_send.send_nowait(text)
+            self._out_send.send_nowait(item)
+            self._queued += 1
         except trio.WouldBlock:
             self.relay._count_slow_close()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")

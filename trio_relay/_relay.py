@@ -280,7 +280,7 @@ class Relay:
                     ws = await self._handshake(nursery, owned, address, handshake)
                 owned.on_close = None
                 if ws is not None:
-                    await self._serve_connection(ws, peer)
+                    await self._serve_connection(ws, peer, owned)
                 # Stops trio-websocket's reader task, whatever state it was left in.
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # including groups; Cancelled and KeyboardInterrupt pass
@@ -327,8 +327,10 @@ class Relay:
         except ConnectionClosed:
             return None
 
-    async def _serve_connection(self, ws: WebSocketConnection, peer: str) -> None:
-        connection = Connection(self, ws, peer)
+    async def _serve_connection(
+        self, ws: WebSocketConnection, peer: str, stream: OwnedStream | None = None
+    ) -> None:
+        connection = Connection(self, ws, peer, stream)
         self._connections.add(connection)
         try:
             if self._closing:

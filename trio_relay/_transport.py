@@ -45,11 +45,42 @@ class OwnedStream(trio.abc.Stream):
         #: Called when trio-websocket closes (during the handshake: it has given up).
         self.on_close: Callable[[], object] | None = None
         self._unread = b""
+        self._write_lock = trio.Lock()
+        self._writing = False
+        self._owed: memoryview | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write is under way or part of a frame is still owed (`owe`)."""
+        return self._writing or self._owed is not None
+
+    def owe(self, rest: memoryview) -> None:
+        """The rest of a frame written in part without blocking (`trio_relay._direct`): it is
+        written before anything else."""
+        assert self._owed is None
+        self._owed = rest
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-            self.close_frame_sent = True
-        await self.inner.send_all(data)
+        # trio-websocket (pongs, close frames, its own messages) and the connection's writer
+        # (frames framed once for every client) both write here, one at a time.
+        async with self._write_lock:
+            self._writing = True
+            try:
+                if self._owed is not None:
+                    await self.inner.send_all(self._owed)
+                    self._owed = None
+                if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+                    self.close_frame_sent = True
+                if data:
+                    await self.inner.send_all(data)
+            finally:
+                self._writing = False
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Write a data frame framed by the relay; refused once a close frame has gone out."""
+        if self.close_frame_sent:
+            raise trio.ClosedResourceError("the closing handshake has begun")
+        await self.send_all(frame)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -88,7 +119,8 @@ class OwnedStream(trio.abc.Stream):
     async def close_for_real(self, owed_code: int | None, reason: str, grace: float) -> None:
         """Send the close frame trio-websocket owed (if any), then close the stream; each step
         bounded by ``grace`` seconds, so a peer that reads nothing cannot hold the stream open."""
-        if owed_code is not None and not self.close_frame_sent:
+        # Half a frame still owed would make the close frame unreadable: just close.
+        if owed_code is not None and not self.close_frame_sent and self._owed is None:
             with trio.move_on_after(grace):
                 try:
                     await self.inner.send_all(close_frame(owed_code, reason))
