@@ -320,3 +320,28 @@ async def test_a_malformed_upgrade_is_refused(
     await stream.send_all(request("/ws", "GET", "Upgrade: websocket", "Connection: Upgrade"))
     received = await read_to_end(stream)
     assert received.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize(("host", "sockets"), [
+    ("127.0.0.1:8765", " ws://127.0.0.1:8765 wss://127.0.0.1:8765"),
+    ("relay.example", " ws://relay.example wss://relay.example"),
+    ("[::1]:8765", " ws://[::1]:8765 wss://[::1]:8765"),
+    ("evil; script-src *", ""),  # never reflected into the policy
+    ("", ""),
+])
+def test_the_page_policy_names_its_own_websocket_origin(host: str, sockets: str) -> None:
+    policy = header(get("/", headers={"host": host}), "Content-Security-Policy") or ""
+    assert f"connect-src 'self'{sockets};" in policy
+
+
+async def test_shutting_down_drops_idle_http_connections_at_once(
+    memory_backend: MemoryBackend, autojump_clock: MockClock
+) -> None:
+    async with open_memory_relay(memory_backend) as memory:
+        stream = await memory.listener.connect()
+        await stream.send_all(request("/healthz"))
+        await answers(stream, 1)
+        start = trio.current_time()
+    # Leaving the relay did not wait for the idle connection (it waits for WebSocket ones).
+    assert trio.current_time() == start
+    assert await read_to_end(stream) == b""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from importlib import resources
@@ -48,12 +49,19 @@ _COMMON_HEADERS: Final = (
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
 )
-# The page loads only its own files and talks only to its own origin (``'self'`` covers the
-# same-origin ws:// and wss:// in current browsers); nothing inline, no framing.
+# The page loads only its own files and talks only to its own origin; nothing inline, no
+# framing. ``'self'`` covers same-origin ws:// and wss:// in current browsers, not in older
+# Safari, so the WebSocket origin is named too (from Host, if it is a plain host[:port]).
 _PAGE_POLICY: Final = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+_PLAIN_HOST: Final = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _page_policy(host: str | None) -> str:
+    sockets = f" ws://{host} wss://{host}" if host and _PLAIN_HOST.fullmatch(host) else ""
+    return _PAGE_POLICY.format(sockets=sockets)
 
 
 @attrs.frozen
@@ -184,7 +192,8 @@ def route(
     cache = (("ETag", file.etag), ("Cache-Control", "no-cache"))
     if headers.get("if-none-match") == file.etag:
         return HttpResponse(304, b"", cache)
-    extra = (("Content-Security-Policy", _PAGE_POLICY),) if name.endswith(".html") else ()
+    extra = ((("Content-Security-Policy", _page_policy(headers.get("host"))),)
+             if name.endswith(".html") else ())
     return HttpResponse(200, file.body, (("Content-Type", file.content_type), *cache, *extra))
 
 

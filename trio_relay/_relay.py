@@ -182,6 +182,7 @@ class Relay:
         self._kept: dict[ResourceKey, tuple[StreamHistory, float]] = {}
         self._kept_changed = trio.Event()
         self._serve_scopes: set[trio.CancelScope] = set()
+        self._handshakes: set[trio.CancelScope] = set()
         self._listeners = 0
         self._closing = False
         self._started_at = trio.current_time()
@@ -277,7 +278,15 @@ class Relay:
                 with trio.move_on_after(self.config.handshake_timeout) as handshake:
                     # A bad handshake makes trio-websocket answer 400 and close: stop waiting.
                     owned.on_close = handshake.cancel
-                    ws = await self._handshake(nursery, owned, address, handshake)
+                    # Shutting down drops streams still in their handshake, or idle between
+                    # plain HTTP requests, at once: only WebSocket clients get the grace.
+                    self._handshakes.add(handshake)
+                    if self._closing:
+                        handshake.cancel()
+                    try:
+                        ws = await self._handshake(nursery, owned, address, handshake)
+                    finally:
+                        self._handshakes.discard(handshake)
                 owned.on_close = None
                 if ws is not None:
                     await self._serve_connection(ws, peer, owned)
@@ -502,6 +511,8 @@ class Relay:
     def _begin_shutdown(self) -> None:
         self._closing = True
         for scope in list(self._serve_scopes):
+            scope.cancel()
+        for scope in list(self._handshakes):
             scope.cancel()
         for connection in list(self._connections):
             connection.close(CloseCode.GOING_AWAY, "relay shutting down")

@@ -1,0 +1,692 @@
+// ws-link.js: the relay's wire protocol (docs/protocol.md) for a browser page, without a DOM.
+//
+// The seed's ws-link.ts, done right:
+// - replies are matched to their request by `id`, and every request is bounded by a timeout
+//   (its promise rejects with RequestTimeout);
+// - pushes are routed by `resource` AND `resourceId` (the seed matched the resource type only,
+//   so two open chats each saw both chats' pushes), and checked against `seq`: a duplicate is
+//   dropped, a gap makes the link take a fresh snapshot rather than pass the gap on;
+// - a lost connection is reconnected with exponential backoff and full jitter; each new
+//   connection authenticates with the PIN it was given and subscribes again to everything the
+//   page holds, with `sinceSeq` and `epoch`, so the relay replays exactly what was missed
+//   (`resumed`) or sends a fresh snapshot (`reset: true`) that replaces the page's state.
+//
+// It renders nothing: app.js owns the page. Everything a browser-specific program would touch
+// (WebSocket, timers, randomness) can be passed in, so the module also runs outside a page.
+
+/** The connection states, as `link.state` and the "state" event report them. */
+export const State = Object.freeze({
+  SIGNED_OUT: "signed-out", // no session: nobody has logged in, or the page logged out
+  CONNECTING: "connecting", // the first connection of a login is being opened
+  CONNECTED: "connected", // authenticated, every subscription live
+  RECONNECTING: "reconnecting", // lost; a new connection is being tried (with backoff)
+  OFFLINE: "offline", // the browser says it has no network: waiting for it to come back
+  CLOSED: "closed", // the relay ended the session for good (PIN refused, 1008): log in again
+});
+
+/** Close codes after which reconnecting is pointless (docs/protocol.md, "Close codes"). */
+const POLICY_VIOLATION = 1008;
+/** The code this module closes its own connections with when it gives up on one. */
+const CLIENT_GAVE_UP = 4000;
+
+/** Every error this module raises or reports is a RelayError. */
+export class RelayError extends Error {
+  constructor(message, { code = null, closeCode = null } = {}) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code; // the wire's stable `code`, when the relay sent one
+    this.closeCode = closeCode; // the WebSocket close code, when a close caused it
+  }
+}
+/** The relay refused the PIN (`auth_failed`); `message` is the relay's own text. */
+export class AuthFailed extends RelayError {}
+/** A request got no reply within its timeout. */
+export class RequestTimeout extends RelayError {}
+/** The relay answered a request with an error reply; `code` says which kind. */
+export class RequestRejected extends RelayError {}
+/** The connection went away before a reply, or could not be opened. */
+export class ConnectionLost extends RelayError {}
+/** The relay ended a subscription: its stream failed, or it was refused on resubscribing. */
+export class SubscriptionFailed extends RelayError {}
+
+/** The relay's WebSocket URL for a page served by the relay itself (one port for both). */
+export function relayUrl(location) {
+  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+}
+
+function keyOf(resource, resourceId) {
+  return resource === "modelProfiles" ? resource : `${resource}\u0000${resourceId}`;
+}
+
+const RETRYABLE_CODES = new Set(["rate_limited", "backend_error"]);
+
+export class RelayLink {
+  /**
+   * @param {string} url ws:// or wss:// URL of the relay
+   * @param {object} [options]
+   * @param {number} [options.requestTimeout] ms a request may take, from the call (10 s)
+   * @param {number} [options.authTimeout] ms an `auth` may take: the relay delays a wrong
+   *   PIN's answer by up to `pin_backoff_max` (30 s by default), so this is longer
+   * @param {{initial: number, maximum: number, multiplier: number}} [options.backoff] ms
+   * @param {() => number} [options.random] uniform in [0, 1), for the jitter
+   * @param {typeof WebSocket} [options.WebSocket]
+   */
+  constructor(url, options = {}) {
+    this.url = url;
+    this.requestTimeout = options.requestTimeout ?? 10_000;
+    this.authTimeout = options.authTimeout ?? 45_000;
+    this.backoff = { initial: 500, maximum: 30_000, multiplier: 2, ...options.backoff };
+    this._random = options.random ?? Math.random;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._setTimeout = options.setTimeout ?? globalThis.setTimeout.bind(globalThis);
+    this._clearTimeout = options.clearTimeout ?? globalThis.clearTimeout.bind(globalThis);
+
+    this.state = State.SIGNED_OUT;
+    /** `{projects, modelProfiles}` from the latest `auth_success`, refreshed on reconnect. */
+    this.session = null;
+    /** `{code, reason}` of the last connection that ended. */
+    this.lastClose = null;
+    /** When the next connection attempt starts (ms since the epoch), while reconnecting. */
+    this.nextAttemptAt = null;
+    /** Connection attempts since the last successful one. */
+    this.attempt = 0;
+    /** The error that ended the session, in state CLOSED. */
+    this.error = null;
+
+    this._pin = null;
+    this._conn = null; // the current connection: {ws, pending: Map, authed}
+    this._nextId = 1;
+    this._subs = new Map(); // key -> subscription entry
+    this._queue = []; // requests waiting for a connection: {frame, settle}
+    this._listeners = new Map(); // event name -> Set of functions
+    this._retryTimer = null;
+    this._offline = false;
+    this._login = null; // {resolve, reject} of a login() in progress
+  }
+
+  // --- events ----------------------------------------------------------------------------
+
+  /**
+   * Listen to "state" (the new state), "session" (`{projects, modelProfiles}` after each
+   * successful auth), "retry" (when the next connection attempt starts, ms since the epoch)
+   * and "error" (errors that belong to no request). Returns a function that unlistens.
+   */
+  on(event, fn) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(fn);
+    return () => this._listeners.get(event).delete(fn);
+  }
+
+  _emit(event, value) {
+    for (const fn of [...(this._listeners.get(event) ?? [])]) {
+      try {
+        fn(value);
+      } catch (error) {
+        console.error(`[ws-link] ${event} listener failed`, error);
+      }
+    }
+  }
+
+  _setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    this._emit("state", state);
+  }
+
+  // --- session ---------------------------------------------------------------------------
+
+  /**
+   * Connect and authenticate. Resolves with `{projects, modelProfiles}`; rejects with
+   * AuthFailed (wrong PIN, or locked out: the relay's text says which) or ConnectionLost.
+   * Once it has resolved, the link keeps the session up by itself until logout().
+   */
+  login(pin) {
+    if (this._login) return Promise.reject(new RelayError("a login is already in progress"));
+    this._teardown();
+    this._pin = String(pin);
+    this.error = null;
+    this.attempt = 0;
+    return new Promise((resolve, reject) => {
+      this._login = { resolve, reject };
+      this._setState(State.CONNECTING);
+      this._open();
+    });
+  }
+
+  /** Close the connection, forget the PIN, end every subscription and pending request. */
+  logout() {
+    const login = this._login;
+    this._login = null;
+    this._teardown();
+    this._pin = null;
+    this.session = null;
+    if (login) login.reject(new ConnectionLost("logged out"));
+    this._setState(State.SIGNED_OUT);
+  }
+
+  /** Tell the link whether the browser has a network (the page's online/offline events). */
+  setOffline(offline) {
+    if (offline === this._offline) return;
+    this._offline = offline;
+    if (!this._pin || this._login) return; // signed out, or a login attempt reports itself
+    if (offline) {
+      this._cancelRetry();
+      this._dropConnection("the browser is offline");
+      this._setState(State.OFFLINE);
+    } else if (this.state === State.OFFLINE) {
+      this.reconnectNow();
+    }
+  }
+
+  /** Try to connect at once instead of waiting out the backoff (a "retry now" button). */
+  reconnectNow() {
+    if (!this._pin || this._login || this.state === State.CLOSED) return;
+    this._cancelRetry();
+    this.attempt = 0;
+    this._dropConnection("reconnecting on request");
+    this._setState(State.RECONNECTING);
+    this._open();
+  }
+
+  _teardown() {
+    this._cancelRetry();
+    this._dropConnection("logged out");
+    for (const entry of this._subs.values()) entry.closed = true;
+    this._subs.clear();
+    const queue = this._queue.splice(0);
+    for (const item of queue) item.settle(null, new ConnectionLost("logged out"));
+  }
+
+  // --- connections -----------------------------------------------------------------------
+
+  _open() {
+    this.nextAttemptAt = null;
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url);
+    } catch (error) {
+      // A malformed URL: no retry can fix it.
+      this._fail(new ConnectionLost(`cannot connect to ${this.url}: ${error.message}`));
+      return;
+    }
+    const conn = { ws, pending: new Map(), authed: false, openTimer: null };
+    this._conn = conn;
+    // An attempt that neither connects nor fails (a black-holed address) is given up on;
+    // once open, the auth request has its own timeout.
+    conn.openTimer = this._setTimeout(() => {
+      if (this._conn === conn) this._abandon(conn, "connecting timed out");
+    }, this.requestTimeout);
+    ws.onopen = () => {
+      if (this._conn !== conn) return;
+      this._clearTimeout(conn.openTimer);
+      this._authenticate(conn);
+    };
+    ws.onmessage = (event) => {
+      if (this._conn !== conn) return;
+      this._onFrame(conn, event.data);
+    };
+    ws.onerror = () => {}; // a close event always follows, with the code
+    ws.onclose = (event) => {
+      if (this._conn !== conn) return;
+      this._onClose(conn, event.code, event.reason);
+    };
+  }
+
+  _authenticate(conn) {
+    this._send(conn, { type: "auth", pin: this._pin }, this.authTimeout, (reply, error) => {
+      if (this._conn !== conn) return;
+      if (error instanceof RequestRejected && error.code === "auth_failed") {
+        this._authRefused(conn, new AuthFailed(error.message, { code: error.code }));
+      } else if (error instanceof RequestTimeout) {
+        this._abandon(conn, "authentication timed out");
+      } else if (!error) {
+        this._authenticated(conn, reply);
+      }
+      // A connection that closed is handled by _onClose.
+    });
+  }
+
+  _authenticated(conn, reply) {
+    conn.authed = true;
+    this.session = reply.data ?? { projects: [], modelProfiles: [] };
+    this.attempt = 0;
+    this.lastClose = null;
+    this._emit("session", this.session);
+    this._resubscribeAll(conn, () => {
+      if (this._conn !== conn) return;
+      const login = this._login;
+      this._login = null;
+      this._setState(State.CONNECTED);
+      if (login) login.resolve(this.session);
+      const queue = this._queue.splice(0);
+      for (const item of queue) this._write(conn, item);
+    });
+  }
+
+  _authRefused(conn, error) {
+    this._dropConnection("PIN refused");
+    if (this._login) {
+      // A login attempt: the page asks for the PIN again.
+      const login = this._login;
+      this._login = null;
+      this._pin = null;
+      this._setState(State.SIGNED_OUT);
+      login.reject(error);
+    } else {
+      // The relay no longer takes the PIN it took before (the host changed it).
+      this._fail(error);
+    }
+  }
+
+  /** Close a connection this side gave up on; it counts as lost. */
+  _abandon(conn, reason) {
+    try {
+      conn.ws.close(CLIENT_GAVE_UP, reason);
+    } catch {
+      // already closing
+    }
+    this._onClose(conn, 1006, reason);
+  }
+
+  /** Forget the current connection without treating its end as a loss. */
+  _dropConnection(reason) {
+    const conn = this._conn;
+    if (!conn) return;
+    this._conn = null;
+    this._clearTimeout(conn.openTimer);
+    try {
+      conn.ws.close(1000, reason);
+    } catch {
+      // already closing
+    }
+    this._failPending(conn, reason, null);
+  }
+
+  _failPending(conn, reason, closeCode) {
+    for (const [, request] of conn.pending) {
+      request.settle(null, new ConnectionLost(`connection lost: ${reason}`, { closeCode }));
+    }
+    conn.pending.clear();
+  }
+
+  _onClose(conn, code, reason) {
+    if (this._conn !== conn) return;
+    this._conn = null;
+    this._clearTimeout(conn.openTimer);
+    this.lastClose = { code, reason: reason || "" };
+    this._failPending(conn, reason || `close code ${code}`, code);
+    for (const entry of this._subs.values()) {
+      if (entry.conn === conn) entry.conn = null;
+    }
+    const login = this._login;
+    if (login) {
+      // The first connection of a login failed: report it, do not retry behind the page.
+      this._login = null;
+      this._pin = null;
+      this._setState(State.SIGNED_OUT);
+      login.reject(
+        new ConnectionLost(
+          code === POLICY_VIOLATION && reason ? reason : "could not reach the relay",
+          { closeCode: code },
+        ),
+      );
+      return;
+    }
+    if (!this._pin) return;
+    if (code === POLICY_VIOLATION) {
+      // A verdict (lockout, abuse, auth timeout): retrying would only repeat it.
+      this._fail(new ConnectionLost(reason || "closed by the relay", { closeCode: code }));
+      return;
+    }
+    if (this._offline) {
+      this._setState(State.OFFLINE);
+      return;
+    }
+    this._setState(State.RECONNECTING);
+    this._scheduleRetry();
+  }
+
+  _scheduleRetry() {
+    this._cancelRetry();
+    const { initial, maximum, multiplier } = this.backoff;
+    // Full jitter: uniform in [0, min(maximum, initial * multiplier ** attempt)).
+    const cap = Math.min(maximum, initial * multiplier ** Math.min(this.attempt, 32));
+    const delay = this._random() * cap;
+    this.attempt += 1;
+    this.nextAttemptAt = Date.now() + delay;
+    this._emit("retry", this.nextAttemptAt); // for a countdown
+    this._retryTimer = this._setTimeout(() => {
+      this._retryTimer = null;
+      if (this._pin && !this._conn && this.state === State.RECONNECTING) this._open();
+    }, delay);
+  }
+
+  _cancelRetry() {
+    if (this._retryTimer !== null) this._clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this.nextAttemptAt = null;
+  }
+
+  /** End the session for good: state CLOSED, every request and subscription fails. */
+  _fail(error) {
+    const login = this._login;
+    this._login = null;
+    if (login) login.reject(error);
+    this._cancelRetry();
+    this._dropConnection(error.message);
+    this._pin = null;
+    this.error = error;
+    const subs = [...this._subs.values()];
+    this._subs.clear();
+    const queue = this._queue.splice(0);
+    for (const item of queue) item.settle(null, error);
+    for (const entry of subs) this._endSubscription(entry, error);
+    this._setState(State.CLOSED);
+  }
+
+  // --- frames ----------------------------------------------------------------------------
+
+  _onFrame(conn, text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      this._emit("error", new RelayError("the relay sent a frame that is not JSON"));
+      return;
+    }
+    if (frame === null || typeof frame !== "object") return;
+    if (frame.id === null || frame.id === undefined) {
+      if (frame.type === "auth_required") return;
+      if ((frame.type === "data" || frame.type === "error") && typeof frame.resource === "string") {
+        this._onPush(conn, frame);
+        return;
+      }
+      if (frame.type === "error") {
+        // An answer to a frame whose id could not be read: a bug on this side.
+        this._emit("error", new RequestRejected(frame.error ?? "error", { code: frame.code }));
+      }
+      return;
+    }
+    const request = conn.pending.get(frame.id);
+    if (!request) return; // its request timed out: the reply is too late to matter
+    conn.pending.delete(frame.id);
+    if (frame.type === "error" || frame.type === "auth_failed") {
+      request.settle(null, new RequestRejected(frame.error ?? "error", { code: frame.code ?? null }));
+    } else {
+      request.settle(frame, null);
+    }
+  }
+
+  _onPush(conn, frame) {
+    const entry = this._subs.get(keyOf(frame.resource, frame.resourceId));
+    // Pushes before the `subscribed` reply that starts them belong to an older subscription.
+    if (!entry || entry.conn !== conn || !entry.live) return;
+    if (typeof frame.seq === "number" && entry.seq !== null) {
+      if (frame.seq <= entry.seq) return; // already delivered
+      if (frame.seq !== entry.seq + 1) {
+        // The relay promises no gaps; if one shows anyway, start this resource over.
+        console.warn(`[ws-link] seq gap on ${frame.resource} ${frame.resourceId ?? ""}`);
+        entry.seq = null;
+        entry.epoch = null;
+        this._subscribeOn(conn, entry);
+        return;
+      }
+    }
+    if (typeof frame.seq === "number") entry.seq = frame.seq;
+    if (frame.type === "error") {
+      this._subs.delete(entry.key);
+      this._endSubscription(
+        entry,
+        new SubscriptionFailed(frame.error ?? "the subscription failed", { code: frame.code }),
+      );
+    } else if (frame.data && frame.data.completed === true && frame.data.type === undefined) {
+      this._subs.delete(entry.key);
+      entry.closed = true;
+      this._call(entry, "onComplete");
+    } else {
+      this._call(entry, "onEvent", frame.data, frame.seq);
+    }
+  }
+
+  // --- requests --------------------------------------------------------------------------
+
+  /**
+   * Send a request on `conn` now. `onReply(frame, error)` runs once: with the reply, as soon
+   * as it arrives (in the frame's own event, not a later microtask, so that the pushes right
+   * behind a reply find the state it set), or with RequestTimeout or ConnectionLost.
+   */
+  _send(conn, fields, timeout, onReply) {
+    const id = `w${this._nextId++}`;
+    const timer = this._setTimeout(() => {
+      conn.pending.delete(id);
+      onReply(null, new RequestTimeout(`no reply to ${fields.type} within ${timeout / 1000} s`));
+    }, timeout);
+    const settle = (frame, error) => {
+      this._clearTimeout(timer);
+      onReply(frame, error);
+    };
+    conn.pending.set(id, { settle });
+    try {
+      conn.ws.send(JSON.stringify({ id, ...fields }));
+    } catch (error) {
+      conn.pending.delete(id);
+      settle(null, new ConnectionLost(`cannot send: ${error.message}`));
+    }
+  }
+
+  /** `_send` as a promise of the reply frame. */
+  _request(conn, fields, timeout) {
+    return new Promise((resolve, reject) => {
+      this._send(conn, fields, timeout, (frame, error) => (error ? reject(error) : resolve(frame)));
+    });
+  }
+
+  /**
+   * Send one request once the link is CONNECTED (waiting through a reconnect) and resolve
+   * with the reply frame. The timeout counts from the call. A request whose connection drops
+   * before the reply is not sent again (the relay may have acted on it): ConnectionLost.
+   */
+  request(fields, { timeout = this.requestTimeout } = {}) {
+    if (!this._pin) {
+      return Promise.reject(this.error ?? new ConnectionLost("not logged in"));
+    }
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const item = { fields, settle: null, timer: null };
+      item.settle = (frame, error) => {
+        if (done) return;
+        done = true;
+        this._clearTimeout(item.timer);
+        if (error) reject(error);
+        else resolve(frame);
+      };
+      item.timer = this._setTimeout(() => {
+        const index = this._queue.indexOf(item);
+        if (index >= 0) this._queue.splice(index, 1);
+        item.settle(null, new RequestTimeout(`no reply to ${fields.type} within ${timeout / 1000} s`));
+      }, timeout);
+      if (this._conn && this.state === State.CONNECTED) this._write(this._conn, item);
+      else this._queue.push(item);
+    });
+  }
+
+  _write(conn, item) {
+    // The timer of request() bounds the whole request; this one is only a backstop.
+    this._send(conn, item.fields, this.requestTimeout * 2, item.settle);
+  }
+
+  /** Send a message to a chat; resolves once the relay's backend accepted it. */
+  async send(chatId, message) {
+    await this.request({ type: "send", resourceId: chatId, message });
+  }
+
+  /** Create a chat in a project; resolves with the new chat. */
+  async createChat(projectId, { title, modelProfileId } = {}) {
+    const message = {};
+    if (title) message.title = title;
+    if (modelProfileId) message.modelProfileId = modelProfileId;
+    const reply = await this.request({
+      type: "create", resource: "chat", resourceId: projectId, message,
+    });
+    return reply.data.chat;
+  }
+
+  /** Stop the agent's answer running in a chat; resolves whether one was running. */
+  async cancelReply(chatId) {
+    const reply = await this.request({ type: "cancel", resourceId: chatId });
+    return Boolean(reply.data && reply.data.cancelled);
+  }
+
+  // --- subscriptions ---------------------------------------------------------------------
+
+  /**
+   * Watch a resource: "project" (its chats), "chat" (its messages and streamed replies) or
+   * "modelProfiles" (no id). The handlers:
+   *   onSnapshot(data, {reset})  the whole state: on subscribing, and whenever the relay could
+   *                              not replay what a reconnect missed (reset: true). Replace.
+   *   onEvent(data, seq)         one push, in order, each once, across reconnects
+   *   onResumed()                a reconnect resumed: the missed pushes follow as onEvent
+   *   onComplete()               the resource's stream ended (a deleted chat); no more calls
+   *   onError(error)             the subscription ended with an error; no more calls
+   * Returns `{ready, close}`: `ready` resolves with the first snapshot's data and rejects if
+   * the subscription fails before it; `close()` unsubscribes. One subscription per resource.
+   */
+  subscribe(resource, resourceId, handlers = {}) {
+    if (!this._pin) throw new ConnectionLost("not logged in");
+    const key = keyOf(resource, resourceId);
+    if (this._subs.has(key)) throw new RelayError(`already subscribed to ${resource} ${resourceId}`);
+    const entry = {
+      key,
+      resource,
+      resourceId: resource === "modelProfiles" ? undefined : resourceId,
+      handlers,
+      seq: null,
+      epoch: null,
+      conn: null, // the connection the subscription was (or is being) made on
+      live: false, // its `subscribed` reply arrived on `conn`
+      closed: false,
+      ready: null,
+      resolveReady: null,
+      rejectReady: null,
+      retries: 0,
+    };
+    entry.ready = new Promise((resolve, reject) => {
+      entry.resolveReady = resolve;
+      entry.rejectReady = reject;
+    });
+    entry.ready.catch(() => {}); // the caller may not care; onError reports it too
+    this._subs.set(key, entry);
+    // Once authenticated, at once; otherwise the next connection subscribes it.
+    if (this._conn && this._conn.authed) this._subscribeOn(this._conn, entry);
+    return {
+      ready: entry.ready,
+      close: () => this._unsubscribe(entry),
+    };
+  }
+
+  _unsubscribe(entry) {
+    if (entry.closed) return;
+    entry.closed = true;
+    if (this._subs.get(entry.key) === entry) this._subs.delete(entry.key);
+    const conn = this._conn;
+    if (conn && entry.conn === conn) {
+      const fields = { type: "unsubscribe", resource: entry.resource };
+      if (entry.resourceId !== undefined) fields.resourceId = entry.resourceId;
+      this._request(conn, fields, this.requestTimeout).catch(() => {});
+    }
+  }
+
+  /** Subscribe again to everything held; `done()` once each has had its answer. */
+  _resubscribeAll(conn, done) {
+    // Those subscribed already on this connection (by a "session" listener) are not sent twice.
+    const entries = [...this._subs.values()].filter((entry) => entry.conn !== conn);
+    let waiting = entries.length;
+    if (waiting === 0) {
+      done();
+      return;
+    }
+    // The relay answers one connection's requests in order, so they can all go at once.
+    for (const entry of entries) {
+      this._subscribeOn(conn, entry, () => {
+        waiting -= 1;
+        if (waiting === 0) done();
+      });
+    }
+  }
+
+  _subscribeOn(conn, entry, answered = () => {}) {
+    entry.conn = conn;
+    entry.live = false;
+    const fields = { type: "subscribe", resource: entry.resource };
+    if (entry.resourceId !== undefined) fields.resourceId = entry.resourceId;
+    if (entry.seq !== null && entry.epoch !== null) {
+      fields.sinceSeq = entry.seq;
+      fields.epoch = entry.epoch;
+    }
+    this._send(conn, fields, this.requestTimeout, (reply, error) => {
+      if (entry.closed || this._conn !== conn || entry.conn !== conn) return;
+      if (error) this._subscribeFailed(conn, entry, error);
+      else this._subscribed(entry, reply);
+      answered();
+    });
+  }
+
+  _subscribeFailed(conn, entry, error) {
+    if (error instanceof RequestRejected && RETRYABLE_CODES.has(error.code)) {
+      // Refused for now (the relay is busy, or the backend hiccuped): try again shortly.
+      const { initial, maximum, multiplier } = this.backoff;
+      const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
+      entry.retries += 1;
+      this._setTimeout(() => {
+        if (!entry.closed && this._conn === conn && entry.conn === conn) {
+          this._subscribeOn(conn, entry);
+        }
+      }, delay);
+    } else if (error instanceof RequestTimeout) {
+      // Every request gets a reply; none came, so this connection is not working.
+      this._abandon(conn, "subscribe timed out");
+    } else if (error instanceof RequestRejected) {
+      // not_found (deleted meanwhile), too_many_subscriptions, ...: this one is over.
+      this._subs.delete(entry.key);
+      this._endSubscription(entry, new SubscriptionFailed(error.message, { code: error.code }));
+    }
+  }
+
+  _subscribed(entry, reply) {
+    entry.retries = 0;
+    entry.live = true;
+    entry.epoch = reply.epoch ?? null;
+    if (typeof reply.seq === "number") entry.seq = reply.seq;
+    if (reply.resumed) {
+      this._call(entry, "onResumed");
+      return;
+    }
+    const first = entry.resolveReady !== null;
+    this._call(entry, "onSnapshot", reply.data, { reset: Boolean(reply.reset) || !first });
+    if (first) {
+      entry.resolveReady(reply.data);
+      entry.resolveReady = null;
+      entry.rejectReady = null;
+    }
+  }
+
+  _endSubscription(entry, error) {
+    entry.closed = true;
+    if (entry.rejectReady) {
+      entry.rejectReady(error);
+      entry.resolveReady = null;
+      entry.rejectReady = null;
+    }
+    this._call(entry, "onError", error);
+  }
+
+  _call(entry, name, ...args) {
+    const handler = entry.handlers[name];
+    if (!handler) return;
+    try {
+      handler(...args);
+    } catch (error) {
+      console.error(`[ws-link] ${name} handler failed`, error);
+    }
+  }
+}
