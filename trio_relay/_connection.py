@@ -4,17 +4,20 @@
     ├── reader          reads frames into a small bounded request queue; the moment the
     │                   client is gone it cancels the nursery, even mid-request
     ├── dispatcher      decodes and handles each request, in order
-    ├── writer          the only task that writes: drains the bounded outbound queue
     ├── auth deadline   closes with 1008 unless ``auth`` succeeds in time
-    ├── keepalive       pings every ``ping_interval``; no pong in ``ping_timeout``: 1011
-    ├── close deadline  (once closing) drops the stream if the close takes too long
-    └── subscription*   one per subscribed resource: registered with its broadcaster for
-                        exactly as long as the task lives
+    ├── subscription*   one per subscribed resource: registered with its broadcaster for
+    │                   exactly as long as the task lives
+    ├── writer          (while frames are queued) drains the bounded outbound queue
+    ├── ping            (every ``ping_interval``, on the relay's schedule) no pong within
+    │                   ``ping_timeout``: 1011
+    └── close deadline  (once closing) drops the stream if the close takes too long
 
-Every reply and push goes through the outbound queue, so a reply and the pushes that follow it
-keep their order. Pushes are put there with ``send_nowait``: when the queue is full the client
-is slow, and only this connection is closed (1013). Any end of the connection cancels the
-nursery, and with it every subscription, which leaves its broadcaster on the way out.
+Every reply and push is written in order: straight into the socket when nothing is queued
+(`trio_relay._direct`), else through the bounded outbound queue, which a writer task drains;
+the writer exists only while there is something to drain, so an idle connection holds no
+task for it. Pushes never block: when the queue is full the client is slow, and only this
+connection is closed (1013). Any end of the connection cancels the nursery, and with it every
+subscription, which leaves its broadcaster on the way out.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class Connection:
         self._strikes = 0
         self._auth_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._writing = False  # a writer task is draining the outbound queue
+        self._pinging = False  # a ping is waiting for its pong
         self.log = logger.bind(conn=self.id, peer=peer)
 
     # --- lifetime ---------------------------------------------------------------------------
@@ -143,11 +148,12 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._dispatcher)
                 nursery.start_soon(self._auth_deadline)
-                nursery.start_soon(self._keepalive)
+                self.relay._schedule_pings(self)
+                if self._queued or self._close_request is not None:
+                    self._wake_writer()  # auth_required did not fit at once, or closed early
                 if self._close_request is not None:  # closed before it started
                     nursery.start_soon(self._close_deadline)
         finally:
@@ -170,6 +176,7 @@ class Connection:
         self._close_request = (code, reason)
         self.log.info("closing: {code} {reason}", code=code, reason=reason)
         self._out_send.close()  # nothing more is queued; the writer closes after the rest
+        self._wake_writer()
         # Requests not yet handled are dropped, and the reader only drains from now on, so
         # that trio-websocket keeps reading and sees the client's answer to our close frame.
         self._requests_receive.close()
@@ -187,9 +194,24 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _wake_writer(self) -> None:
+        if not self._writing and self._nursery is not None:
+            try:
+                self._nursery.start_soon(self._writer)
+            except RuntimeError:  # its tasks are all done: the connection is ending anyway
+                return
+            self._writing = True
+
     async def _writer(self) -> None:
+        """Drain the outbound queue, then end; once closing, send the close frame after it."""
         try:
-            async for item in self._out_receive:
+            while True:
+                try:
+                    item = self._out_receive.receive_nowait()
+                except trio.WouldBlock:
+                    return  # drained: the next frame that does not fit starts a writer again
+                except trio.EndOfChannel:
+                    break  # closing, and everything queued is written
                 # A slow client's backlog is dropped (it resumes by seq); any other close
                 # first sends what is queued, so every request still gets its reply.
                 if self._close_request is not None and (
@@ -210,7 +232,9 @@ class Connection:
                 await self.ws.aclose(code, reason)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        self._cancel()
+        finally:
+            self._writing = False
+        self._cancel()  # the connection is over: closed, or the peer is gone
 
     async def _reader(self) -> None:
         try:
@@ -243,10 +267,21 @@ class Connection:
             await trio.sleep(self._config.auth_timeout)
             self.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
 
-    async def _keepalive(self) -> None:
+    def ping(self) -> bool:
+        """Ping the peer now, on the relay's schedule; False once the connection is over."""
+        if self._nursery is None or self._close_request is not None:
+            return False
+        if not self._pinging:  # a ping still waiting for its pong is not doubled
+            try:
+                self._nursery.start_soon(self._ping)
+            except RuntimeError:  # its tasks are all done: the connection is ending
+                return False
+            self._pinging = True
+        return True
+
+    async def _ping(self) -> None:
         """Find peers that stopped answering (a half-open TCP connection looks alive)."""
-        while self._close_request is None:
-            await trio.sleep(self._config.ping_interval)
+        try:
             with trio.move_on_after(self._config.ping_timeout) as waiting:
                 try:
                     await self.ws.ping()
@@ -254,6 +289,8 @@ class Connection:
                     return
             if waiting.cancelled_caught:
                 self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        finally:
+            self._pinging = False
 
     # --- output -----------------------------------------------------------------------------
 
@@ -274,6 +311,7 @@ class Connection:
         try:
             self._out_send.send_nowait(item)
             self._queued += 1
+            self._wake_writer()
         except trio.WouldBlock:
             self.relay._count_slow_close()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")

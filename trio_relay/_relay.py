@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import ssl
 import sys
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -183,6 +185,10 @@ class Relay:
         self._kept_changed = trio.Event()
         self._serve_scopes: set[trio.CancelScope] = set()
         self._handshakes: set[trio.CancelScope] = set()
+        # When each connection is pinged next, in order: every connection has the same
+        # interval, so appending keeps it sorted (see `_keep_alive`).
+        self._pings: deque[tuple[float, weakref.ref[Connection]]] = deque()
+        self._ping_wait = trio.CancelScope()
         self._listeners = 0
         self._closing = False
         self._started_at = trio.current_time()
@@ -469,6 +475,31 @@ class Relay:
             self._kept[broadcaster.key] = (broadcaster.unstarted_history, broadcaster.kept_until)
             self._kept_changed.set()
 
+    def _schedule_pings(self, connection: Connection) -> None:
+        """Ping ``connection`` every ``ping_interval`` from now on, while it lasts."""
+        if not self._pings:
+            self._ping_wait.deadline = trio.current_time() + self.config.ping_interval
+        self._pings.append(
+            (trio.current_time() + self.config.ping_interval, weakref.ref(connection))
+        )
+
+    async def _keep_alive(self) -> None:
+        """One task pings every connection in turn (each ping runs in its connection's
+        nursery), rather than one sleeping task per connection."""
+        interval = self.config.ping_interval
+        while True:
+            with self._ping_wait:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            while self._pings and self._pings[0][0] <= now:
+                _, ref = self._pings.popleft()
+                connection = ref()
+                if connection is not None and connection.ping():
+                    self._pings.append((now + interval, ref))
+            self._ping_wait = trio.CancelScope(
+                deadline=self._pings[0][0] if self._pings else math.inf
+            )
+
     async def _forget_kept_histories(self) -> None:
         """Frees each kept history (its replay buffer) once its grace period is over, by the
         deadline of a cancel scope."""
@@ -622,6 +653,7 @@ async def open_relay(
                     connections_nursery=connections_nursery,
                 )
                 nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
+                nursery.start_soon(relay._keep_alive, name="keepalive pings")
                 try:
                     yield relay
                 finally:
