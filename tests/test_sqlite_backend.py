@@ -594,3 +594,28 @@ async def test_leaving_cancels_a_reply_and_leaves_no_task(
         history = (await backend.get_history("welcome")).items
     # The user's message was kept; the cancelled reply was never stored.
     assert [(m["role"], m["content"][:5]) for m in history[1:]] == [("user", "never")]
+
+
+async def test_projects_and_profiles_are_read_once_and_kept_current(
+    backend: SqliteBackend, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    projects = await backend.list_projects()
+    profiles = await backend.get_model_profiles()
+    projects[0]["name"] = "changed by a caller"  # what a caller does to its copy stays there
+    profiles.items.clear()
+    reads: list[object] = []
+    run = backend._run
+
+    async def counting(fn: Any) -> Any:
+        reads.append(fn)
+        return await run(fn)
+
+    monkeypatch.setattr(backend, "_run", counting)
+    assert (await backend.list_projects())[0]["name"] == "Demo project"
+    assert [p["id"] for p in (await backend.get_model_profiles()).items] == [
+        "echo", "echo-fast", "echo-slow"]
+    assert reads == []  # both from memory
+    await backend.set_model_profiles([{"id": "only", "name": "Only", "agent": "echo"}])
+    after = await backend.get_model_profiles()
+    assert [p["id"] for p in after.items] == ["only"]
+    assert (after.version or 0) > (profiles.version or 0)

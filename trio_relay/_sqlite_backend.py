@@ -412,6 +412,11 @@ class SqliteBackend:
         self._lock = trio.Lock()
         self._queues: dict[str, _ChatQueue] = {}
         self._closed = False
+        # Every client's auth reads the projects and the model profiles: they are kept in
+        # memory, since only this backend writes them (the database is one relay's own).
+        # Projects are only ever seeded; the profiles' cache is dropped when they change.
+        self._projects: list[JSON] | None = None
+        self._profiles: Snapshot | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
@@ -430,10 +435,19 @@ class SqliteBackend:
     # --- reads ---
 
     async def list_projects(self) -> list[JSON]:
-        return await self._run(_select_projects)
+        if self._projects is None:
+            self._projects = await self._run(_select_projects)
+        else:
+            await trio.lowlevel.checkpoint()
+        return [dict(project) for project in self._projects]  # rows of strings
 
     async def get_model_profiles(self) -> Snapshot:
-        return await self._snapshot(MODEL_PROFILES_KEY, _select_profiles)
+        cached = self._profiles
+        if cached is not None and cached.version == self.hub.version(MODEL_PROFILES_KEY):
+            await trio.lowlevel.checkpoint()
+        else:
+            cached = self._profiles = await self._snapshot(MODEL_PROFILES_KEY, _select_profiles)
+        return Snapshot([dict(profile) for profile in cached.items], cached.version)
 
     async def list_chats(self, project_id: str) -> Snapshot:
         return await self._snapshot(_project_key(project_id), partial(_select_chats, project_id))
@@ -533,6 +547,7 @@ class SqliteBackend:
                 raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
         async with self._lock:
             await self._run(partial(_store_profiles, checked))
+            self._profiles = None
             if agents is not None:
                 self.agents = dict(agents)
             self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": checked})
