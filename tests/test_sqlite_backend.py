@@ -619,3 +619,64 @@ async def test_projects_and_profiles_are_read_once_and_kept_current(
     after = await backend.get_model_profiles()
     assert [p["id"] for p in after.items] == ["only"]
     assert (after.version or 0) > (profiles.version or 0)
+
+
+async def test_concurrent_sends_are_stored_in_one_batch(
+    backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Real time: the batch is written in a worker thread.
+    trips: list[object] = []
+    run = backend._run
+
+    async def counting(fn: Any) -> Any:
+        trips.append(fn)
+        return await run(fn)
+
+    monkeypatch.setattr(backend, "_run", counting)
+    failures: list[BaseException] = []
+
+    async def send(chat_id: str, text: str) -> None:
+        try:
+            await backend.send_message(chat_id, text)
+        except NotFound as exc:
+            failures.append(exc)
+
+    with trio.fail_after(10):
+        async with backend.watch_chat("welcome") as feed:
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(send, "welcome", f"batched {i}")
+                nursery.start_soon(send, "no-such-chat", "lost")
+            # One trip for all eleven writes (the first may go alone, before the rest queue).
+            assert len(trips) <= 2
+            # The unknown chat failed alone; the others were stored and pushed in the order
+            # they were stored, once each.
+            assert len(failures) == 1
+            pushed: list[str] = []
+            while len(pushed) < 10:
+                change = await feed.__anext__()
+                if change.data["type"] == "message" and change.data["message"]["role"] == "user":
+                    pushed.append(change.data["message"]["content"])
+        history = (await backend.get_history("welcome")).items
+    stored = [m["content"] for m in history if m["role"] == "user"]
+    assert sorted(stored) == sorted(f"batched {i}" for i in range(10))
+    assert pushed == stored
+
+
+async def test_writes_waiting_for_a_closing_backend_fail_cleanly(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with open_sqlite_backend(tmp_path) as backend:
+            async def send(i: int) -> None:
+                try:
+                    await backend.send_message("welcome", f"late {i}")
+                except BackendError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                async with backend._lock:  # hold the batch up, then close under it
+                    for i in range(3):
+                        nursery.start_soon(send, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                    backend._nursery.cancel_scope.cancel()
+    assert [str(e) for e in errors] == ["backend is closed"] * 3

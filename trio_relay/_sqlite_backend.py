@@ -25,9 +25,10 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Final, NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar, cast
 
 import attrs
+import outcome
 import trio
 from loguru import logger
 
@@ -142,7 +143,18 @@ def _project_key(project_id: str) -> ResourceKey:
 def _transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
     # The connection is in autocommit mode, so transactions are explicit and none is left open
     # between calls. A write takes sqlite's write lock up front (IMMEDIATE) rather than
-    # upgrading halfway, which could fail if another process writes to the file too.
+    # upgrading halfway, which could fail if another process writes to the file too. Inside a
+    # batch (`_run_batch`) it is a savepoint: one write failing undoes only itself.
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT batched")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO batched")
+            conn.execute("RELEASE batched")
+            raise
+        conn.execute("RELEASE batched")
+        return
     conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
         yield
@@ -150,6 +162,15 @@ def _transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[No
         conn.rollback()
         raise
     conn.commit()
+
+
+def _run_batch(
+    writes: list[Callable[[sqlite3.Connection], object]], conn: sqlite3.Connection
+) -> list[outcome.Outcome[object]]:
+    """Run several writes in one transaction (one commit, one trip to the worker thread); each
+    one's result or error is its own."""
+    with _transaction(conn):
+        return [outcome.capture(write, conn) for write in writes]
 
 
 def _row(row: sqlite3.Row | None) -> _Row | None:
@@ -373,6 +394,16 @@ class _Job:
 
 
 @attrs.define(eq=False)
+class _BatchedWrite:
+    """A write waiting for its batch (`SqliteBackend._write_batched`)."""
+
+    write: Callable[[sqlite3.Connection], object]
+    then: Callable[[object], None]
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: outcome.Outcome[object] | None = None
+
+
+@attrs.define(eq=False)
 class _ChatQueue:
     """The replies waiting in one chat; it exists only while a reply is running or queued."""
 
@@ -417,6 +448,9 @@ class SqliteBackend:
         # Projects are only ever seeded; the profiles' cache is dropped when they change.
         self._projects: list[JSON] | None = None
         self._profiles: Snapshot | None = None
+        # Messages waiting to be stored by the next batch (`_write_batched`).
+        self._batch: list[_BatchedWrite] = []
+        self._batching = False
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
@@ -459,14 +493,63 @@ class SqliteBackend:
 
     async def send_message(self, chat_id: str, message: JSON) -> None:
         content = _message_text(message)
-        write = partial(_insert_message, chat_id, _new_id(), "user", content)
-        async with self._lock:
-            stored, chat = await self._run(write)
-            self.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
+
+        def stored(result: tuple[_Row, _Row]) -> None:
+            message, chat = result
+            self.hub.publish(_chat_key(chat_id), {"type": "message", "message": message})
             # Queued under the lock, so replies run in the order the messages were stored.
             if not isinstance(self.agent_for(chat["modelProfileId"]), SilentAgent):
-                self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], stored["id"]))
+                self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], message["id"]))
+
+        await self._write_batched(
+            partial(_insert_message, chat_id, _new_id(), "user", content), stored
+        )
         logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
+
+    async def _write_batched(
+        self, write: Callable[[sqlite3.Connection], _T], then: Callable[[_T], None]
+    ) -> _T:
+        """Store with the other writes waiting now: one transaction and one trip to the worker
+        thread for all of them (group commit). ``then`` runs once the batch is committed, under
+        the lock and in the order the writes were made (it publishes the change).
+
+        Like a write of its own, it is not undone by cancelling the caller: once made, it waits
+        for its batch."""
+        if self._closed:
+            raise BackendError("backend is closed")
+        pending = _BatchedWrite(write, then)  # type: ignore[arg-type]
+        self._batch.append(pending)
+        if not self._batching:
+            self._batching = True
+            self._nursery.start_soon(self._commit_batches)
+        with trio.CancelScope(shield=True):
+            await pending.done.wait()
+        assert pending.result is not None
+        return cast(_T, pending.result.unwrap())
+
+    async def _commit_batches(self) -> None:
+        batch: list[_BatchedWrite] = []
+        try:
+            while self._batch:
+                async with self._lock:
+                    # What queued up while the last batch was committed (or while the lock was
+                    # held) goes in this one.
+                    batch, self._batch = self._batch, []
+                    results = await self._run(partial(_run_batch, [w.write for w in batch]))
+                    for pending, result in zip(batch, results, strict=True):
+                        if isinstance(result, outcome.Value):
+                            pending.then(result.value)
+                        pending.result = result
+                        pending.done.set()
+                batch = []
+        finally:
+            self._batching = False
+            # Closed (or failed) with writes still waiting: they will never be stored.
+            for pending in (*batch, *self._batch):
+                if not pending.done.is_set():
+                    pending.result = outcome.Error(BackendError("backend is closed"))
+                    pending.done.set()
+            self._batch = []
 
     async def create_chat(
         self,
