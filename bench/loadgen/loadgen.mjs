@@ -1,0 +1,592 @@
+// Load generator of bench/fanout.py: one scenario against one server, then a JSON result.
+//
+//     node bench/loadgen/loadgen.mjs '<spec as JSON>'
+//
+// bench/fanout.py starts it once per measurement; it is not meant to be run by hand. It
+// opens a control connection (auth, `create` a chat, then every `send`), connects
+// `subscribers` clients (auth, subscribe to that chat), and then, as the spec says,
+// measures the server's memory, sends pushes and times their delivery. It prints progress on
+// stderr and one JSON object on stdout, and exits 0 when it ran to the end (the result's
+// `violations` say whether every subscriber got every push exactly once and in order),
+// 2 when the scenario could not be run (the result's `error` says why).
+//
+// One process, one thread, one clock (process.hrtime): a send's time is stamped into the
+// message it sends, and each subscriber's receipt is timed against that stamp. CPU figures
+// come from /proc/<pid>/stat (the server, with its child processes) and process.cpuUsage()
+// (this process), both taken at the edges of each measured window.
+
+import fs from 'node:fs';
+import { WebSocket } from 'ws';
+
+const spec = JSON.parse(process.argv[2] ?? '{}');
+const T0 = process.hrtime.bigint();
+/** Microseconds since this process started measuring (a float; plenty of precision). */
+const now = () => Number(process.hrtime.bigint() - T0) / 1000;
+
+const MAX_VIOLATIONS_KEPT = 20;
+const violations = [];
+let violationCount = 0;
+function violation(text) {
+  violationCount += 1;
+  if (violations.length < MAX_VIOLATIONS_KEPT) violations.push(text);
+}
+
+function log(text) {
+  if (!spec.quiet) process.stderr.write(`loadgen: ${text}\n`);
+}
+
+class Abort extends Error {}
+
+// --- /proc ------------------------------------------------------------------------------
+
+function readProc(path) {
+  try {
+    return fs.readFileSync(path, 'utf8');
+  } catch {
+    return null;
+  }
+}
+
+/** The pid and its live descendants (through /proc/<pid>/task/<tid>/children). */
+function processTree(pid) {
+  const seen = [];
+  const todo = [pid];
+  while (todo.length > 0) {
+    const p = todo.pop();
+    seen.push(p);
+    let tasks = [];
+    try {
+      tasks = fs.readdirSync(`/proc/${p}/task`);
+    } catch {
+      continue;
+    }
+    for (const tid of tasks) {
+      const children = readProc(`/proc/${p}/task/${tid}/children`);
+      if (children) for (const c of children.trim().split(/\s+/)) if (c) todo.push(Number(c));
+    }
+  }
+  return seen;
+}
+
+/** Seconds of CPU (user + system, all threads) used by the server and its children. */
+function serverCpuSeconds() {
+  let ticks = 0;
+  for (const pid of processTree(spec.serverPid)) {
+    const stat = readProc(`/proc/${pid}/stat`);
+    if (stat === null) continue;
+    // Fields after the command name, which is in parentheses and may hold spaces: the
+    // first is field 3 (state); utime, stime, cutime, cstime are fields 14 to 17.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    ticks += Number(fields[11]) + Number(fields[12]) + Number(fields[13]) + Number(fields[14]);
+  }
+  return ticks / spec.clkTck;
+}
+
+/** The server's resident and proportional set sizes, in KiB (children included). */
+function serverMemory() {
+  let rssKiB = 0;
+  let pssKiB = 0;
+  for (const pid of processTree(spec.serverPid)) {
+    const status = readProc(`/proc/${pid}/status`) ?? '';
+    const rss = /^VmRSS:\s+(\d+) kB/m.exec(status);
+    if (rss) rssKiB += Number(rss[1]);
+    const rollup = readProc(`/proc/${pid}/smaps_rollup`) ?? '';
+    const pss = /^Pss:\s+(\d+) kB/m.exec(rollup);
+    if (pss) pssKiB += Number(pss[1]);
+  }
+  return { rssKiB, pssKiB };
+}
+
+/** Seconds of CPU the whole machine has been busy (every CPU, everything but idle). */
+function machineBusySeconds() {
+  const line = (readProc('/proc/stat') ?? '').split('\n', 1)[0];
+  // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+  const f = line.trim().split(/\s+/).slice(1).map(Number);
+  return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / spec.clkTck;
+}
+
+/** A measuring window: wall time, server CPU and this process's CPU between two points. */
+function startWindow() {
+  return {
+    t: now(), server: serverCpuSeconds(), own: process.cpuUsage(), busy: machineBusySeconds(),
+  };
+}
+function endWindow(start) {
+  const seconds = (now() - start.t) / 1e6;
+  const serverCpuS = serverCpuSeconds() - start.server;
+  const own = process.cpuUsage(start.own);
+  const loadgenCpuS = (own.user + own.system) / 1e6;
+  // Whatever else ran on the machine meanwhile (other processes, the kernel's own work).
+  const otherCpuS = Math.max(0, machineBusySeconds() - start.busy - serverCpuS - loadgenCpuS);
+  return {
+    seconds,
+    serverCpuS,
+    serverCpuShare: seconds > 0 ? serverCpuS / seconds : 0,
+    loadgenCpuS,
+    loadgenCpuShare: seconds > 0 ? loadgenCpuS / seconds : 0,
+    otherCpuShare: seconds > 0 ? otherCpuS / seconds : 0,
+  };
+}
+
+// --- latency samples ----------------------------------------------------------------------
+
+class Samples {
+  constructor() {
+    this.values = new Float64Array(1024);
+    this.length = 0;
+  }
+  add(value) {
+    if (this.length === this.values.length) {
+      const bigger = new Float64Array(this.values.length * 2);
+      bigger.set(this.values);
+      this.values = bigger;
+    }
+    this.values[this.length++] = value;
+  }
+  /** p50, p99 and max in milliseconds (nearest rank), from samples in microseconds. */
+  summary() {
+    if (this.length === 0) return { samples: 0, p50Ms: null, p99Ms: null, maxMs: null };
+    const sorted = this.values.slice(0, this.length).sort();
+    const rank = (q) => sorted[Math.min(this.length - 1, Math.ceil(q * this.length) - 1)];
+    return {
+      samples: this.length,
+      p50Ms: rank(0.5) / 1000,
+      p99Ms: rank(0.99) / 1000,
+      maxMs: sorted[this.length - 1] / 1000,
+    };
+  }
+}
+
+// --- clients ------------------------------------------------------------------------------
+
+const clients = [];
+let finished = false; // once true, closes are expected
+let chatId = null;
+let otherPushes = 0;
+
+// What a send is waiting for: subscribers yet to receive it, and what to do when all have.
+const pending = new Map(); // send index -> { remaining, stamp, done }
+let samples = new Samples();
+let sendsAcked = 0;
+let sendsIssued = 0;
+
+function open() {
+  return new WebSocket(spec.url, {
+    perMessageDeflate: false,
+    skipUTF8Validation: true,
+    handshakeTimeout: 30000,
+    maxPayload: 16 * 1024 * 1024,
+  });
+}
+
+/** A subscriber: connect, auth, subscribe; the promise resolves on `subscribed`. */
+function connectSubscriber(index) {
+  return new Promise((resolve, reject) => {
+    const c = {
+      index, ws: open(), expectSeq: -1, expectIndex: 0, subscribed: false,
+      checkedFastPath: false,
+    };
+    clients.push(c);
+    const ws = c.ws;
+    ws.on('message', (raw) => {
+      if (c.checkedFastPath) {
+        const push = readPush(raw);
+        if (push !== null) {
+          onOurPush(c, push[0], push[1], push[2]);
+          return;
+        }
+      }
+      let frame;
+      try {
+        frame = JSON.parse(raw.toString());
+      } catch {
+        violation(`subscriber ${index}: a frame that is not JSON`);
+        return;
+      }
+      if (frame.id === null && frame.type === 'data') {
+        if (!c.checkedFastPath && c.subscribed) {
+          // The first push: the fast reading must agree with the decoded frame.
+          const push = readPush(raw);
+          const content = frame.data?.message?.content;
+          if (push !== null && (push[0] !== frame.seq ||
+              `bench:${push[1]}:${push[2].toFixed(1)}` !== content)) {
+            violation(`subscriber ${index}: fast reading ${push} of ${raw.toString()}`);
+          }
+          c.checkedFastPath = true;
+        }
+        onPush(c, frame);
+      } else if (frame.type === 'auth_required') {
+        ws.send(JSON.stringify({ id: 'a', type: 'auth', pin: spec.pin }));
+      } else if (frame.type === 'auth_success' && frame.id === 'a') {
+        ws.send(JSON.stringify({ id: 's', type: 'subscribe', resource: 'chat', resourceId: chatId }));
+      } else if (frame.type === 'subscribed' && frame.id === 's') {
+        if (!Number.isInteger(frame.seq) || frame.resourceId !== chatId) {
+          violation(`subscriber ${index}: bad subscribed frame ${raw.toString().slice(0, 200)}`);
+        }
+        c.expectSeq = frame.seq + 1;
+        c.subscribed = true;
+        resolve();
+      } else {
+        violation(`subscriber ${index}: unexpected frame ${raw.toString().slice(0, 200)}`);
+        reject(new Abort(`subscriber ${index} got ${raw.toString().slice(0, 200)}`));
+      }
+    });
+    ws.on('unexpected-response', (req, res) => {
+      reject(new Abort(`subscriber ${index}: handshake refused: HTTP ${res.statusCode}`));
+    });
+    ws.on('error', (err) => {
+      if (!finished) reject(new Abort(`subscriber ${index}: ${err.message}`));
+    });
+    ws.on('close', (code, reason) => {
+      if (!finished) {
+        violation(`subscriber ${index}: closed early: ${code} ${reason.toString()}`);
+        reject(new Abort(`subscriber ${index} closed: ${code} ${reason.toString()}`));
+      }
+    });
+  });
+}
+
+function onPush(c, frame) {
+  const data = frame.data;
+  const message = data && data.type === 'message' ? data.message : null;
+  if (!message || message.role !== 'user' || typeof message.content !== 'string') {
+    checkSeq(c, frame.seq);
+    otherPushes += 1; // e.g. an agent's answer, when the profile is not silent
+    return;
+  }
+  const [tag, indexText, stampText] = message.content.split(':');
+  const sendIndex = Number(indexText);
+  if (tag !== 'bench' || !Number.isInteger(sendIndex)) {
+    checkSeq(c, frame.seq);
+    violation(`subscriber ${c.index}: a push that no send of ours made: ${message.content}`);
+    return;
+  }
+  onOurPush(c, frame.seq, sendIndex, Number(stampText));
+}
+
+function checkSeq(c, seq) {
+  if (seq !== c.expectSeq) {
+    violation(`subscriber ${c.index}: push seq ${seq}, expected ${c.expectSeq}`);
+  }
+  c.expectSeq = seq + 1;
+}
+
+function onOurPush(c, seq, sendIndex, stamp) {
+  const receivedAt = now();
+  checkSeq(c, seq);
+  if (sendIndex < c.expectIndex) {
+    // Already had it (or a later one): counted once, as it first came.
+    violation(`subscriber ${c.index}: got send ${sendIndex} again or late, after` +
+      ` ${c.expectIndex - 1}`);
+    return;
+  }
+  if (sendIndex > c.expectIndex) {
+    violation(`subscriber ${c.index}: got send ${sendIndex}, expected ${c.expectIndex} (gap)`);
+    // The sends it skipped will not come: count them as settled so that the run goes on
+    // (and ends with the violations) instead of waiting for them until the deadline.
+    for (let k = c.expectIndex; k < sendIndex; k++) settle(c, k, receivedAt);
+  }
+  c.expectIndex = Math.max(c.expectIndex, sendIndex + 1);
+  samples.add(receivedAt - stamp);
+  settle(c, sendIndex, receivedAt);
+}
+
+/** One subscriber is done with one send; the send is done when every subscriber is. */
+function settle(c, sendIndex, at) {
+  const p = pending.get(sendIndex);
+  if (p === undefined) {
+    violation(`subscriber ${c.index}: send ${sendIndex} arrived after everyone had it`);
+    return;
+  }
+  p.remaining -= 1;
+  if (p.remaining === 0) {
+    pending.delete(sendIndex);
+    p.done(at);
+  }
+}
+
+// The fast path for the pushes of our sends, so that the load generator does not become the
+// bottleneck: `seq`, the send index and the stamp are read straight from the frame's bytes,
+// without decoding it. Every server writes a push as {"id":null,"type":"data",...} with the
+// message's "content":"bench:<index>:<stamp>" and a "seq":<n> field; a frame that does not
+// look exactly like that goes through JSON.parse, and so does each subscriber's first push,
+// whose fast reading is checked against the decoded frame.
+const PUSH_PREFIX = Buffer.from('{"id":null,"type":"data",');
+const SEQ_KEY = Buffer.from('"seq":');
+const CONTENT_KEY = Buffer.from('"content":"bench:');
+const DIGIT_0 = 48;
+
+/** The non-negative number (digits, optionally a '.' and more) at buf[i]; -1 if none. */
+function numberAt(buf, i) {
+  let value = 0;
+  let digits = 0;
+  for (; i < buf.length; i++) {
+    const d = buf[i] - DIGIT_0;
+    if (d < 0 || d > 9) break;
+    value = value * 10 + d;
+    digits += 1;
+  }
+  if (digits === 0) return -1;
+  if (buf[i] === 46 /* . */) {
+    let scale = 0.1;
+    for (i += 1; i < buf.length; i++) {
+      const d = buf[i] - DIGIT_0;
+      if (d < 0 || d > 9) break;
+      value += d * scale;
+      scale /= 10;
+    }
+  }
+  return value;
+}
+
+/** Read a push of ours without decoding it: [seq, send index, stamp], or null. */
+function readPush(buf) {
+  if (buf.length < PUSH_PREFIX.length ||
+      buf.compare(PUSH_PREFIX, 0, PUSH_PREFIX.length, 0, PUSH_PREFIX.length) !== 0) return null;
+  const s = buf.lastIndexOf(SEQ_KEY);
+  const m = buf.indexOf(CONTENT_KEY);
+  if (s < 0 || m < 0) return null;
+  const seq = numberAt(buf, s + SEQ_KEY.length);
+  let i = m + CONTENT_KEY.length;
+  const sendIndex = numberAt(buf, i);
+  while (i < buf.length && buf[i] !== 58 /* : */) i++;
+  const stamp = numberAt(buf, i + 1);
+  if (seq < 0 || sendIndex < 0 || stamp < 0) return null;
+  return [seq, sendIndex, stamp];
+}
+
+/** The control connection: auth, create the chat; it then sends and is never subscribed. */
+function connectControl() {
+  return new Promise((resolve, reject) => {
+    const ws = open();
+    const control = { ws };
+    ws.on('message', (raw) => {
+      const frame = JSON.parse(raw.toString());
+      if (frame.type === 'auth_required') {
+        ws.send(JSON.stringify({ id: 'a', type: 'auth', pin: spec.pin }));
+      } else if (frame.type === 'auth_success') {
+        const modelProfileId = spec.modelProfileId;
+        ws.send(JSON.stringify({
+          id: 'c', type: 'create', resource: 'chat', resourceId: spec.projectId,
+          message: modelProfileId ? { title: 'bench', modelProfileId } : { title: 'bench' },
+        }));
+      } else if (frame.id === 'c' && frame.type === 'data') {
+        chatId = frame.resourceId;
+        resolve(control);
+      } else if (typeof frame.id === 'number' && frame.type === 'data' && frame.data?.sent) {
+        sendsAcked += 1;
+      } else {
+        violation(`control: unexpected frame ${raw.toString().slice(0, 300)}`);
+        reject(new Abort(`control connection got ${raw.toString().slice(0, 300)}`));
+      }
+    });
+    ws.on('unexpected-response', (req, res) => {
+      reject(new Abort(`control: handshake refused: HTTP ${res.statusCode}`));
+    });
+    ws.on('error', (err) => reject(new Abort(`control: ${err.message}`)));
+    ws.on('close', (code, reason) => {
+      if (!finished) {
+        violation(`control connection closed early: ${code} ${reason.toString()}`);
+        reject(new Abort(`control closed: ${code} ${reason.toString()}`));
+      }
+    });
+  });
+}
+
+async function connectAll(count, concurrency) {
+  let next = 0;
+  let failure = null;
+  const worker = async () => {
+    while (next < count && failure === null) {
+      const i = next++;
+      try {
+        await connectSubscriber(i);
+      } catch (err) {
+        failure = failure ?? err;
+      }
+      if (i > 0 && i % 1000 === 0) log(`${i} subscribers connected`);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker));
+  if (failure !== null) throw failure;
+}
+
+// --- sending ------------------------------------------------------------------------------
+
+/**
+ * Send pushes with at most `window` not yet received by every subscriber, until `more()` says
+ * stop; resolves when the last one has reached everyone. With no subscriber, nothing is sent.
+ */
+function sendPhase(control, subscriberCount, window, more) {
+  return new Promise((resolve) => {
+    let inflight = 0;
+    let stopped = false;
+    const pump = () => {
+      while (!stopped && inflight < window) {
+        if (!more()) {
+          stopped = true;
+          break;
+        }
+        const index = sendsIssued++;
+        const stamp = now();
+        inflight += 1;
+        pending.set(index, {
+          remaining: subscriberCount,
+          stamp,
+          done: () => {
+            inflight -= 1;
+            pump();
+          },
+        });
+        control.ws.send(JSON.stringify({
+          id: index, type: 'send', resourceId: chatId, message: `bench:${index}:${stamp.toFixed(1)}`,
+        }));
+      }
+      if (stopped && inflight === 0) resolve();
+    };
+    pump();
+  });
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Wait until the server's RSS stops moving, then return its memory. */
+async function settledMemory() {
+  const s = spec.settle ?? {};
+  const interval = s.intervalMs ?? 200;
+  const stableFor = s.stableMs ?? 1000;
+  const maxMs = s.maxMs ?? 5000;
+  const start = now();
+  let last = serverMemory();
+  let stableSince = now();
+  while ((now() - start) / 1000 < maxMs) {
+    await sleep(interval);
+    const m = serverMemory();
+    if (Math.abs(m.rssKiB - last.rssKiB) > Math.max(64, last.rssKiB * 0.002)) stableSince = now();
+    last = m;
+    if ((now() - stableSince) / 1000 >= stableFor) break;
+  }
+  return { ...last, settleMs: (now() - start) / 1000 };
+}
+
+// --- the scenario ---------------------------------------------------------------------------
+
+async function run() {
+  const result = { scenario: spec.scenario, subscribers: spec.subscribers };
+  log(`${spec.scenario}: ${spec.subscribers} subscribers on ${spec.url}`);
+  const control = await connectControl();
+  result.chatId = chatId;
+
+  if (spec.measureMemory) result.memoryBefore = await settledMemory();
+
+  const connectWindow = startWindow();
+  await connectAll(spec.subscribers, spec.connectConcurrency ?? 100);
+  const connected = endWindow(connectWindow);
+  result.connect = { ...connected, ratePerS: spec.subscribers / connected.seconds };
+  log(`connected ${spec.subscribers} in ${connected.seconds.toFixed(2)} s`);
+
+  if (spec.measureMemory) {
+    const after = await settledMemory();
+    result.memoryAfter = after;
+    result.memoryPerConnection = {
+      rssKiB: (after.rssKiB - result.memoryBefore.rssKiB) / spec.subscribers,
+      pssKiB: (after.pssKiB - result.memoryBefore.pssKiB) / spec.subscribers,
+    };
+  }
+
+  const n = spec.subscribers;
+  const phase = async (name, window, more) => {
+    samples = new Samples();
+    const issuedBefore = sendsIssued;
+    const w = startWindow();
+    await sendPhase(control, n, window, more);
+    const measured = endWindow(w);
+    const sends = sendsIssued - issuedBefore;
+    const frames = sends * n;
+    return {
+      ...measured,
+      window,
+      sends,
+      frames,
+      framesPerS: frames / measured.seconds,
+      // /proc counts CPU in ticks (10 ms): a window with only a few is too short to say.
+      serverCpuPerFrameUs: frames > 0 && measured.serverCpuS * spec.clkTck >= 5
+        ? (measured.serverCpuS / frames) * 1e6 : null,
+      latency: samples.summary(),
+    };
+  };
+
+  if (spec.warmupSends > 0) {
+    let left = spec.warmupSends;
+    await phase('warmup', spec.window, () => left-- > 0);
+  }
+  if (spec.throughputSeconds > 0 || spec.throughputSends > 0) {
+    const until = now() + (spec.throughputSeconds ?? 0) * 1e6;
+    let left = spec.throughputSends ?? Infinity;
+    const maxSends = spec.throughputMaxSends ?? Infinity;
+    let issued = 0;
+    result.throughput = await phase('throughput', spec.window, () =>
+      issued++ < maxSends && (spec.throughputSends ? left-- > 0 : now() < until));
+    log(`throughput: ${result.throughput.framesPerS.toFixed(0)} frames/s`);
+  }
+  if (spec.latencySends > 0) {
+    const until = now() + (spec.latencyMaxSeconds ?? Infinity) * 1e6;
+    let left = spec.latencySends;
+    result.latency = await phase('latency', 1, () => left-- > 0 && now() < until);
+    log(`latency: p50 ${result.latency.latency.p50Ms} ms, p99 ${result.latency.latency.p99Ms} ms`);
+  }
+  if (spec.broadcastSends > 0) {
+    let left = spec.broadcastSends;
+    const b = await phase('broadcast', 1, () => left-- > 0);
+    // One send at a time: the slowest receipt of each is when all had it.
+    result.broadcast = { ...b, allMs: b.latency.maxMs };
+    log(`broadcast to ${n}: all had it after ${b.latency.maxMs} ms`);
+  }
+
+  // Every subscriber must have had every push, once and in order (checked as they came).
+  // Replies to the sends may trail the pushes: give them a moment.
+  const ackDeadline = now() + 10e6;
+  while (sendsAcked < sendsIssued && now() < ackDeadline) await sleep(10);
+  if (sendsAcked !== sendsIssued) {
+    violation(`control: ${sendsAcked} sends answered 'sent' of ${sendsIssued}`);
+  }
+  let short = 0;
+  for (const c of clients) {
+    if (c.expectIndex !== sendsIssued) {
+      short += 1;
+      if (short <= 5) {
+        violation(`subscriber ${c.index}: had ${c.expectIndex} of ${sendsIssued} pushes`);
+      }
+    }
+  }
+  if (short > 5) violation(`... and ${short - 5} more subscribers short of pushes`);
+  result.sends = sendsIssued;
+  result.otherPushes = otherPushes;
+  return result;
+}
+
+function emit(result, exitCode) {
+  finished = true;
+  result.violationCount = violationCount;
+  result.violations = violations;
+  fs.writeSync(1, JSON.stringify(result) + '\n');
+  for (const c of clients) c.ws.terminate();
+  process.exit(exitCode);
+}
+
+const deadline = setTimeout(() => {
+  emit({ scenario: spec.scenario, error: `deadline of ${spec.deadlineSeconds} s passed` }, 2);
+}, (spec.deadlineSeconds ?? 300) * 1000);
+
+run().then(
+  (result) => {
+    clearTimeout(deadline);
+    emit(result, 0);
+  },
+  (err) => {
+    clearTimeout(deadline);
+    emit({ scenario: spec.scenario, error: String(err.message ?? err) }, 2);
+  },
+);
