@@ -231,3 +231,18 @@ async def test_sqlite_backend_in_process_over_loopback(tmp_path: Path) -> None:
                     assert web["data"] == host.data
                     assert web["seq"] == host.seq
                     assert host.data["message"]["content"] == "from the host"
+
+
+def test_serve_tunes_the_garbage_collector() -> None:
+    import gc
+
+    from trio_relay._cli import GC_THRESHOLDS, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import secrets
 import signal
@@ -11,7 +12,7 @@ import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 from loguru import logger
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from loguru import Record
 
 __all__ = ["main"]
+
+
+#: Generation thresholds for `tune_garbage_collector` (CPython's defaults: 700, 10, 10).
+GC_THRESHOLDS: Final = (50_000, 20, 100)
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -97,6 +102,19 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key, password=refuse_password)
     return context
+
+
+def tune_garbage_collector() -> None:
+    """Collect cyclic garbage less often, as a long-running server should.
+
+    Every connection holds a few hundred objects that live as long as it does; with CPython's
+    default thresholds (700, 10, 10) a relay with thousands of clients spends much of its time
+    scanning them again. Objects made before serving (modules, settings) are frozen out of
+    the scans altogether. docs/performance.md has the measurements.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(
@@ -190,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f" {settings.tls_key}: {exc}", file=sys.stderr)
                 return 1
         data_dir = settings.data_dir or default_data_dir(os.environ)
+        tune_garbage_collector()
         try:
             trio.run(serve, settings, pin, settings.pin is None, data_dir, ssl_context)
         except OSError as exc:
