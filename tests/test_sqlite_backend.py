@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import trio
 from loguru import logger
 from trio.testing import MockClock, wait_all_tasks_blocked
 
+from trio_relay import _sqlite_backend as sqlite_backend
 from trio_relay._agents import SilentAgent
 from trio_relay._backend import Backend, BackendError, Change, NotFound
 from trio_relay._echo_agent import EchoAgent
@@ -678,5 +680,29 @@ async def test_writes_waiting_for_a_closing_backend_fail_cleanly(tmp_path: Path)
                     for i in range(3):
                         nursery.start_soon(send, i)
                     await trio.testing.wait_all_tasks_blocked()
-                    backend._nursery.cancel_scope.cancel()
+                    backend._closed = True  # what leaving open_sqlite_backend does first
     assert [str(e) for e in errors] == ["backend is closed"] * 3
+
+
+async def test_the_log_is_checkpointed_in_the_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_EVERY", 5)
+    threads: list[bool] = []
+    checkpoint = sqlite_backend._wal_checkpoint
+
+    def recording(conn: sqlite3.Connection) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        checkpoint(conn)
+
+    monkeypatch.setattr(sqlite_backend, "_wal_checkpoint", recording)
+    with trio.fail_after(10):
+        async with open_sqlite_backend(tmp_path) as backend:
+            for i in range(12):
+                await backend.send_message("welcome", f"message {i}")
+            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
+                await trio.sleep(0.01)
+    assert threads == [False, False]  # two checkpoints, neither on the event loop
+    async with open_sqlite_backend(tmp_path) as backend:
+        history = (await backend.get_history("welcome")).items
+    assert [m["content"] for m in history[1:]] == [f"message {i}" for i in range(12)]
