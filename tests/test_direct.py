@@ -246,7 +246,11 @@ async def test_memory_connections_take_the_direct_path(
     memory: MemoryRelay, autojump_clock: MockClock
 ) -> None:
     client = await memory.connect(authenticate=PIN)
-    assert connection_of(memory).direct is not None
+    connection = connection_of(memory)
+    assert connection.direct is not None
+    # What wsproto kept of the opening handshake is freed once the connection is open.
+    assert connection.ws._wsproto.handshake._h11_connection is None
+    await client.subscribe("chat", "c1")
     await client.close()
 
 

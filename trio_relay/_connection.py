@@ -33,7 +33,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ._backend import BackendError, NotFound
 from ._broadcaster import Push, SubscribeFailed
 from ._config import CloseCode
-from ._direct import DirectPath, Written, frame_text
+from ._direct import DirectPath, Written, drop_handshake_state, frame_text
 from ._limits import TokenBucket, pin_matches
 from ._protocol import (
     AuthFailed,
@@ -116,6 +116,7 @@ class Connection:
             if stream is not None and relay.config.direct_writes else None
         )
         self._stream = stream
+        drop_handshake_state(ws)
         # Frames handed to the writer and not yet written (the channel's own count misses the
         # one the writer has taken): direct writes wait until it is zero, to keep the order.
         self._queued = 0

@@ -15,7 +15,9 @@ direct path off for good, with one log line, and every frame goes through trio-w
   stream it was given (the relay's `OwnedStream`, which serialises all writes);
 - wsproto frames a server text message exactly as `frame_text` does, and records an
   unfinished (fragmented) outgoing message in ``FrameProtocol._outbound_opcode``;
-- a `trio.SocketStream`'s trio socket keeps the non-blocking stdlib socket in ``_sock``.
+- a `trio.SocketStream`'s trio socket keeps the non-blocking stdlib socket in ``_sock``;
+- wsproto keeps the opening handshake's h11 connection in ``H11Handshake._h11_connection``
+  and never uses it once the connection is open (`drop_handshake_state` frees it).
 
 Per connection, `DirectPath.open` says no (the plain path) for TLS, for any stream that is
 not a socket or the relay's in-memory socket (`trio_relay._memory`), and when extensions were
@@ -40,7 +42,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from ._transport import OwnedStream
 
-__all__ = ["DirectPath", "Written", "check_internals", "frame_text"]
+__all__ = ["DirectPath", "Written", "check_internals", "drop_handshake_state", "frame_text"]
 
 #: The trio-websocket and wsproto releases whose internals were checked (pyproject pins them).
 SUPPORTED: Final = {"trio_websocket": ("0.12",), "wsproto": ("1.2", "1.3")}
@@ -122,6 +124,20 @@ def _sender_of(stream: trio.abc.Stream) -> Callable[[memoryview], int] | None:
     # The relay's in-memory socket (tests), which offers the same non-blocking write.
     send_nowait: Callable[[memoryview], int] | None = getattr(stream, "send_nowait", None)
     return send_nowait
+
+
+def drop_handshake_state(ws: WebSocketConnection) -> None:
+    """Free what wsproto keeps of the opening handshake (its h11 connection, about 1.5 KB),
+    which it never uses once the connection is open; a no-op if the internals are not the
+    expected ones."""
+    if check_internals() is not None:
+        return
+    wsproto_connection = getattr(ws, "_wsproto", None)
+    handshake = getattr(wsproto_connection, "handshake", None)
+    if getattr(wsproto_connection, "connection", None) is not None and hasattr(
+        handshake, "_h11_connection"
+    ):
+        handshake._h11_connection = None  # type: ignore[union-attr]
 
 
 class DirectPath:
