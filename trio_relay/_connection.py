@@ -4,12 +4,12 @@
     ├── reader          reads frames into a small bounded request queue; the moment the
     │                   client is gone it cancels the nursery, even mid-request
     ├── dispatcher      decodes and handles each request, in order
-    ├── auth deadline   closes with 1008 unless ``auth`` succeeds in time
     ├── subscription*   one per subscribed resource: registered with its broadcaster for
     │                   exactly as long as the task lives
     ├── writer          (while frames are queued) drains the bounded outbound queue
     ├── ping            (every ``ping_interval``, on the relay's schedule) no pong within
-    │                   ``ping_timeout``: 1011
+    │                   ``ping_timeout``: 1011; the relay's schedule also closes the
+    │                   connection with 1008 unless ``auth`` succeeds within ``auth_timeout``
     └── close deadline  (once closing) drops the stream if the close takes too long
 
 Every reply and push is written in order: straight into the socket when nothing is queued
@@ -135,7 +135,6 @@ class Connection:
         )
         self._bucket = TokenBucket(config.request_rate, config.request_burst)
         self._strikes = 0
-        self._auth_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._writing = False  # a writer task is draining the outbound queue
         self._pinging = False  # a ping is waiting for its pong
@@ -151,8 +150,7 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._dispatcher)
-                nursery.start_soon(self._auth_deadline)
-                self.relay._schedule_pings(self)
+                self.relay._schedule_connection(self)  # auth deadline and pings
                 if self._queued or self._close_request is not None:
                     self._wake_writer()  # auth_required did not fit at once, or closed early
                 if self._close_request is not None:  # closed before it started
@@ -262,11 +260,6 @@ class Connection:
                 await self._handle_text(text)
         except trio.ClosedResourceError:
             pass  # closing: requests still unread are not answered
-
-    async def _auth_deadline(self) -> None:
-        with self._auth_scope:
-            await trio.sleep(self._config.auth_timeout)
-            self.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
 
     def ping(self) -> bool:
         """Ping the peer now, on the relay's schedule; False once the connection is over."""
@@ -440,7 +433,6 @@ class Connection:
         projects = await self._call(self.relay.backend.list_projects)
         profiles = await self._call(self.relay.backend.get_model_profiles)
         self.authenticated = True
-        self._auth_scope.cancel()
         self.log.info("authenticated")
         self.reply(AuthSuccess(id=request.id,
                                data={"projects": projects, "modelProfiles": profiles.items}))

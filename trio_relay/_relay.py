@@ -185,10 +185,12 @@ class Relay:
         self._kept_changed = trio.Event()
         self._serve_scopes: set[trio.CancelScope] = set()
         self._handshakes: set[trio.CancelScope] = set()
-        # When each connection is pinged next, in order: every connection has the same
-        # interval, so appending keeps it sorted (see `_keep_alive`).
+        # When each connection's auth deadline falls, and when it is pinged next, in order:
+        # every connection has the same timeout and interval, so appending keeps them sorted
+        # (see `_run_timers`).
+        self._auth_deadlines: deque[tuple[float, weakref.ref[Connection]]] = deque()
         self._pings: deque[tuple[float, weakref.ref[Connection]]] = deque()
-        self._ping_wait = trio.CancelScope()
+        self._timers_wait = trio.CancelScope()
         self._listeners = 0
         self._closing = False
         self._started_at = trio.current_time()
@@ -475,30 +477,39 @@ class Relay:
             self._kept[broadcaster.key] = (broadcaster.unstarted_history, broadcaster.kept_until)
             self._kept_changed.set()
 
-    def _schedule_pings(self, connection: Connection) -> None:
-        """Ping ``connection`` every ``ping_interval`` from now on, while it lasts."""
-        if not self._pings:
-            self._ping_wait.deadline = trio.current_time() + self.config.ping_interval
-        self._pings.append(
-            (trio.current_time() + self.config.ping_interval, weakref.ref(connection))
-        )
+    def _schedule_connection(self, connection: Connection) -> None:
+        """Hold ``connection`` to its auth deadline and ping it every ``ping_interval``, from
+        now on, while it lasts."""
+        now = trio.current_time()
+        ref = weakref.ref(connection)
+        self._auth_deadlines.append((now + self.config.auth_timeout, ref))
+        self._pings.append((now + self.config.ping_interval, ref))
+        self._timers_wait.deadline = min(self._timers_wait.deadline, self._next_timer())
 
-    async def _keep_alive(self) -> None:
-        """One task pings every connection in turn (each ping runs in its connection's
-        nursery), rather than one sleeping task per connection."""
+    def _next_timer(self) -> float:
+        return min(self._auth_deadlines[0][0] if self._auth_deadlines else math.inf,
+                   self._pings[0][0] if self._pings else math.inf)
+
+    async def _run_timers(self) -> None:
+        """One task keeps every connection's auth deadline and starts its keepalive pings
+        (each ping runs in its connection's nursery), rather than sleeping tasks per
+        connection. Every connection has the same timeout and interval, so a deque in
+        connect order is each timer's schedule."""
         interval = self.config.ping_interval
         while True:
-            with self._ping_wait:
+            with self._timers_wait:
                 await trio.sleep_forever()
             now = trio.current_time()
+            while self._auth_deadlines and self._auth_deadlines[0][0] <= now:
+                connection = self._auth_deadlines.popleft()[1]()
+                if connection is not None and not connection.authenticated:
+                    connection.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
             while self._pings and self._pings[0][0] <= now:
                 _, ref = self._pings.popleft()
                 connection = ref()
                 if connection is not None and connection.ping():
                     self._pings.append((now + interval, ref))
-            self._ping_wait = trio.CancelScope(
-                deadline=self._pings[0][0] if self._pings else math.inf
-            )
+            self._timers_wait = trio.CancelScope(deadline=self._next_timer())
 
     async def _forget_kept_histories(self) -> None:
         """Frees each kept history (its replay buffer) once its grace period is over, by the
@@ -653,7 +664,7 @@ async def open_relay(
                     connections_nursery=connections_nursery,
                 )
                 nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
-                nursery.start_soon(relay._keep_alive, name="keepalive pings")
+                nursery.start_soon(relay._run_timers, name="auth deadlines and pings")
                 try:
                     yield relay
                 finally:
