@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import signal
 
-from baseline_core import MAX_MESSAGE_SIZE, OUTBOUND_QUEUE_SIZE, Core
+from baseline_core import MAX_MESSAGE_SIZE, OUTBOUND_QUEUE_SIZE, Core, raise_fd_limit
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -50,11 +49,6 @@ class AsyncioPeer:
                 await self.ws.send(await self.queue.get())
         except ConnectionClosed:
             pass
-
-
-def raise_fd_limit() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def main(host: str, port: int, pin: str) -> None:

@@ -21,12 +21,13 @@ slow consumer and is closed (1013), as the relay does.
 from __future__ import annotations
 
 import json
+import resource
 import secrets
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Final, Protocol
 
-__all__ = ["OUTBOUND_QUEUE_SIZE", "Core", "Peer"]
+__all__ = ["OUTBOUND_QUEUE_SIZE", "Core", "Peer", "raise_fd_limit"]
 
 #: Frames queued for one client before it counts as slow: the relay's default.
 OUTBOUND_QUEUE_SIZE: Final = 1024
@@ -186,3 +187,9 @@ class Core:
         if chat_id is not None:
             frame.update(resource="chat", resourceId=chat_id)
         self._reply(peer, frame)
+
+
+def raise_fd_limit() -> None:
+    """Both baselines hold up to 10,000 connections: lift the soft limit to the hard one."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

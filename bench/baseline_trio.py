@@ -12,11 +12,10 @@ trio-websocket's ``send_message``.
 from __future__ import annotations
 
 import argparse
-import resource
 import signal
 
 import trio
-from baseline_core import MAX_MESSAGE_SIZE, OUTBOUND_QUEUE_SIZE, Core
+from baseline_core import MAX_MESSAGE_SIZE, OUTBOUND_QUEUE_SIZE, Core, raise_fd_limit
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 
@@ -44,11 +43,6 @@ class TrioPeer:
                 await self.ws.send_message(text)
         except ConnectionClosed:
             pass
-
-
-def raise_fd_limit() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def main(host: str, port: int, pin: str) -> None:
