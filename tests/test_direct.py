@@ -36,7 +36,7 @@ from wsproto.frame_protocol import FrameProtocol
 from trio_relay import CloseCode, RelayConfig
 from trio_relay import _direct as direct
 from trio_relay._connection import Connection
-from trio_relay._direct import DirectPath, Written, frame_text
+from trio_relay._direct import DirectPath, Written, frame_text, nonblocking_sender
 from trio_relay._memory import memory_socket_pair
 from trio_relay._transport import OwnedStream
 from trio_relay.testing import (
@@ -80,7 +80,9 @@ def test_unexpected_internals_turn_the_direct_path_off_with_a_log_line(
         assert reason == "trio_websocket 0.99.0 is not a checked release (0.12)"
         assert direct.check_internals() == reason  # checked once, logged once
         assert lines == [f"direct writes off, every frame goes through trio-websocket: {reason}\n"]
-        stream = OwnedStream(memory_socket_pair()[0])
+        ours = memory_socket_pair()[0]
+        assert nonblocking_sender(ours) is None
+        stream = OwnedStream(ours, nonblocking_sender(ours))
         assert DirectPath.open(_FakeWs(), stream) is None  # type: ignore[arg-type]
     finally:
         logger.disable("trio_relay")
@@ -108,7 +110,7 @@ def _path(proto: _FakeProto | None = None, buffer: int = 1 << 16) -> tuple[
         DirectPath, _FakeWs, OwnedStream, trio.abc.Stream]:
     ws = _FakeWs(proto)
     ours, theirs = memory_socket_pair(buffer)
-    stream = OwnedStream(ours)
+    stream = OwnedStream(ours, nonblocking_sender(ours))
     path = DirectPath.open(ws, stream)  # type: ignore[arg-type]
     assert path is not None
     return path, ws, stream, theirs
@@ -116,11 +118,14 @@ def _path(proto: _FakeProto | None = None, buffer: int = 1 << 16) -> tuple[
 
 def test_where_the_direct_path_is_not_used() -> None:
     # Negotiated extensions (compression): the bytes differ per client.
-    ours = OwnedStream(memory_socket_pair()[0])
+    socket_end = memory_socket_pair()[0]
+    ours = OwnedStream(socket_end, nonblocking_sender(socket_end))
     assert DirectPath.open(_FakeWs(_FakeProto([object()])), ours) is None  # type: ignore[arg-type]
     # Streams that cannot take a write without blocking: TLS, trio's memory streams.
     for stream in (trio.testing.memory_stream_pair()[0], trio.testing.lockstep_stream_pair()[0]):
-        assert DirectPath.open(_FakeWs(), OwnedStream(stream)) is None  # type: ignore[arg-type]
+        assert nonblocking_sender(stream) is None
+        owned = OwnedStream(stream, nonblocking_sender(stream))
+        assert DirectPath.open(_FakeWs(), owned) is None  # type: ignore[arg-type]
 
 
 async def test_a_write_is_refused_while_another_is_under_way_or_closing() -> None:
@@ -131,10 +136,10 @@ async def test_a_write_is_refused_while_another_is_under_way_or_closing() -> Non
     path._proto._outbound_opcode = object()
     assert path.write(frame) is Written.NONE
     path._proto._outbound_opcode = None
-    # While trio-websocket (or the writer) is writing.
-    stream._writing = True
-    assert path.write(frame) is Written.NONE
-    stream._writing = False
+    # While trio-websocket (or the writer) is writing, or waiting for its turn to.
+    async with stream._write_lock:
+        assert path.write(frame) is Written.NONE
+    assert path.write(frame) is Written.ALL
     # Once the closing handshake has begun.
     ws._close_reason = object()
     assert path.write(frame) is Written.NONE
@@ -153,6 +158,60 @@ async def test_a_partial_write_is_owed_and_written_first() -> None:
             received += await theirs.receive_some()
     assert received == first + second
     assert not stream.busy
+
+
+async def test_a_cancelled_write_leaves_exactly_the_rest_owed(autojump_clock: MockClock) -> None:
+    ours, theirs = memory_socket_pair(4)
+    stream = OwnedStream(ours, nonblocking_sender(ours))
+    frame, ping = frame_text(b"0123456789" * 10), b"\x89\x00"
+    with trio.move_on_after(1):  # the reader reads nothing: the write is cancelled halfway
+        await stream.send_all(frame)
+    assert stream.busy  # the rest is owed
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.send_all, ping)
+        received = b""
+        while len(received) < len(frame) + len(ping):
+            received += await theirs.receive_some()
+    assert received == frame + ping  # nothing written twice, nothing cut short
+    assert not stream.busy
+
+
+async def test_a_write_cancelled_without_a_nonblocking_send_tears_the_stream(
+    autojump_clock: MockClock,
+) -> None:
+    ours, _theirs = trio.testing.lockstep_stream_pair()  # like TLS: no send_nowait
+    stream = OwnedStream(ours, nonblocking_sender(ours))
+    with trio.move_on_after(1):
+        await stream.send_all(b"x" * 100)
+    with pytest.raises(trio.BrokenResourceError):
+        await stream.send_all(b"more")
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2])
+async def test_a_ping_timing_out_while_a_frame_is_half_sent_leaves_it_whole(
+    memory_backend: MemoryBackend, autojump_clock: MockClock, yields: int
+) -> None:
+    memory_backend.add_chat("p1", "c1")
+    config = RelayConfig(ping_interval=1000, ping_timeout=5, close_timeout=30)
+    text = "big " + "".join(f"{i:04d}" for i in range(750))
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
+        async with raw_client(memory, buffer=64) as client:
+            connection = connection_of(memory)
+            connection.ping()  # the ping takes the write lock, or is about to
+            for _ in range(yields):
+                await trio.lowlevel.checkpoint()
+            connection.push(text)  # some bytes go at once, the rest is owed or queued
+            await trio.testing.wait_all_tasks_blocked()
+            data = await client.stream.receive_some()
+            client.ws.receive_data(bytes(data))
+            client.events.extend(client.ws.events())
+            await trio.sleep(6)  # the client stalls past ping_timeout: closed with 1011
+            events = await client.read_until(
+                lambda events: any(isinstance(e, CloseConnection) for e in events))
+    texts = [e.data for e in events if isinstance(e, TextMessage)]
+    assert "".join(texts) == text  # whole (in one or more pieces), never torn or doubled
+    close = events[-1]
+    assert isinstance(close, CloseConnection) and close.code == CloseCode.INTERNAL_ERROR
 
 
 async def test_a_peer_that_is_gone_is_left_to_the_writer() -> None:

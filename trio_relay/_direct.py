@@ -42,7 +42,10 @@ from wsproto.frame_protocol import FrameProtocol
 
 from ._transport import OwnedStream
 
-__all__ = ["DirectPath", "Written", "check_internals", "drop_handshake_state", "frame_text"]
+__all__ = [
+    "DirectPath", "Written", "check_internals", "drop_handshake_state", "frame_text",
+    "nonblocking_sender",
+]
 
 #: The trio-websocket and wsproto releases whose internals were checked (pyproject pins them).
 SUPPORTED: Final = {"trio_websocket": ("0.12",), "wsproto": ("1.2", "1.3")}
@@ -105,10 +108,13 @@ def _find_problem() -> str | None:
     return None
 
 
-def _sender_of(stream: trio.abc.Stream) -> Callable[[memoryview], int] | None:
-    """A function writing what the kernel takes at once (a count), or None (no direct path).
-
-    It raises `trio.BrokenResourceError` when the peer is gone."""
+def nonblocking_sender(stream: trio.abc.Stream) -> Callable[[memoryview], int] | None:
+    """A function writing what the kernel takes at once (a count), or None (TLS, any other
+    kind of stream, or unexpected internals). It raises `trio.BrokenResourceError` when the
+    peer is gone. `OwnedStream` writes with it too, so that a cancelled write knows exactly
+    what went out."""
+    if check_internals() is not None:
+        return None
     if type(stream) is trio.SocketStream:
         sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
 
@@ -152,9 +158,7 @@ class DirectPath:
 
     @classmethod
     def open(cls, ws: WebSocketConnection, stream: OwnedStream) -> DirectPath | None:
-        if check_internals() is not None:
-            return None
-        send = _sender_of(stream.inner)
+        send = stream.send_nowait
         connection = getattr(getattr(ws, "_wsproto", None), "connection", None)
         proto = getattr(connection, "_proto", None)
         if send is None or proto is None or getattr(proto, "extensions", None):

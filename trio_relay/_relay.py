@@ -31,6 +31,7 @@ from ._backend import Backend, Feed, Snapshot
 from ._broadcaster import Broadcaster, Push, StreamHistory, SubscribeFailed, Subscriber, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
+from ._direct import nonblocking_sender
 from ._http import MetricsView, WebFiles, serve_http
 from ._limits import PinGuard
 from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
@@ -279,7 +280,7 @@ class Relay:
         peer = _peer_of(stream)
         address = peer.rpartition(":")[0] or peer
         self._per_address[address] = self._per_address.get(address, 0) + 1
-        owned = OwnedStream(stream)
+        owned = OwnedStream(stream, nonblocking_sender(stream))
         ws: WebSocketConnection | None = None
         try:
             async with trio.open_nursery() as nursery:

@@ -39,20 +39,28 @@ def close_frame(code: int, reason: str = "") -> bytes:
 class OwnedStream(trio.abc.Stream):
     """Passes everything through, but only the relay may really close the stream."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, send_nowait: Callable[[memoryview], int] | None = None
+    ) -> None:
         self.inner = stream
+        #: Writes what the kernel takes at once and returns the count (`trio_relay._direct`);
+        #: None where the stream offers no such write (TLS).
+        self.send_nowait = send_nowait
         self.close_frame_sent = False
         #: Called when trio-websocket closes (during the handshake: it has given up).
         self.on_close: Callable[[], object] | None = None
         self._unread = b""
         self._write_lock = trio.Lock()
-        self._writing = False
         self._owed: memoryview | None = None
+        # A write was cancelled halfway with no way to know how much went out (TLS): the
+        # byte stream is torn, and nothing more may be written.
+        self._torn = False
 
     @property
     def busy(self) -> bool:
-        """Whether a write is under way or part of a frame is still owed (`owe`)."""
-        return self._writing or self._owed is not None
+        """Whether a write is under way (or waiting for its turn) or part of a frame is still
+        owed (`owe`)."""
+        return self._write_lock.locked() or self._owed is not None
 
     def owe(self, rest: memoryview) -> None:
         """The rest of a frame written in part without blocking (`trio_relay._direct`): it is
@@ -64,17 +72,35 @@ class OwnedStream(trio.abc.Stream):
         # trio-websocket (pongs, close frames, its own messages) and the connection's writer
         # (frames framed once for every client) both write here, one at a time.
         async with self._write_lock:
-            self._writing = True
+            if self._torn:
+                raise trio.BrokenResourceError("an earlier write was cancelled halfway")
+            if self._owed is not None:
+                await self._write(self._owed)
+            if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+                self.close_frame_sent = True
+            if data:
+                await self._write(memoryview(data))
+
+    async def _write(self, data: memoryview) -> None:
+        """Write all of ``data``. Cancelled halfway (a ping's timeout, a closing connection),
+        it leaves exactly the unwritten rest owed, so that a frame is never cut short nor
+        written twice; without a non-blocking write, it marks the stream torn."""
+        send_nowait = self.send_nowait
+        if send_nowait is None:
             try:
-                if self._owed is not None:
-                    await self.inner.send_all(self._owed)
-                    self._owed = None
-                if data and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                    self.close_frame_sent = True
-                if data:
-                    await self.inner.send_all(data)
-            finally:
-                self._writing = False
+                await self.inner.send_all(data)
+            except trio.Cancelled:
+                self._torn = True
+                raise
+            return
+        self._owed = None
+        while data:
+            data = data[send_nowait(data):]
+            if data:
+                self._owed = data  # until it is written, by this call or (cancelled) the next
+                await self.inner.wait_send_all_might_not_block()
+                self._owed = None
+        await trio.lowlevel.cancel_shielded_checkpoint()  # written: a cancel cannot undo it
 
     async def send_frame(self, frame: bytes) -> None:
         """Write a data frame framed by the relay; refused once a close frame has gone out."""
@@ -119,8 +145,10 @@ class OwnedStream(trio.abc.Stream):
     async def close_for_real(self, owed_code: int | None, reason: str, grace: float) -> None:
         """Send the close frame trio-websocket owed (if any), then close the stream; each step
         bounded by ``grace`` seconds, so a peer that reads nothing cannot hold the stream open."""
-        # Half a frame still owed would make the close frame unreadable: just close.
-        if owed_code is not None and not self.close_frame_sent and self._owed is None:
+        # Half a frame still owed, or a torn stream, would make the close frame unreadable:
+        # just close.
+        if (owed_code is not None and not self.close_frame_sent and self._owed is None
+                and not self._torn):
             with trio.move_on_after(grace):
                 try:
                     await self.inner.send_all(close_frame(owed_code, reason))
