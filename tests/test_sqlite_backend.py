@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -706,3 +707,63 @@ async def test_the_log_is_checkpointed_in_the_worker_thread(
     async with open_sqlite_backend(tmp_path) as backend:
         history = (await backend.get_history("welcome")).items
     assert [m["content"] for m in history[1:]] == [f"message {i}" for i in range(12)]
+
+
+async def test_a_locked_database_is_waited_for_in_the_worker_thread(tmp_path: Path) -> None:
+    # Real time: another connection (an operator's shell, a backup) holds the write lock.
+    async with open_sqlite_backend(tmp_path) as backend:
+        other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(backend.send_message, "welcome", "waited for the lock")
+                # The event loop is not held up while the write waits for the lock.
+                with trio.fail_after(1):
+                    for _ in range(5):
+                        await trio.sleep(0.02)
+                other.rollback()
+        finally:
+            other.close()
+        history = (await backend.get_history("welcome")).items
+    assert history[-1]["content"] == "waited for the lock"
+
+
+def test_a_batch_that_sqlite_rolls_back_stores_nothing(tmp_path: Path) -> None:
+    conn = sqlite_backend._connect(tmp_path / DATABASE_NAME)
+
+    def insert(text: str) -> Any:
+        return partial(sqlite_backend._insert_message, "welcome", text, "user", text)
+
+    def disk_full(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL or an I/O error
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(BackendError, match="rolled the transaction back"):
+        sqlite_backend._run_batch([insert("one"), disk_full, insert("three")], conn)
+    assert not conn.in_transaction
+    contents = [row[0] for row in conn.execute("SELECT content FROM messages")]
+    assert "one" not in contents and "three" not in contents
+    # The connection is usable, and a write outside a batch still commits on its own.
+    sqlite_backend._insert_message("welcome", "four", "user", "four", conn)
+    assert not conn.in_transaction
+    conn.close()
+
+
+async def test_a_failing_checkpoint_is_logged_and_the_backend_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_EVERY", 2)
+
+    def failing(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_backend, "_wal_checkpoint", failing)
+    with trio.fail_after(10):
+        async with open_sqlite_backend(tmp_path) as backend:
+            for i in range(3):
+                await backend.send_message("welcome", f"message {i}")
+            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
+                await trio.sleep(0.01)
+            await backend.send_message("welcome", "still here")
+    assert any(line.startswith("ERROR|checkpoint of the write-ahead log failed")
+               for line in log_lines)

@@ -15,6 +15,7 @@ later version and still reaches the subscriber.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sqlite3
 import sys
@@ -142,13 +143,25 @@ def _project_key(project_id: str) -> ResourceKey:
 # --- sqlite: these run in the worker thread, never on the event loop ---------------------------
 
 
+#: Set while `_run_batch` runs: each write's `_transaction` is then a savepoint of the batch.
+_IN_BATCH: Final = contextvars.ContextVar("_IN_BATCH", default=False)
+#: How long a write waits for another connection's lock, in the worker thread only: on the
+#: event loop it does not wait at all (`_run_batch` raises `_Busy`; the batch moves to the
+#: worker thread). SQLite's own default in Python is 5 s.
+_BUSY_TIMEOUT_MS: Final = 5000
+
+
+class _Busy(Exception):
+    """Another connection to the database file holds its write lock."""
+
+
 @contextmanager
 def _transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
     # The connection is in autocommit mode, so transactions are explicit and none is left open
     # between calls. A write takes sqlite's write lock up front (IMMEDIATE) rather than
     # upgrading halfway, which could fail if another process writes to the file too. Inside a
     # batch (`_run_batch`) it is a savepoint: one write failing undoes only itself.
-    if conn.in_transaction:
+    if _IN_BATCH.get():
         conn.execute("SAVEPOINT batched")
         try:
             yield
@@ -161,23 +174,64 @@ def _transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[No
     conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
         yield
+        conn.commit()
     except BaseException:
-        conn.rollback()
+        if conn.in_transaction:  # also when the commit itself failed
+            conn.rollback()
         raise
-    conn.commit()
 
 
 def _wal_checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
+def _patiently(fn: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connection) -> _T:
+    """Run ``fn`` (in the worker thread) waiting up to `_BUSY_TIMEOUT_MS` for locks."""
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    try:
+        return fn(conn)
+    finally:
+        conn.execute("PRAGMA busy_timeout=0")
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return bool(code & 0xFF == 5)  # SQLITE_BUSY, and its extended codes
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _run_batch(
     writes: list[Callable[[sqlite3.Connection], object]], conn: sqlite3.Connection
 ) -> list[outcome.Outcome[object]]:
-    """Run several writes in one transaction (one commit, one trip to the worker thread); each
-    one's result or error is its own."""
-    with _transaction(conn):
-        return [outcome.capture(write, conn) for write in writes]
+    """Run several writes in one transaction, with one commit; each one's result or error is
+    its own (a savepoint each). Raises `_Busy` if the write lock cannot be had at once, and
+    fails whole if SQLite rolls the transaction back by itself (a full disk, an I/O error) or
+    the commit fails: then none of the writes was stored."""
+    token = _IN_BATCH.set(True)
+    try:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise _Busy(str(exc)) from exc
+            raise
+        try:
+            results: list[outcome.Outcome[object]] = []
+            for write in writes:
+                result = outcome.capture(write, conn)
+                results.append(result)
+                if not conn.in_transaction:
+                    cause = result.error if isinstance(result, outcome.Error) else None
+                    raise BackendError("SQLite rolled the transaction back") from cause
+            conn.commit()
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+        return results
+    finally:
+        _IN_BATCH.reset(token)
 
 
 def _row(row: sqlite3.Row | None) -> _Row | None:
@@ -215,6 +269,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             if version == 0:
                 _seed(conn)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        conn.execute("PRAGMA busy_timeout=0")  # from now on, see _BUSY_TIMEOUT_MS
     except BaseException:
         conn.close()
         raise
@@ -471,7 +526,9 @@ class SqliteBackend:
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
             raise BackendError("backend is closed")
-        return await trio.to_thread.run_sync(fn, self._conn, limiter=self._limiter)
+        return await trio.to_thread.run_sync(
+            _patiently, fn, self._conn, limiter=self._limiter
+        )
 
     async def _snapshot(
         self, key: ResourceKey, read: Callable[[sqlite3.Connection], list[JSON]]
@@ -552,13 +609,13 @@ class SqliteBackend:
         batch: list[_BatchedWrite] = []
         try:
             while self._batch and not self._closed:
-                async with self._lock, self._limiter:  # the limiter: no thread uses the conn
+                async with self._lock:
                     if self._closed:
                         break
                     # What queued up while the last batch was committed (or while the lock was
                     # held) goes in this one.
                     batch, self._batch = self._batch, []
-                    results = _run_batch([w.write for w in batch], self._conn)
+                    results = await self._store(batch)
                     for pending, result in zip(batch, results, strict=True):
                         if isinstance(result, outcome.Value):
                             pending.then(result.value)
@@ -578,12 +635,31 @@ class SqliteBackend:
                     pending.done.set()
             self._batch = []
 
+    async def _store(self, batch: list[_BatchedWrite]) -> list[outcome.Outcome[object]]:
+        writes = [pending.write for pending in batch]
+        try:
+            try:
+                async with self._limiter:  # no worker thread is using the connection
+                    return _run_batch(writes, self._conn)
+            except _Busy:
+                # Another connection to the file (a backup, an operator's shell) holds its
+                # write lock: wait for it in the worker thread, never on the event loop.
+                return await self._run(partial(_run_batch, writes))
+        except Exception as exc:
+            logger.opt(exception=exc).error("could not store {} messages", len(batch))
+            error = BackendError(f"the message could not be stored: {exc}")
+            return [outcome.Error(error) for _ in batch]
+
     async def _checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, in the worker thread: the part of
-        storing that waits for the disk (automatic checkpoints are off, see `_connect`)."""
+        storing that waits for the disk (automatic checkpoints are off, see `_connect`). A
+        failure is logged, not raised: the log keeps growing until a checkpoint succeeds."""
         try:
             self._uncheckpointed = 0
-            await self._run(_wal_checkpoint)
+            if not self._closed:
+                await self._run(_wal_checkpoint)
+        except Exception as exc:
+            logger.opt(exception=exc).error("checkpoint of the write-ahead log failed")
         finally:
             self._checkpointing = False
 
