@@ -620,3 +620,26 @@ async def test_slow_client_dropped_at_close_timeout_releases_everything(
             while True:
                 await slow.ws.get_message()
         assert (await footprint(relay, memory_backend)).unkept() == baseline
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_a_finished_connection_is_freed_without_the_garbage_collector(
+    autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay,
+    how: str,
+) -> None:
+    # trio-relay serve collects cyclic garbage rarely: nothing of a connection may wait for it.
+    import gc
+    import weakref
+
+    memory_backend.add_chat("p1", "c1")
+    client = await subscribed_client(memory_relay, "c1")
+    (connection,) = memory_relay.relay._connections
+    ref = weakref.ref(connection)
+    del connection
+    gc.disable()
+    try:
+        await (client.close() if how == "close" else client.abort())
+        await memory_relay.quiet_statistics()
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -345,3 +345,30 @@ async def test_shutting_down_drops_idle_http_connections_at_once(
     # Leaving the relay did not wait for the idle connection (it waits for WebSocket ones).
     assert trio.current_time() == start
     assert await read_to_end(stream) == b""
+
+
+async def test_a_malformed_chunked_body_is_a_bad_request(
+    memory_relay: MemoryRelay, autojump_clock: MockClock
+) -> None:
+    stream = await memory_relay.listener.connect()
+    await stream.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n")
+    received = await read_to_end(stream)
+    assert received.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_bare_lf_requests_then_an_upgrade_on_the_same_connection(
+    memory_relay: MemoryRelay, autojump_clock: MockClock
+) -> None:
+    stream = await memory_relay.listener.connect()
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    # h11 accepts bare LF line ends; the relay must find the end of the head where h11 did.
+    await stream.send_all(
+        b"GET /healthz HTTP/1.1\nHost: relay.test\n\n"
+        + request("/ws", "GET", "Upgrade: websocket", "Connection: Upgrade",
+                  f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13")
+    )
+    received = b""
+    while b"auth_required" not in received:
+        received += await stream.receive_some()
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"HTTP/1.1 101 " in received

@@ -497,6 +497,9 @@ class Connection:
                 task_status.started()
             finally:
                 self.forget(subscription)
+                # The detach closure refers to the subscription: break the cycle, so that a
+                # finished connection is freed at once, not at the next garbage collection.
+                subscription.detach = subscription.cancel_scope.cancel
 
     def _detach(self, subscription: _WebSubscription, remove: Callable[[], None]) -> None:
         # Leave the broadcaster now, not when the task next runs, so no push slips in after

@@ -244,22 +244,26 @@ async def serve_http(
             return None
         headers = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in event.headers}
-        # RFC 9112 lets a client send blank lines before a request.
-        start = len(buffer) - len(buffer.lstrip(b"\r\n"))
-        end = buffer.find(b"\r\n\r\n", start) + 4
-        if end - start > MAX_HEAD:  # h11 bounds only a head still incomplete
+        # Where the head ends is h11's to say (it accepts bare LF line ends, and blank lines
+        # before a request): what it has not consumed is the rest.
+        end = len(buffer) - len(conn.trailing_data[0])
+        if end > MAX_HEAD:  # h11 bounds only a head still incomplete
             await _send_error(stream, 431, "request head too large\n")
             return None
         if event.http_version not in (b"1.0", b"1.1"):
             await _send_error(stream, 505, "HTTP/1.1 only\n")
             return None
         if is_websocket_upgrade(headers):
-            stream.unread(bytes(buffer[start:]))
+            stream.unread(bytes(buffer))
             return headers
         del buffer[:end]
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("latin-1")
-        has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
+        try:
+            has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
+        except h11.RemoteProtocolError:  # a body that does not even parse
+            await _send_error(stream, 400, "bad request\n")
+            return None
         response = (
             _text(413, "request bodies are not accepted\n") if has_body
             else route(method, target, headers, web=web, metrics=metrics)
