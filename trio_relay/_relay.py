@@ -31,7 +31,7 @@ from ._backend import Backend, Feed, Snapshot
 from ._broadcaster import Broadcaster, Push, StreamHistory, SubscribeFailed, Subscriber, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection
-from ._direct import nonblocking_sender
+from ._direct import check_internals, nonblocking_sender
 from ._http import MetricsView, WebFiles, serve_http
 from ._limits import PinGuard
 from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
@@ -664,6 +664,8 @@ async def open_relay(
                     nursery=nursery,
                     connections_nursery=connections_nursery,
                 )
+                # The direct path's start-up check: one log line now if it is off.
+                check_internals()
                 nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
                 nursery.start_soon(relay._run_timers, name="auth deadlines and pings")
                 try:
