@@ -511,4 +511,6 @@ def test_ws_link_routes_times_out_and_resumes(session: Session) -> None:
     assert [(r["resourceId"], r["sinceSeq"], r["epoch"]) for r in result["resubscribes"]] == [
         ("c1", 12, "E1"), ("c2", 1, "E2"),
     ]
-    assert result["states"] == ["connected", "reconnecting", "connected", "signed-out"]
+    assert result["states"] == [
+        "connected", "reconnecting", "connected", "reconnecting", "connected", "signed-out"]
+    assert result["connectedAfterClosing"] is True

@@ -88,7 +88,19 @@ async () => {
   second.subscribed(r2, 3, "E3", { reset: true, data: { messages: [{}, {}, {}] } });
   second.chunk("c1", 13, "missed"); // right behind the reply
   await until(() => link.state === State.CONNECTED && events.c1.length === 6);
-  result.events = events;
+  result.events = structuredClone(events);
+
+  // A subscription closed while a reconnect resubscribes (its chat deleted meanwhile, or
+  // left): once the others have answered, the link is connected all the same.
+  second.onclose({ code: 1006, reason: "" });
+  await until(() => sockets.length === 3 && sockets[2].subscribes().length === 2);
+  const third = sockets[2];
+  const [t1, t2] = third.subscribes();
+  c2.close();
+  third.subscribed(t1, 13, "E1", { resumed: true });
+  third.subscribed(t2, 3, "E3", { resumed: true });
+  await until(() => link.state === State.CONNECTED);
+  result.connectedAfterClosing = link.state === State.CONNECTED;
   link.logout();
   return result;
 }

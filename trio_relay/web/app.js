@@ -3,7 +3,14 @@
 // Every piece of text from the relay reaches the page through textContent or a text node,
 // never through innerHTML: a chat message is data, not markup.
 
-import { AuthFailed, ConnectionLost, RelayLink, State, relayUrl } from "./ws-link.js";
+import {
+  AuthFailed,
+  ConnectionLost,
+  RelayLink,
+  RequestRejected,
+  State,
+  relayUrl,
+} from "./ws-link.js";
 
 const link = new RelayLink(relayUrl(window.location));
 
@@ -326,6 +333,9 @@ function selectProject(projectId) {
     onComplete() {
       notice("This project's chat list is no longer being updated.");
     },
+    onInterrupted(error) {
+      notice(`Lost the chat list's updates (${error.message}); catching up…`);
+    },
     onError(error) {
       if (!link.error) notice(`Could not watch the project: ${error.message}`);
     },
@@ -410,6 +420,9 @@ function selectChat(chatId) {
     },
     onComplete() {
       markChatGone();
+    },
+    onInterrupted(error) {
+      notice(`Lost the chat's updates (${error.message}); catching up…`);
     },
     onError(error) {
       if (link.error) return; // the session is over: the PIN prompt says why
@@ -599,9 +612,17 @@ $("composer").addEventListener("submit", async (event) => {
     // The message itself comes back through the chat's subscription, like everyone's.
     await link.send(chatId, text);
   } catch (error) {
-    if (input.value === "" && ui.chatId === chatId) input.value = text;
-    renderComposer();
-    notice(`Message not sent: ${error.message}`);
+    if (error instanceof RequestRejected) {
+      // Refused by the relay: it was not stored, so the text goes back in the box.
+      if (input.value === "" && ui.chatId === chatId) input.value = text;
+      renderComposer();
+      notice(`Message not sent: ${error.message}`);
+    } else {
+      // The connection dropped or the answer was late: the relay may have stored it (it
+      // then shows up in the chat). Not restored, so that sending again is a choice.
+      renderComposer();
+      notice(`The message may not have been sent (${error.message}): check the chat.`);
+    }
   }
 });
 

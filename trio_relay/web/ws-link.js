@@ -59,12 +59,16 @@ function keyOf(resource, resourceId) {
 }
 
 const RETRYABLE_CODES = new Set(["rate_limited", "backend_error"]);
+/** ms a connection must last before the reconnect backoff starts over. */
+const STABLE_AFTER = 30_000;
 
 export class RelayLink {
   /**
    * @param {string} url ws:// or wss:// URL of the relay
    * @param {object} [options]
-   * @param {number} [options.requestTimeout] ms a request may take, from the call (10 s)
+   * @param {number} [options.requestTimeout] ms a request may take, from the call (30 s:
+   *   longer than the relay's own `backend_timeout`, 10 s by default, so that a slow backend
+   *   is answered by the relay with an error rather than given up on by the page)
    * @param {number} [options.authTimeout] ms an `auth` may take: the relay delays a wrong
    *   PIN's answer by up to `pin_backoff_max` (30 s by default), so this is longer
    * @param {{initial: number, maximum: number, multiplier: number}} [options.backoff] ms
@@ -73,8 +77,8 @@ export class RelayLink {
    */
   constructor(url, options = {}) {
     this.url = url;
-    this.requestTimeout = options.requestTimeout ?? 10_000;
-    this.authTimeout = options.authTimeout ?? 45_000;
+    this.requestTimeout = options.requestTimeout ?? 30_000;
+    this.authTimeout = options.authTimeout ?? Math.max(45_000, this.requestTimeout);
     this.backoff = { initial: 500, maximum: 30_000, multiplier: 2, ...options.backoff };
     this._random = options.random ?? Math.random;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -249,8 +253,12 @@ export class RelayLink {
   _authenticated(conn, reply) {
     conn.authed = true;
     this.session = reply.data ?? { projects: [], modelProfiles: [] };
-    this.attempt = 0;
     this.lastClose = null;
+    // The backoff starts over only once this connection has lasted: a relay that closes
+    // right after auth (a subscribe that kills it) must not be retried twice a second.
+    this._setTimeout(() => {
+      if (this._conn === conn) this.attempt = 0;
+    }, STABLE_AFTER);
     this._emit("session", this.session);
     this._resubscribeAll(conn, () => {
       if (this._conn !== conn) return;
@@ -433,7 +441,23 @@ export class RelayLink {
       }
     }
     if (typeof frame.seq === "number") entry.seq = frame.seq;
-    if (frame.type === "error") {
+    if (frame.type === "error" && RETRYABLE_CODES.has(frame.code)) {
+      // The relay's upstream for this resource failed (its final push): subscribe again after
+      // a backoff, from a fresh snapshot, as the protocol says, instead of freezing.
+      this._call(entry, "onInterrupted", new SubscriptionFailed(frame.error ?? "upstream failed",
+                                                               { code: frame.code }));
+      entry.live = false;
+      entry.seq = null;
+      entry.epoch = null;
+      const { initial, maximum, multiplier } = this.backoff;
+      const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
+      entry.retries += 1;
+      this._setTimeout(() => {
+        if (!entry.closed && this._conn === conn && entry.conn === conn) {
+          this._subscribeOn(conn, entry);
+        }
+      }, delay);
+    } else if (frame.type === "error") {
       this._subs.delete(entry.key);
       this._endSubscription(
         entry,
@@ -547,6 +571,8 @@ export class RelayLink {
    *   onEvent(data, seq)         one push, in order, each once, across reconnects
    *   onResumed()                a reconnect resumed: the missed pushes follow as onEvent
    *   onComplete()               the resource's stream ended (a deleted chat); no more calls
+   *   onInterrupted(error)       the relay's upstream failed; the link subscribes again
+   *                              after a backoff, and onSnapshot follows (reset)
    *   onError(error)             the subscription ended with an error; no more calls
    * Returns `{ready, close}`: `ready` resolves with the first snapshot's data and rejects if
    * the subscription fails before it; `close()` unsubscribes. One subscription per resource.
@@ -624,10 +650,15 @@ export class RelayLink {
       fields.epoch = entry.epoch;
     }
     this._send(conn, fields, this.requestTimeout, (reply, error) => {
-      if (entry.closed || this._conn !== conn || entry.conn !== conn) return;
-      if (error) this._subscribeFailed(conn, entry, error);
-      else this._subscribed(entry, reply);
-      answered();
+      try {
+        if (entry.closed || this._conn !== conn || entry.conn !== conn) return;
+        if (error) this._subscribeFailed(conn, entry, error);
+        else this._subscribed(entry, reply);
+      } finally {
+        // Always counted, even for a subscription closed meanwhile (a chat deleted while
+        // the page was away, or left): else the reconnect would never report connected.
+        answered();
+      }
     });
   }
 
