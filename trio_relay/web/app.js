@@ -113,7 +113,9 @@ function renderConnection() {
   box.title = close && state !== State.CONNECTED
     ? `Last connection closed: ${close.code}${close.reason ? ` (${close.reason})` : ""}`
     : "";
-  $("retry-button").hidden = state !== State.RECONNECTING;
+  // Offline is the browser's word, and a relay on this machine or the LAN may still be
+  // reachable: let the user try at once there too.
+  $("retry-button").hidden = state !== State.RECONNECTING && state !== State.OFFLINE;
   $("logout-button").hidden = !ui.loggedIn;
   // Tick the countdown while one is shown.
   if (state === State.RECONNECTING && countdown === null) {
