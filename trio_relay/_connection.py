@@ -125,10 +125,11 @@ class Connection:
         self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
         config = relay.config
         self._config = config
-        # Text for trio-websocket to frame, or frames for the stream when direct.
-        self._out_send, self._out_receive = trio.open_memory_channel[str | bytes](
-            config.outbound_queue_size
-        )
+        # The outbound queue: text for trio-websocket to frame, or frames for the stream when
+        # direct. Made when first needed (`_outbound`): with direct writes an idle or keeping-up
+        # connection never queues anything, and the channel is a good part of its memory.
+        self._out: tuple[trio.MemorySendChannel[str | bytes],
+                         trio.MemoryReceiveChannel[str | bytes]] | None = None
         self._close_request: tuple[int, str] | None = None
         self._requests_send, self._requests_receive = trio.open_memory_channel[str](
             _REQUEST_QUEUE_SIZE
@@ -174,7 +175,7 @@ class Connection:
             return
         self._close_request = (code, reason)
         self.log.info("closing: {code} {reason}", code=code, reason=reason)
-        self._out_send.close()  # nothing more is queued; the writer closes after the rest
+        self._outbound()[0].close()  # nothing more is queued; the writer closes after the rest
         self._wake_writer()
         # Requests not yet handled are dropped, and the reader only drains from now on, so
         # that trio-websocket keeps reading and sees the client's answer to our close frame.
@@ -193,6 +194,12 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _outbound(self) -> tuple[trio.MemorySendChannel[str | bytes],
+                                 trio.MemoryReceiveChannel[str | bytes]]:
+        if self._out is None:
+            self._out = trio.open_memory_channel[str | bytes](self._config.outbound_queue_size)
+        return self._out
+
     def _wake_writer(self) -> None:
         if not self._writing and self._nursery is not None:
             try:
@@ -205,8 +212,10 @@ class Connection:
         """Drain the outbound queue, then end; once closing, send the close frame after it."""
         try:
             while True:
+                if self._out is None:
+                    return  # nothing was ever queued (close makes the queue, so not closing)
                 try:
-                    item = self._out_receive.receive_nowait()
+                    item = self._out[1].receive_nowait()
                 except trio.WouldBlock:
                     return  # drained: the next frame that does not fit starts a writer again
                 except trio.EndOfChannel:
@@ -303,7 +312,7 @@ class Connection:
                 if written is Written.PART:
                     item = b""  # the writer writes the rest of the frame
         try:
-            self._out_send.send_nowait(item)
+            self._outbound()[0].send_nowait(item)
             self._queued += 1
             self._wake_writer()
         except trio.WouldBlock:
@@ -457,9 +466,7 @@ class Connection:
             try:
                 # A replay must fit the outbound queue (with the reply): more would close this
                 # client as slow on every reconnect, so it gets a fresh snapshot instead.
-                room = self._config.outbound_queue_size - 1 - (
-                    self._out_send.statistics().current_buffer_used
-                )
+                room = self._config.outbound_queue_size - 1 - self._queued
                 async with self.relay._subscription(
                     key, subscription, request.since_seq, request.epoch, room
                 ) as synced:
