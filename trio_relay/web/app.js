@@ -103,12 +103,15 @@ function renderConnection() {
   const state = link.state;
   const box = $("connection-state");
   box.dataset.state = state;
-  let text = STATE_TEXT[state] ?? state;
+  // The state word is in a live region; the countdown beside it is not, or a screen reader
+  // would announce every tick.
+  let countdownText = "";
   if (state === State.RECONNECTING && link.nextAttemptAt !== null) {
     const seconds = Math.ceil((link.nextAttemptAt - Date.now()) / 1000);
-    if (seconds >= 1) text = `Reconnecting in ${seconds} s`;
+    if (seconds >= 1) countdownText = `in ${seconds} s`;
   }
-  setText($("connection-text"), text);
+  setText($("connection-text"), STATE_TEXT[state] ?? state);
+  setText($("connection-countdown"), countdownText);
   const close = link.lastClose;
   box.title = close && state !== State.CONNECTED
     ? `Last connection closed: ${close.code}${close.reason ? ` (${close.reason})` : ""}`

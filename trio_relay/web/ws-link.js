@@ -613,6 +613,12 @@ export class RelayLink {
   _unsubscribe(entry) {
     if (entry.closed) return;
     entry.closed = true;
+    if (entry.rejectReady) {
+      // Closed before its first snapshot: `ready` must still settle.
+      entry.rejectReady(new SubscriptionFailed("unsubscribed before the first snapshot"));
+      entry.resolveReady = null;
+      entry.rejectReady = null;
+    }
     if (this._subs.get(entry.key) === entry) this._subs.delete(entry.key);
     const conn = this._conn;
     if (conn && entry.conn === conn) {
