@@ -270,24 +270,28 @@ def test_text_is_shown_as_text_never_markup(session: Session) -> None:
     assert session.page.evaluate("window.__xss") is None
 
 
-def test_a_second_browser_sees_the_same_messages_live(
-    browser: Browser, relay: RelayProcess, session: Session
-) -> None:
-    other = Session(browser, relay.http_url)
+@pytest.fixture
+def other(browser: Browser, relay: RelayProcess, session: Session) -> Iterator[Session]:
+    """A second browser context; it and ``session`` are logged in, in the welcome chat."""
+    second = Session(browser, relay.http_url)
     try:
-        for one in (session, other):
+        for one in (session, second):
             one.login()
             one.open_chat("welcome")
-        text = unique("from the first browser")
-        session.send(text)
-        for one in (session, other):
-            one.expect_exchange(text)
-        answer = unique("and back from the second")
-        other.send(answer)
-        for one in (session, other):
-            one.expect_exchange(answer)
+        yield second
     finally:
-        other.close()
+        second.close()
+
+
+def test_a_second_browser_sees_the_same_messages_live(session: Session, other: Session) -> None:
+    text = unique("from the first browser")
+    session.send(text)
+    for one in (session, other):
+        one.expect_exchange(text)
+    answer = unique("and back from the second")
+    other.send(answer)
+    for one in (session, other):
+        one.expect_exchange(answer)
 
 
 def test_a_wrong_pin_shows_an_error_and_the_right_one_gets_in(session: Session) -> None:
@@ -374,29 +378,19 @@ def test_chats_created_elsewhere_appear_live(
         other.close()
 
 
-def test_the_page_resumes_what_it_missed_while_offline(
-    browser: Browser, relay: RelayProcess, session: Session
-) -> None:
-    other = Session(browser, relay.http_url)
-    try:
-        for one in (session, other):
-            one.login()
-            one.open_chat("welcome")
+def test_the_page_resumes_what_it_missed_while_offline(session: Session, other: Session) -> None:
+    session.context.set_offline(True)
+    expect(session.state).to_have_attribute("data-state", "offline", timeout=WAIT)
+    text = unique("said while the first browser was offline")
+    other.send(text)
+    other.expect_exchange(text)
+    expect(session.messages("user", text)).to_have_count(0)
 
-        session.context.set_offline(True)
-        expect(session.state).to_have_attribute("data-state", "offline", timeout=WAIT)
-        text = unique("said while the first browser was offline")
-        other.send(text)
-        other.expect_exchange(text)
-        expect(session.messages("user", text)).to_have_count(0)
-
-        session.context.set_offline(False)
-        expect(session.state).to_have_attribute("data-state", "connected", timeout=WAIT)
-        # The relay replayed exactly the missed pushes (no fresh snapshot was needed).
-        expect(session.testid("message-list")).to_have_attribute("data-sync", "resumed")
-        session.expect_exchange(text)
-    finally:
-        other.close()
+    session.context.set_offline(False)
+    expect(session.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+    # The relay replayed exactly the missed pushes (no fresh snapshot was needed).
+    expect(session.testid("message-list")).to_have_attribute("data-sync", "resumed")
+    session.expect_exchange(text)
 
 
 def test_the_page_survives_a_relay_restart(browser: Browser, own_relay: RelayProcess) -> None:

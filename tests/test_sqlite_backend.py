@@ -627,15 +627,14 @@ async def test_projects_and_profiles_are_read_once_and_kept_current(
 async def test_concurrent_sends_are_stored_in_one_batch(
     backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Real time: the batch is written in a worker thread.
-    trips: list[object] = []
-    run = backend._run
+    batches: list[int] = []
+    run_batch = sqlite_backend._run_batch
 
-    async def counting(fn: Any) -> Any:
-        trips.append(fn)
-        return await run(fn)
+    def counting(writes: list[Any], conn: sqlite3.Connection) -> Any:
+        batches.append(len(writes))
+        return run_batch(writes, conn)
 
-    monkeypatch.setattr(backend, "_run", counting)
+    monkeypatch.setattr(sqlite_backend, "_run_batch", counting)
     failures: list[BaseException] = []
 
     async def send(chat_id: str, text: str) -> None:
@@ -650,8 +649,9 @@ async def test_concurrent_sends_are_stored_in_one_batch(
                 for i in range(10):
                     nursery.start_soon(send, "welcome", f"batched {i}")
                 nursery.start_soon(send, "no-such-chat", "lost")
-            # One trip for all eleven writes (the first may go alone, before the rest queue).
-            assert len(trips) <= 2
+            # One transaction for all eleven writes (the first may go alone, before the rest
+            # queue up behind it).
+            assert sum(batches) == 11 and len(batches) <= 2
             # The unknown chat failed alone; the others were stored and pushed in the order
             # they were stored, once each.
             assert len(failures) == 1

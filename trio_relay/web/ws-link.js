@@ -449,14 +449,7 @@ export class RelayLink {
       entry.live = false;
       entry.seq = null;
       entry.epoch = null;
-      const { initial, maximum, multiplier } = this.backoff;
-      const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
-      entry.retries += 1;
-      this._setTimeout(() => {
-        if (!entry.closed && this._conn === conn && entry.conn === conn) {
-          this._subscribeOn(conn, entry);
-        }
-      }, delay);
+      this._resubscribeLater(conn, entry);
     } else if (frame.type === "error") {
       this._subs.delete(entry.key);
       this._endSubscription(
@@ -671,14 +664,7 @@ export class RelayLink {
   _subscribeFailed(conn, entry, error) {
     if (error instanceof RequestRejected && RETRYABLE_CODES.has(error.code)) {
       // Refused for now (the relay is busy, or the backend hiccuped): try again shortly.
-      const { initial, maximum, multiplier } = this.backoff;
-      const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
-      entry.retries += 1;
-      this._setTimeout(() => {
-        if (!entry.closed && this._conn === conn && entry.conn === conn) {
-          this._subscribeOn(conn, entry);
-        }
-      }, delay);
+      this._resubscribeLater(conn, entry);
     } else if (error instanceof RequestTimeout) {
       // Every request gets a reply; none came, so this connection is not working.
       this._abandon(conn, "subscribe timed out");
@@ -687,6 +673,18 @@ export class RelayLink {
       this._subs.delete(entry.key);
       this._endSubscription(entry, new SubscriptionFailed(error.message, { code: error.code }));
     }
+  }
+
+  /** Subscribe `entry` again on `conn` after a jittered backoff of its own. */
+  _resubscribeLater(conn, entry) {
+    const { initial, maximum, multiplier } = this.backoff;
+    const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
+    entry.retries += 1;
+    this._setTimeout(() => {
+      if (!entry.closed && this._conn === conn && entry.conn === conn) {
+        this._subscribeOn(conn, entry);
+      }
+    }, delay);
   }
 
   _subscribed(entry, reply) {
