@@ -215,7 +215,7 @@ async def test_snapshot_ahead_of_the_feed_waits_for_the_feed(
         behind: list[tuple[int | None, int | None]] = []
 
         def probe(snapshot: Snapshot) -> None:
-            broadcaster = relay.relay._broadcasters[key]
+            broadcaster = relay.relay._registry.get(key)
             behind.append((broadcaster.version, snapshot.version))
 
         backend.on_snapshot = probe
@@ -512,7 +512,7 @@ async def test_slow_client_is_closed_alone_and_the_fast_one_gets_everything(
         assert [p["data"]["n"] for p in got] == list(range(100))
         assert_gapless(got, after=0)
         assert trio.current_time() == start
-        assert relay.relay.counters["slow_closes"] == 1
+        assert relay.relay.counters.slow_closes == 1
 
         # The slow client reads at last: what was already on its way, in order, then the close.
         code, reason = await slow.wait_closed()
@@ -540,7 +540,7 @@ async def test_a_burst_as_large_as_the_queue_reaches_a_prompt_client(
             memory_backend.emit("chat", "c1", {"n": n})
         got = await pushes(client, config.outbound_queue_size)
         assert [p["data"]["n"] for p in got] == list(range(config.outbound_queue_size))
-        assert relay.relay.counters["slow_closes"] == 0
+        assert relay.relay.counters.slow_closes == 0
 
 
 async def test_slow_client_that_never_reads_is_dropped_within_close_timeout(
@@ -557,7 +557,7 @@ async def test_slow_client_that_never_reads_is_dropped_within_close_timeout(
         for n in range(100):
             memory_backend.emit("chat", "c1", {"n": n})
             await trio.testing.wait_all_tasks_blocked()
-        assert relay.relay.counters["slow_closes"] == 1
+        assert relay.relay.counters.slow_closes == 1
         assert [p["data"]["n"] for p in await pushes(fast, 100)] == list(range(100))
         await trio.sleep(config.close_timeout)
         assert (await relay.quiet_statistics(), dict(memory_backend.open_feeds)) == fast_only

@@ -16,6 +16,7 @@ from trio.testing import MockClock
 
 from trio_relay import RelayConfig
 from trio_relay._config import RelayStatistics
+from trio_relay._counters import RelayCounters
 from trio_relay._http import HttpResponse, MetricsView, WebFiles, render_metrics, route
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
@@ -23,7 +24,8 @@ IDLE = RelayStatistics(
     connections=0, authenticated_connections=0, subscriptions=0, listeners=0, broadcasters=0,
     kept_histories=0, tasks=1,
 )
-COUNTERS = {"pushes_sent": 7, "slow_closes": 1, "failed_pins": 2, "backend_errors": 3}
+COUNTERS = RelayCounters(pushes_sent=7, slow_closes=1, failed_pins=2, backend_errors=3,
+                         connections_accepted=11, handshakes_failed=4)
 
 
 def view(*, closing: bool = False, **stats: int) -> MetricsView:
@@ -69,12 +71,18 @@ def test_a_file_that_has_not_changed_is_not_sent_again() -> None:
 
 
 @pytest.mark.parametrize("target", [
-    "/nope", "/ws", "/web/app.js", "/../pyproject.toml", "/..%2f_relay.py", "/_relay.py",
+    "/nope", "/web/app.js", "/../pyproject.toml", "/..%2f_relay.py", "/_relay.py",
     "/__init__.py", "//index.html", "/index.html/", "*", "http://relay.test/x", "/.",
 ])
 def test_other_paths_are_not_found(target: str) -> None:
     response = get(target)
     assert (response.status, response.body) == (404, b"not found\n")
+
+
+def test_the_websocket_path_without_an_upgrade_asks_for_one() -> None:
+    response = get("/ws")
+    assert response.status == 426
+    assert header(response, "Upgrade") == "websocket"
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
@@ -117,6 +125,8 @@ def test_metrics_are_prometheus_text() -> None:
         "trio_relay_slow_client_closes_total": "1",
         "trio_relay_failed_pins_total": "2",
         "trio_relay_backend_errors_total": "3",
+        "trio_relay_connections_accepted_total": "11",
+        "trio_relay_handshakes_failed_total": "4",
         "trio_relay_uptime_seconds": "12.5",
     }
     # Every sample has its HELP and TYPE lines, counters end in _total.

@@ -7,7 +7,8 @@ import trio_relay
 PUBLIC = {
     "Agent", "AgentError", "Backend", "BackendError", "Change", "ChangeHub", "CloseCode",
     "CommandAgent", "EchoAgent", "ErrorCode", "Feed", "FeedOverflow", "Listener",
-    "ListenerOverflow", "NotFound", "Relay", "RelayConfig", "RelayError", "RelayStatistics",
+    "ListenerOverflow", "NotFound", "Relay", "RelayConfig", "RelayCounters", "RelayError",
+    "RelayStatistics",
     "Snapshot", "SqliteBackend", "SubscriptionError", "Update", "UpstreamError",
     "open_relay", "open_sqlite_backend",
 }

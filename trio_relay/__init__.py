@@ -17,6 +17,7 @@ from ._backend import Snapshot as Snapshot
 from ._config import CloseCode as CloseCode
 from ._config import RelayConfig as RelayConfig
 from ._config import RelayStatistics as RelayStatistics
+from ._counters import RelayCounters as RelayCounters
 from ._echo_agent import EchoAgent as EchoAgent
 from ._hub import ChangeHub as ChangeHub
 from ._hub import FeedOverflow as FeedOverflow

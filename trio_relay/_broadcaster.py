@@ -36,7 +36,7 @@ import trio
 from loguru import logger
 
 from ._backend import BackendError, Change, Feed, NotFound, Snapshot
-from ._direct import frame_text
+from ._framing import frame_text
 from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 
 __all__ = ["Broadcaster", "Push", "StreamHistory", "Subscriber", "SubscribeFailed", "Synced"]
@@ -55,7 +55,7 @@ class Push:
     final: bool = False
     #: For a final push after a failure: why the upstream ended.
     error: str | None = None
-    #: ``text`` as one WebSocket frame, the same bytes for every web client (`_direct`).
+    #: ``text`` as one WebSocket frame, the same bytes for every web client (`_framing`).
     frame: bytes = attrs.field(init=False, eq=False, repr=False)
 
     @frame.default

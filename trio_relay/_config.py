@@ -20,7 +20,7 @@ class CloseCode:
     UNSUPPORTED_DATA: Final = 1003  # a binary frame
     INVALID_PAYLOAD: Final = 1007  # a text frame that is not UTF-8
     POLICY_VIOLATION: Final = 1008  # auth timeout, PIN lockout, repeated abuse
-    MESSAGE_TOO_BIG: Final = 1009  # a frame over max_message_size (sent by trio-websocket)
+    MESSAGE_TOO_BIG: Final = 1009  # a message over max_message_size
     INTERNAL_ERROR: Final = 1011  # a bug in the relay; the relay itself stays up
     # 1013 "Try Again Later" is IANA-registered for exactly this: the client may reconnect and
     # resume at once; it is kept apart from 1008 so that clients know it is not terminal.
@@ -96,8 +96,8 @@ class RelayConfig:
     resume_grace: float = attrs.field(default=30.0, validator=_positive)
     #: Serve the web client at ``/`` (``/healthz`` and ``/metrics`` are always served).
     web_client: bool = True
-    #: Write pushes straight into each client's socket when its queue is empty, framed once
-    #: for all clients (docs/performance.md); off: every frame goes through trio-websocket.
+    #: Write each frame into the client's socket at once, without waiting, when nothing is
+    #: queued for it (docs/performance.md); off: every frame goes through a writer task.
     direct_writes: bool = True
 
 

@@ -1,40 +1,37 @@
-"""One web client's connection: a nursery holding a reader, a writer and its subscriptions.
+"""One web client's connection: its reader, its requests and its subscriptions.
 
-    connection nursery
-    ├── reader          reads frames into a small bounded request queue; the moment the
-    │                   client is gone it cancels the nursery, even mid-request
-    ├── dispatcher      decodes and handles each request, in order
-    ├── subscription*   one per subscribed resource: registered with its broadcaster for
-    │                   exactly as long as the task lives
-    ├── writer          (while frames are queued) drains the bounded outbound queue
-    ├── ping            (every ``ping_interval``, on the relay's schedule) no pong within
-    │                   ``ping_timeout``: 1011; the relay's schedule also closes the
-    │                   connection with 1008 unless ``auth`` succeeds within ``auth_timeout``
-    └── close deadline  (once closing) drops the stream if the close takes too long
+    connection nursery (inside the edge's task for the stream)
+    ├── reader          this task: `ServerWebSocket.read` feeds wsproto, answers pings and
+    │                   closes, and queues each request
+    ├── dispatcher      (while requests wait) handles them one by one, in order; the reader
+    │                   goes on reading meanwhile, so a vanished client is noticed mid-request
+    └── writer          (while frames wait) drains what the kernel did not take at once
 
-Every reply and push is written in order: straight into the socket when nothing is queued
-(`trio_relay._direct`), else through the bounded outbound queue, which a writer task drains;
-the writer exists only while there is something to drain, so an idle connection holds no
-task for it. Pushes never block: when the queue is full the client is slow, and only this
-connection is closed (1013). Any end of the connection cancels the nursery, and with it every
-subscription, which leaves its broadcaster on the way out.
+Every reply and push is written in order, straight into the socket when nothing is queued.
+Pushes never block: past ``outbound_queue_size`` queued frames the client is slow, and only
+this connection is closed (1013). Subscriptions are not tasks: each is registered with its
+resource's broadcaster when it starts and removed when it ends, and however the connection
+ends, leaving `Connection.run` removes every one that is left. The auth deadline and keepalive
+pings are kept for all connections by one relay task (`trio_relay._timers`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import attrs
 import trio
 from loguru import logger
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ._backend import BackendError, NotFound
+from ._backend import Backend, BackendError, NotFound
 from ._broadcaster import Push, SubscribeFailed
-from ._config import CloseCode
-from ._direct import DirectPath, Written, drop_handshake_state, frame_text
-from ._limits import TokenBucket, pin_matches
+from ._config import CloseCode, RelayConfig
+from ._counters import RelayCounters
+from ._framing import frame_text
+from ._limits import PinGuard, TokenBucket, pin_matches
 from ._protocol import (
     AuthFailed,
     AuthRequest,
@@ -56,12 +53,11 @@ from ._protocol import (
     decode,
     encode,
 )
+from ._registry import BroadcasterRegistry
+from ._timers import ConnectionTimers
+from ._websocket import ServerWebSocket
 
-if TYPE_CHECKING:
-    from ._relay import Relay
-    from ._transport import OwnedStream
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "ConnectionContext"]
 
 T = TypeVar("T")
 
@@ -73,6 +69,19 @@ _REQUEST_QUEUE_SIZE = 16
 SNAPSHOT_FIELDS = {"project": "chats", "chat": "messages", "modelProfiles": "modelProfiles"}
 
 
+@attrs.define(eq=False)
+class ConnectionContext:
+    """What a connection needs of the relay, handed to it when it is made (shared by all)."""
+
+    config: RelayConfig
+    backend: Backend
+    counters: RelayCounters
+    registry: BroadcasterRegistry
+    timers: ConnectionTimers
+    pin: str = attrs.field(repr=False)
+    pin_guard: PinGuard
+
+
 class _Refused(Exception):
     """A request is answered with an error reply; raised from deep in a handler."""
 
@@ -82,244 +91,159 @@ class _Refused(Exception):
 
 
 class _WebSubscription:
-    """A connection's membership in one broadcaster, alive as long as its task is."""
+    """A connection's membership in one broadcaster."""
+
+    __slots__ = ("connection", "key", "leave")
 
     def __init__(self, connection: Connection, key: ResourceKey) -> None:
         self.connection = connection
         self.key = key
-        self.cancel_scope = trio.CancelScope()
-        self.detach: Callable[[], None] = self.cancel_scope.cancel
+        #: Leaves the broadcaster (idempotent); set once the subscription is live.
+        self.leave: Callable[[], None] = _nothing
+
+    def detach(self) -> None:
+        """Leave the broadcaster now (idempotent)."""
+        leave, self.leave = self.leave, _nothing
+        leave()  # ``leave`` refers to this object: dropping it frees it without the GC
 
     def deliver(self, push: Push) -> None:
-        self.connection.relay.counters["pushes_sent"] += 1
-        self.connection.push(push.text, push.frame)
+        connection = self.connection
+        connection._counters.pushes_sent += 1
+        connection.push(push.frame)
 
     def end(self, push: Push) -> None:
-        self.connection.push(push.text, push.frame)
+        self.leave = _nothing  # the broadcaster has removed it
+        self.connection.push(push.frame)
         self.connection.forget(self)
-        self.cancel_scope.cancel()
+
+
+def _nothing() -> None:
+    pass
 
 
 class Connection:
-    """Serves one accepted WebSocket until either side ends it."""
+    """Serves one open WebSocket until either side ends it."""
 
-    def __init__(
-        self, relay: Relay, ws: WebSocketConnection, peer: str, stream: OwnedStream | None = None
-    ) -> None:
-        self.relay = relay
-        self.ws = ws
+    def __init__(self, socket: ServerWebSocket, peer: str, context: ConnectionContext) -> None:
+        self.socket = socket
         self.peer = peer
-        #: Frames go straight into the socket when nothing is queued (`trio_relay._direct`);
-        #: None: every frame goes through trio-websocket (TLS, or direct writes are off).
-        self.direct = (
-            DirectPath.open(ws, stream)
-            if stream is not None and relay.config.direct_writes else None
-        )
-        self._stream = stream
-        drop_handshake_state(ws)
-        # Frames handed to the writer and not yet written (the channel's own count misses the
-        # one the writer has taken): direct writes wait until it is zero, to keep the order.
-        self._queued = 0
+        self.context = context
+        self._config = context.config
+        self._counters = context.counters
         self.id = f"c{next(_ids)}"
         self.authenticated = False
         self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
-        config = relay.config
-        self._config = config
-        # The outbound queue: text for trio-websocket to frame, or frames for the stream when
-        # direct. Made when first needed (`_outbound`): with direct writes an idle or keeping-up
-        # connection never queues anything, and the channel is a good part of its memory.
-        self._out: tuple[trio.MemorySendChannel[str | bytes],
-                         trio.MemoryReceiveChannel[str | bytes]] | None = None
-        self._close_request: tuple[int, str] | None = None
-        self._requests_send, self._requests_receive = trio.open_memory_channel[str](
-            _REQUEST_QUEUE_SIZE
-        )
-        self._bucket = TokenBucket(config.request_rate, config.request_burst)
+        # Requests read and not yet handled; the dispatcher task exists only while some wait.
+        self._requests: deque[str] | None = None
+        self._dispatching = False
+        self._room: trio.Event | None = None  # set when the reader may queue again
+        self._idle: trio.Event | None = None  # set when the dispatcher has answered all
+        self._bucket = TokenBucket(self._config.request_rate, self._config.request_burst)
         self._strikes = 0
         self._nursery: trio.Nursery | None = None
-        self._writing = False  # a writer task is draining the outbound queue
-        self._pinging = False  # a ping is waiting for its pong
         self.log = logger.bind(conn=self.id, peer=peer)
 
     # --- lifetime ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve until the WebSocket is closed, either way, or the peer is gone."""
         self.log.info("connected")
         self.reply(AuthRequired())
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._dispatcher)
-                self.relay._schedule_connection(self)  # auth deadline and pings
-                if self._queued or self._close_request is not None:
-                    self._wake_writer()  # auth_required did not fit at once, or closed early
-                if self._close_request is not None:  # closed before it started
-                    nursery.start_soon(self._close_deadline)
+                self.context.timers.schedule(self)
+                await self.socket.read(nursery, self._queue_request, self._settle)
+                # Our close frame (or our answer to the client's) goes out before the end.
+                await self.socket.flush()
+                nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None  # nothing may be started in it any more
-            closed = self.ws.closed
-            code, reason = self._close_request or (
-                (closed.code, closed.reason or "") if closed else (1006, "")
-            )
+            self._nursery = None
+            for subscription in list(self.subscriptions.values()):
+                subscription.detach()
+            self.subscriptions.clear()
+            code, reason = self.socket.closed or (1006, "")
             self.log.info("disconnected: {code}{reason}", code=code,
                           reason=f" {reason}" if reason else "")
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code`` after the frames already queued (a slow consumer's are dropped).
 
-        The writer sends the close frame; if the peer does not finish the closing handshake
-        within ``close_timeout`` (a slow consumer usually will not), the stream is dropped.
-        """
-        if self._close_request is not None:
+        Requests not yet handled are dropped. If the peer does not finish the closing
+        handshake within ``close_timeout`` (a slow consumer usually will not), the stream is
+        dropped."""
+        if self.socket.closing:
             return
-        self._close_request = (code, reason)
         self.log.info("closing: {code} {reason}", code=code, reason=reason)
-        self._outbound()[0].close()  # nothing more is queued; the writer closes after the rest
-        self._wake_writer()
-        # Requests not yet handled are dropped, and the reader only drains from now on, so
-        # that trio-websocket keeps reading and sees the client's answer to our close frame.
-        self._requests_receive.close()
-        if self._nursery is not None:
-            try:
-                self._nursery.start_soon(self._close_deadline)
-            except RuntimeError:  # its tasks are all done: the connection is ending anyway
-                pass
+        if self._requests:
+            self._requests.clear()
+        if self._room is not None:  # the reader must go on, to read the client's answer
+            self._room.set()
+            self._room = None
+        self.socket.close(code, reason, drop_backlog=code == CloseCode.SLOW_CONSUMER)
 
-    async def _close_deadline(self) -> None:
-        await trio.sleep(self._config.close_timeout)
-        self._cancel()
+    # What the relay's timers need (`trio_relay._timers.Timed`).
 
-    def _cancel(self) -> None:
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+    @property
+    def pinged_at(self) -> float | None:
+        return self.socket.pinged_at
 
-    def _outbound(self) -> tuple[trio.MemorySendChannel[str | bytes],
-                                 trio.MemoryReceiveChannel[str | bytes]]:
-        if self._out is None:
-            self._out = trio.open_memory_channel[str | bytes](self._config.outbound_queue_size)
-        return self._out
-
-    def _wake_writer(self) -> None:
-        if not self._writing and self._nursery is not None:
-            try:
-                self._nursery.start_soon(self._writer)
-            except RuntimeError:  # its tasks are all done: the connection is ending anyway
-                return
-            self._writing = True
-
-    async def _writer(self) -> None:
-        """Drain the outbound queue, then end; once closing, send the close frame after it."""
-        try:
-            while True:
-                if self._out is None:
-                    return  # nothing was ever queued (close makes the queue, so not closing)
-                try:
-                    item = self._out[1].receive_nowait()
-                except trio.WouldBlock:
-                    return  # drained: the next frame that does not fit starts a writer again
-                except trio.EndOfChannel:
-                    break  # closing, and everything queued is written
-                # A slow client's backlog is dropped (it resumes by seq); any other close
-                # first sends what is queued, so every request still gets its reply.
-                if self._close_request is not None and (
-                    self._close_request[0] == CloseCode.SLOW_CONSUMER
-                ):
-                    break
-                if isinstance(item, str):
-                    await self.ws.send_message(item)
-                else:
-                    assert self._stream is not None
-                    if self.ws.closed is not None:
-                        break
-                    # An empty frame only writes what a direct write left owed.
-                    await self._stream.send_frame(item)
-                self._queued -= 1
-            if self._close_request is not None:
-                code, reason = self._close_request
-                await self.ws.aclose(code, reason)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._writing = False
-        self._cancel()  # the connection is over: closed, or the peer is gone
-
-    async def _reader(self) -> None:
-        try:
-            while True:
-                message = await self.ws.get_message()
-                if self._close_request is not None:
-                    continue
-                if isinstance(message, bytes):
-                    self.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-                    continue
-                try:
-                    await self._requests_send.send(message)
-                except trio.BrokenResourceError:  # closing: the dispatcher has stopped
-                    pass
-        except ConnectionClosed:
-            # Our own close ends reading before the client has answered it; the writer
-            # finishes that handshake. Otherwise the client is gone: stop everything now.
-            if self._close_request is None:
-                self._cancel()
-
-    async def _dispatcher(self) -> None:
-        try:
-            async for text in self._requests_receive:
-                await self._handle_text(text)
-        except trio.ClosedResourceError:
-            pass  # closing: requests still unread are not answered
-
-    def ping(self) -> bool:
-        """Ping the peer now, on the relay's schedule; False once the connection is over."""
-        if self._nursery is None or self._close_request is not None:
+    def ping(self, now: float) -> bool:
+        """Ping the peer now; False once the connection is over."""
+        if self._nursery is None or self.socket.closing:
             return False
-        if not self._pinging:  # a ping still waiting for its pong is not doubled
-            try:
-                self._nursery.start_soon(self._ping)
-            except RuntimeError:  # its tasks are all done: the connection is ending
-                return False
-            self._pinging = True
+        self.socket.ping(now)
         return True
 
-    async def _ping(self) -> None:
-        """Find peers that stopped answering (a half-open TCP connection looks alive)."""
+    # --- requests in ------------------------------------------------------------------------
+
+    async def _queue_request(self, text: str) -> None:
+        """Called by the reader for each text message: queue it for the dispatcher."""
+        if self.socket.closing:
+            return
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = deque()
+        requests.append(text)
+        if not self._dispatching and self._nursery is not None:
+            self._nursery.start_soon(self._dispatcher)
+            self._dispatching = True
+        if len(requests) >= _REQUEST_QUEUE_SIZE:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    async def _dispatcher(self) -> None:
+        requests = self._requests
+        assert requests is not None
         try:
-            with trio.move_on_after(self._config.ping_timeout) as waiting:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if waiting.cancelled_caught:
-                self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            while requests:
+                text = requests.popleft()
+                if self._room is not None:
+                    self._room.set()
+                    self._room = None
+                await self._handle_text(text)
         finally:
-            self._pinging = False
+            self._dispatching = False
+            if self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def _settle(self) -> None:
+        """Wait until the requests read so far are answered (at most ``backend_timeout``):
+        the reader is about to close the connection for a frame that broke the protocol."""
+        if self._dispatching:
+            self._idle = trio.Event()
+            with trio.move_on_after(self._config.backend_timeout):
+                await self._idle.wait()
 
     # --- output -----------------------------------------------------------------------------
 
-    def push(self, text: str, frame: bytes | None = None) -> None:
-        """Send one message without blocking: straight into the socket when nothing is queued
-        (``frame``, if given, is ``text`` framed), else into the outbound queue. A full queue
-        means a slow client: close it."""
-        item: str | bytes = text
-        direct = self.direct
-        if direct is not None:
-            item = frame if frame is not None else frame_text(text.encode())
-            if not self._queued and self._close_request is None:
-                written = direct.write(item)
-                if written is Written.ALL:
-                    return
-                if written is Written.PART:
-                    item = b""  # the writer writes the rest of the frame
-        try:
-            self._outbound()[0].send_nowait(item)
-            self._queued += 1
-            self._wake_writer()
-        except trio.WouldBlock:
-            self.relay._count_slow_close()
+    def push(self, frame: bytes) -> None:
+        """Write one framed message without blocking (queued if the kernel does not take it
+        at once). A full queue means a slow client: close it."""
+        if not self.socket.send_frame(frame):
+            self._counters.slow_closes += 1
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
-        except trio.ClosedResourceError:
-            pass  # closing: what it misses, it resumes after reconnecting
 
     def reply(self, reply: Reply) -> None:
         try:
@@ -332,7 +256,9 @@ class Connection:
                 code=ErrorCode.BACKEND_ERROR, resource=getattr(reply, "resource", None),
                 resource_id=getattr(reply, "resource_id", None),
             ))
-        self.push(text)
+        if not self.socket.send_frame(frame_text(text.encode())):
+            self._counters.slow_closes += 1
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
 
     def forget(self, subscription: _WebSubscription) -> None:
         if self.subscriptions.get(subscription.key) is subscription:
@@ -377,20 +303,20 @@ class Connection:
         elif isinstance(request, UnsubscribeRequest):
             self._unsubscribe(request)
         elif isinstance(request, SendRequest):
-            await self._call(self.relay.backend.send_message, request.resource_id,
+            await self._call(self.context.backend.send_message, request.resource_id,
                              request.message)
             self.log.debug("sent a message to chat {}", request.resource_id)
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
         elif isinstance(request, CancelRequest):
-            cancelled = await self._call(self.relay.backend.cancel_reply, request.resource_id)
+            cancelled = await self._call(self.context.backend.cancel_reply, request.resource_id)
             self.log.info("cancel in chat {}: {}", request.resource_id,
                           "stopped a reply" if cancelled else "nothing running")
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id,
                                  data={"cancelled": bool(cancelled)}))
         elif isinstance(request, CreateRequest):
-            chat = await self._call(self.relay.backend.create_chat, request.resource_id,
+            chat = await self._call(self.context.backend.create_chat, request.resource_id,
                                     request.title, request.model_profile_id)
             chat_id = chat.get("id") if isinstance(chat, dict) else None
             if not isinstance(chat_id, str):
@@ -407,20 +333,20 @@ class Connection:
             with trio.fail_after(self._config.backend_timeout):
                 return await fn(*args)
         except trio.TooSlowError:
-            self.relay._count_backend_error()
+            self._counters.backend_errors += 1
             raise _Refused(ErrorCode.BACKEND_ERROR, "backend timed out") from None
         except NotFound as exc:
             raise _Refused(ErrorCode.NOT_FOUND, str(exc) or "not found") from None
         except BackendError as exc:
-            self.relay._count_backend_error()
+            self._counters.backend_errors += 1
             raise _Refused(ErrorCode.BACKEND_ERROR, str(exc) or "backend error") from None
         except Exception:
-            self.relay._count_backend_error()
+            self._counters.backend_errors += 1
             self.log.exception("backend {} failed", getattr(fn, "__name__", "call"))
             raise _Refused(ErrorCode.BACKEND_ERROR, "backend error") from None
 
     async def _auth(self, request: AuthRequest) -> None:
-        guard = self.relay.pin_guard
+        guard = self.context.pin_guard
         address = self.peer.rsplit(":", 1)[0]
         check = guard.check(address, trio.current_time())
         if check.locked:
@@ -429,8 +355,8 @@ class Connection:
             self.reply(AuthFailed(id=request.id, error="Too many failed attempts"))
             self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
             return
-        if not pin_matches(request.pin, self.relay.pin):
-            self.relay._count_failed_pin()
+        if not pin_matches(request.pin, self.context.pin):
+            self._counters.failed_pins += 1
             verdict = guard.failed(address, trio.current_time())
             await trio.sleep(verdict.delay)
             self.log.warning("auth failed")
@@ -439,8 +365,8 @@ class Connection:
                 self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
             return
         guard.succeeded(address)
-        projects = await self._call(self.relay.backend.list_projects)
-        profiles = await self._call(self.relay.backend.get_model_profiles)
+        projects = await self._call(self.context.backend.list_projects)
+        profiles = await self._call(self.context.backend.get_model_profiles)
         self.authenticated = True
         self.log.info("authenticated")
         self.reply(AuthSuccess(id=request.id,
@@ -453,71 +379,56 @@ class Connection:
         ):
             raise _Refused(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                            f"at most {self._config.max_subscriptions} subscriptions")
-        assert self._nursery is not None
-        await self._nursery.start(self._subscription, request)
-
-    async def _subscription(
-        self, request: SubscribeRequest, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """Lives exactly as long as the subscription: cancelling it is unsubscribing."""
-        key = request.key
         subscription = _WebSubscription(self, key)
-        with subscription.cancel_scope:
+        try:
+            broadcaster = self.context.registry.join(key, subscription)
+        except SubscribeFailed as exc:
+            raise _Refused(exc.code, str(exc)) from None
+        live = False
+        try:
+            # A replay must fit the outbound queue (with the reply): more would close this
+            # client as slow on every reconnect, so it gets a fresh snapshot instead.
+            room = self._config.outbound_queue_size - 1 - self.socket.backlog
+            synced = await broadcaster.sync(subscription, request.since_seq, request.epoch, room)
+            snapshot = synced.snapshot
             try:
-                # A replay must fit the outbound queue (with the reply): more would close this
-                # client as slow on every reconnect, so it gets a fresh snapshot instead.
-                room = self._config.outbound_queue_size - 1 - self._queued
-                async with self.relay._subscription(
-                    key, subscription, request.since_seq, request.epoch, room
-                ) as synced:
-                    snapshot = synced.snapshot
-                    try:
-                        reply = encode(Subscribed(
-                            id=request.id, resource=key.resource,
-                            resource_id=key.resource_id or None,
-                            data=None if snapshot is None
-                            else {SNAPSHOT_FIELDS[key.resource]: snapshot.items},
-                            seq=synced.seq,
-                            epoch=synced.epoch,
-                            reset=True if synced.reset else None,
-                            resumed=True if snapshot is None else None,
-                        ))
-                    except (TypeError, ValueError):
-                        self.log.error("the snapshot of {} is not JSON", key)
-                        raise SubscribeFailed(ErrorCode.BACKEND_ERROR,
-                                              "backend returned data that is not JSON") from None
-                    # Resubscribing replaces the old subscription in the same instant that
-                    # the new one goes live, so no push is delivered twice or missed.
-                    old = self.subscriptions.get(key)
-                    if old is not None:
-                        old.detach()
-                    self.subscriptions[key] = subscription
-                    subscription.detach = lambda: self._detach(subscription, synced.leave)
-                    self.push(reply)
-                    synced.go_live()
-                    self.log.info("{} {}", "resumed" if snapshot is None else "subscribed to",
-                                  key)
-                    task_status.started()
-                    await trio.sleep_forever()
-            except SubscribeFailed as exc:
-                self.reply(_error(request, exc.code, str(exc)))
-                task_status.started()
-            finally:
-                self.forget(subscription)
-                # The detach closure refers to the subscription: break the cycle, so that a
-                # finished connection is freed at once, not at the next garbage collection.
-                subscription.detach = subscription.cancel_scope.cancel
-
-    def _detach(self, subscription: _WebSubscription, remove: Callable[[], None]) -> None:
-        # Leave the broadcaster now, not when the task next runs, so no push slips in after
-        # the reply that says the subscription is gone.
-        remove()
-        self.forget(subscription)
-        subscription.cancel_scope.cancel()
+                reply = encode(Subscribed(
+                    id=request.id, resource=key.resource,
+                    resource_id=key.resource_id or None,
+                    data=None if snapshot is None
+                    else {SNAPSHOT_FIELDS[key.resource]: snapshot.items},
+                    seq=synced.seq,
+                    epoch=synced.epoch,
+                    reset=True if synced.reset else None,
+                    resumed=True if snapshot is None else None,
+                ))
+            except (TypeError, ValueError):
+                self.log.error("the snapshot of {} is not JSON", key)
+                raise SubscribeFailed(ErrorCode.BACKEND_ERROR,
+                                      "backend returned data that is not JSON") from None
+            if self.socket.closing:
+                return  # closing: it would never see a push
+            # Resubscribing replaces the old subscription in the same instant that the new
+            # one goes live, so no push is delivered twice or missed.
+            old = self.subscriptions.get(key)
+            if old is not None:
+                old.detach()
+            subscription.leave = synced.leave
+            self.subscriptions[key] = subscription
+            self.push(frame_text(reply.encode()))
+            live = True
+            synced.go_live()
+            self.log.info("{} {}", "resumed" if snapshot is None else "subscribed to", key)
+        except SubscribeFailed as exc:
+            raise _Refused(exc.code, str(exc)) from None
+        finally:
+            if not live:
+                broadcaster.remove(subscription)
 
     def _unsubscribe(self, request: UnsubscribeRequest) -> None:
-        subscription = self.subscriptions.get(request.key)
+        subscription = self.subscriptions.pop(request.key, None)
         if subscription is not None:
+            # Leave now, so no push slips in after the reply that says it is gone.
             subscription.detach()
             self.log.info("unsubscribed from {}", request.key)
         self.reply(DataReply(id=request.id, resource=request.resource,

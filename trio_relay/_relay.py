@@ -1,10 +1,13 @@
 """`open_relay`: the relay as an object that owns a nursery, for embedding in a Trio program.
 
     open_relay nursery ........................ the relay's lifetime
-    ├── broadcaster (own cancel scope)*        one per watched resource
-    ├── serve (own cancel scope)*              accepts connections; cancelled first on exit
+    ├── broadcaster (own cancel scope)*        one per watched resource (`_registry`)
+    ├── forget kept histories                  frees replay buffers after resume_grace
+    ├── timers                                 auth deadlines and pings (`_timers`)
+    ├── serve (own cancel scope)*              accepts streams; cancelled first on exit
     └── connections nursery
-        └── connection nursery*                see trio_relay._connection
+        └── stream task*                       HTTP and the handshake (`_edge`), then
+            └── connection nursery             the WebSocket (`_connection`)
 
 Leaving ``async with open_relay(...)`` stops accepting, closes every client with 1001 (within
 ``shutdown_timeout``), then cancels the broadcasters, whose feeds close on the way out.
@@ -12,30 +15,29 @@ Leaving ``async with open_relay(...)`` stops accepting, closes every client with
 
 from __future__ import annotations
 
-import math
 import ssl
 import sys
-import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Final, NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
 from loguru import logger
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from ._backend import Backend, Feed, Snapshot
-from ._broadcaster import Broadcaster, Push, StreamHistory, SubscribeFailed, Subscriber, Synced
+from ._backend import Backend
+from ._broadcaster import Push, SubscribeFailed, Synced
 from ._config import CloseCode, RelayConfig, RelayStatistics
-from ._connection import Connection
-from ._direct import check_internals, nonblocking_sender
-from ._http import MetricsView, WebFiles, serve_http
+from ._connection import Connection, ConnectionContext
+from ._counters import RelayCounters
+from ._edge import Edge
+from ._http import MetricsView, WebFiles
 from ._limits import PinGuard
-from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
-from ._transport import OwnedStream
+from ._protocol import JSON, RESOURCES, ResourceKey
+from ._registry import BroadcasterRegistry
+from ._timers import ConnectionTimers
+from ._websocket import ServerWebSocket
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -49,13 +51,6 @@ __all__ = [
     "UpstreamError",
     "open_relay",
 ]
-
-# trio-websocket's default of 1 would stop its reader (and so pong replies) whenever one
-# request is being handled; a small queue keeps pings flowing while bounding memory.
-_MESSAGE_QUEUE_SIZE: Final = 8
-# Close codes wsproto reports for frames it cannot parse, which trio-websocket then fails to
-# send: the relay sends them itself.
-_OWED_CLOSES: Final = frozenset({CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_PAYLOAD})
 
 
 class RelayError(Exception):
@@ -173,35 +168,43 @@ class Relay:
         if not pin:
             raise ValueError("pin must not be empty")
         self.backend = backend
-        self.pin = pin
         self.config = config
         self.pin_guard = PinGuard(config)
+        #: What the relay has counted since it started (`/metrics`).
+        self.counters = RelayCounters()
         self._nursery = nursery
         self._connections_nursery = connections_nursery
         self._connections: set[Connection] = set()
-        self._per_address: dict[str, int] = {}  # open streams per client address
-        self._broadcasters: dict[ResourceKey, Broadcaster] = {}
-        # Histories whose broadcaster ended, with the time they are forgotten (resume_grace).
-        self._kept: dict[ResourceKey, tuple[StreamHistory, float]] = {}
-        self._kept_changed = trio.Event()
+        self._registry = BroadcasterRegistry(backend, config, nursery)
+        self._timers = ConnectionTimers(config)
+        self._context = ConnectionContext(
+            config=config, backend=backend, counters=self.counters, registry=self._registry,
+            timers=self._timers, pin=pin, pin_guard=self.pin_guard,
+        )
+        self._edge = Edge(
+            config, self.counters,
+            web=WebFiles.load() if config.web_client else None,
+            metrics=self._metrics_view,
+            serve_websocket=self._serve_websocket,
+        )
         self._serve_scopes: set[trio.CancelScope] = set()
-        self._handshakes: set[trio.CancelScope] = set()
-        # When each connection's auth deadline falls, and when it is pinged next, in order:
-        # every connection has the same timeout and interval, so appending keeps them sorted
-        # (see `_run_timers`).
-        self._auth_deadlines: deque[tuple[float, weakref.ref[Connection]]] = deque()
-        self._pings: deque[tuple[float, weakref.ref[Connection]]] = deque()
-        self._timers_wait = trio.CancelScope()
         self._listeners = 0
         self._closing = False
         self._started_at = trio.current_time()
-        self.counters: dict[str, int] = {
-            "pushes_sent": 0, "slow_closes": 0, "failed_pins": 0, "backend_errors": 0,
-        }
-        self._web_files = WebFiles.load() if config.web_client else None
 
     def __repr__(self) -> str:
         return f"<Relay connections={len(self._connections)}>"
+
+    @property
+    def pin(self) -> str:
+        """The PIN clients authenticate with; the host may change it while the relay runs."""
+        return self._context.pin
+
+    @pin.setter
+    def pin(self, pin: str) -> None:
+        if not pin:
+            raise ValueError("pin must not be empty")
+        self._context.pin = pin
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -248,7 +251,7 @@ class Relay:
                     await nursery.start(
                         partial(
                             trio.serve_listeners,
-                            self._handle_stream,
+                            self._edge.handle_stream,
                             list(listeners),
                             handler_nursery=self._connections_nursery,
                         )
@@ -269,86 +272,8 @@ class Relay:
             await self._nursery.start(partial(self.serve, host, port, ssl_context=ssl_context))
         )
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        """One accepted stream: the WebSocket handshake, then the connection, in one nursery.
-
-        The relay, not trio-websocket, closes the stream, however the connection ends (see
-        `trio_relay._transport`). Nothing that goes wrong with one stream, in the relay's code
-        or in trio-websocket's, reaches the other connections: it is logged and that
-        connection is dropped.
-        """
-        peer = _peer_of(stream)
-        address = peer.rpartition(":")[0] or peer
-        self._per_address[address] = self._per_address.get(address, 0) + 1
-        owned = OwnedStream(stream, nonblocking_sender(stream))
-        ws: WebSocketConnection | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                with trio.move_on_after(self.config.handshake_timeout) as handshake:
-                    # A bad handshake makes trio-websocket answer 400 and close: stop waiting.
-                    owned.on_close = handshake.cancel
-                    # Shutting down drops streams still in their handshake, or idle between
-                    # plain HTTP requests, at once: only WebSocket clients get the grace.
-                    self._handshakes.add(handshake)
-                    if self._closing:
-                        handshake.cancel()
-                    try:
-                        ws = await self._handshake(nursery, owned, address, handshake)
-                    finally:
-                        self._handshakes.discard(handshake)
-                owned.on_close = None
-                if ws is not None:
-                    await self._serve_connection(ws, peer, owned)
-                # Stops trio-websocket's reader task, whatever state it was left in.
-                nursery.cancel_scope.cancel()
-        except Exception as exc:  # including groups; Cancelled and KeyboardInterrupt pass
-            logger.opt(exception=exc).bind(peer=peer).error("connection failed")
-        finally:
-            self._per_address[address] -= 1
-            if not self._per_address[address]:
-                del self._per_address[address]
-            closed = ws.closed if ws is not None else None
-            owed = closed.code if closed is not None and closed.code in _OWED_CLOSES else None
-            with trio.CancelScope(shield=True):  # bounded inside by close_timeout
-                await owned.close_for_real(
-                    owed, (closed.reason or "") if closed else "", self.config.close_timeout
-                )
-
-    async def _handshake(
-        self, nursery: trio.Nursery, stream: OwnedStream, address: str, deadline: trio.CancelScope
-    ) -> WebSocketConnection | None:
-        """Answer plain HTTP requests (the page, health, metrics) until the client asks for a
-        WebSocket upgrade; accept that unless a rule refuses it with HTTP."""
-        log = logger.bind(peer=address)
-        upgrade = await serve_http(
-            stream, web=self._web_files, metrics=self._metrics_view, deadline=deadline,
-            request_timeout=self.config.handshake_timeout,
-            log=lambda method, target, status: log.debug(
-                "HTTP {} {} {}", method, target.partition("?")[0], status),
-        )
-        if upgrade is None:
-            return None
-        try:
-            request = await wrap_server_stream(
-                nursery, stream, _MESSAGE_QUEUE_SIZE, self.config.max_message_size
-            )
-            # trio-websocket's `request.headers` leave out Host, which the origin check needs.
-            headers = {name.encode("latin-1"): value.encode("latin-1")
-                       for name, value in upgrade.items()}
-            refusal = _refuse(headers, self.config, self._per_address[address])
-            if refusal is not None:
-                status, why = refusal
-                logger.bind(peer=address).warning("handshake refused: {} {}", status, why)
-                await request.reject(status, body=why.encode())
-                return None
-            return await request.accept()
-        except ConnectionClosed:
-            return None
-
-    async def _serve_connection(
-        self, ws: WebSocketConnection, peer: str, stream: OwnedStream | None = None
-    ) -> None:
-        connection = Connection(self, ws, peer, stream)
+    async def _serve_websocket(self, socket: ServerWebSocket, peer: str) -> None:
+        connection = Connection(socket, peer, self._context)
         self._connections.add(connection)
         try:
             if self._closing:
@@ -379,7 +304,7 @@ class Relay:
         subscriber = _ListenerSubscriber(send)
         with send, receive:
             try:
-                async with self._subscription(key, subscriber) as synced:
+                async with self._registry.subscription(key, subscriber) as synced:
                     listener = Listener(key, synced, receive, subscriber)
                     synced.go_live()
                     self._listeners += 1
@@ -414,8 +339,8 @@ class Relay:
             authenticated_connections=sum(c.authenticated for c in self._connections),
             subscriptions=sum(len(c.subscriptions) for c in self._connections),
             listeners=self._listeners,
-            broadcasters=len(self._broadcasters),
-            kept_histories=len(self._kept),
+            broadcasters=self._registry.broadcasters,
+            kept_histories=self._registry.kept_histories,
             tasks=_count_tasks(self._nursery) + _count_tasks(self._connections_nursery),
         )
 
@@ -423,140 +348,17 @@ class Relay:
     def uptime(self) -> float:
         return trio.current_time() - self._started_at
 
-    # --- broadcasters -----------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _subscription(
-        self,
-        key: ResourceKey,
-        subscriber: Subscriber,
-        since_seq: int | None = None,
-        epoch: str | None = None,
-        max_replay: int | None = None,
-    ) -> AsyncIterator[Synced]:
-        """Join (or start) the resource's broadcaster for the duration of the block."""
-        if self._closing:
-            raise SubscribeFailed(ErrorCode.BACKEND_ERROR, "the relay is closing")
-        broadcaster = self._broadcasters.get(key)
-        if broadcaster is None:
-            open_feed, read_snapshot = self._upstream(key)
-            kept = self._kept.pop(key, None)
-            broadcaster = Broadcaster(
-                key,
-                open_feed=open_feed,
-                read_snapshot=read_snapshot,
-                backend_timeout=self.config.backend_timeout,
-                max_pending=self.config.max_pending_changes,
-                replay_size=self.config.replay_buffer_size,
-                replay_max_age=self.config.replay_max_age,
-                on_done=self._broadcaster_done,
-                continues=kept[0] if kept is not None else None,
-            )
-            if kept is not None:
-                broadcaster.kept_until = kept[1]
-            self._broadcasters[key] = broadcaster
-            self._nursery.start_soon(broadcaster.run, name=f"broadcaster {key}")
-        broadcaster.add(subscriber)
-        try:
-            yield await broadcaster.sync(subscriber, since_seq, epoch, max_replay)
-        finally:
-            broadcaster.remove(subscriber)
-
-    def _broadcaster_done(self, broadcaster: Broadcaster) -> None:
-        if self._broadcasters.get(broadcaster.key) is broadcaster:
-            del self._broadcasters[broadcaster.key]
-        if self._closing:
-            return
-        if broadcaster.resumable:
-            # Its last subscriber left: keep its history a while for clients that come back.
-            expiry = trio.current_time() + self.config.resume_grace
-            self._kept[broadcaster.key] = (broadcaster.history, expiry)
-            self._kept_changed.set()
-        elif broadcaster.unstarted_history is not None and broadcaster.key not in self._kept:
-            # It failed (or was cancelled) before continuing a kept history: keep that
-            # history again, until the end of its original grace period.
-            self._kept[broadcaster.key] = (broadcaster.unstarted_history, broadcaster.kept_until)
-            self._kept_changed.set()
-
-    def _schedule_connection(self, connection: Connection) -> None:
-        """Hold ``connection`` to its auth deadline and ping it every ``ping_interval``, from
-        now on, while it lasts."""
-        now = trio.current_time()
-        ref = weakref.ref(connection)
-        self._auth_deadlines.append((now + self.config.auth_timeout, ref))
-        self._pings.append((now + self.config.ping_interval, ref))
-        self._timers_wait.deadline = min(self._timers_wait.deadline, self._next_timer())
-
-    def _next_timer(self) -> float:
-        return min(self._auth_deadlines[0][0] if self._auth_deadlines else math.inf,
-                   self._pings[0][0] if self._pings else math.inf)
-
-    async def _run_timers(self) -> None:
-        """One task keeps every connection's auth deadline and starts its keepalive pings
-        (each ping runs in its connection's nursery), rather than sleeping tasks per
-        connection. Every connection has the same timeout and interval, so a deque in
-        connect order is each timer's schedule."""
-        interval = self.config.ping_interval
-        while True:
-            with self._timers_wait:
-                await trio.sleep_forever()
-            now = trio.current_time()
-            while self._auth_deadlines and self._auth_deadlines[0][0] <= now:
-                connection = self._auth_deadlines.popleft()[1]()
-                if connection is not None and not connection.authenticated:
-                    connection.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
-            while self._pings and self._pings[0][0] <= now:
-                _, ref = self._pings.popleft()
-                connection = ref()
-                if connection is not None and connection.ping():
-                    self._pings.append((now + interval, ref))
-            self._timers_wait = trio.CancelScope(deadline=self._next_timer())
-
-    async def _forget_kept_histories(self) -> None:
-        """Frees each kept history (its replay buffer) once its grace period is over, by the
-        deadline of a cancel scope."""
-        while True:
-            self._kept_changed = trio.Event()
-            next_expiry = min((expiry for _, expiry in self._kept.values()), default=math.inf)
-            with trio.move_on_at(next_expiry):
-                await self._kept_changed.wait()
-            now = trio.current_time()
-            for key in [k for k, (_, expiry) in self._kept.items() if expiry <= now]:
-                del self._kept[key]
-
-    def _upstream(
-        self, key: ResourceKey
-    ) -> tuple[Callable[[], Feed], Callable[[], Awaitable[Snapshot]]]:
-        """The seam where a broadcaster meets its source (a backend today, Redis tomorrow)."""
-        backend, rid = self.backend, key.resource_id
-        if key.resource == "project":
-            return (lambda: backend.watch_project(rid)), (lambda: backend.list_chats(rid))
-        if key.resource == "chat":
-            return (lambda: backend.watch_chat(rid)), (lambda: backend.get_history(rid))
-        return backend.watch_model_profiles, backend.get_model_profiles
-
-    # --- counters for metrics ---------------------------------------------------------------
-
     def _metrics_view(self) -> MetricsView:
-        return MetricsView(self.statistics(), dict(self.counters), self.uptime, self._closing)
-
-    def _count_slow_close(self) -> None:
-        self.counters["slow_closes"] += 1
-
-    def _count_failed_pin(self) -> None:
-        self.counters["failed_pins"] += 1
-
-    def _count_backend_error(self) -> None:
-        self.counters["backend_errors"] += 1
+        return MetricsView(self.statistics(), self.counters, self.uptime, self._closing)
 
     # --- shutdown ---------------------------------------------------------------------------
 
     def _begin_shutdown(self) -> None:
         self._closing = True
+        self._registry.close()
         for scope in list(self._serve_scopes):
             scope.cancel()
-        for scope in list(self._handshakes):
-            scope.cancel()
+        self._edge.shutdown()
         for connection in list(self._connections):
             connection.close(CloseCode.GOING_AWAY, "relay shutting down")
 
@@ -570,48 +372,6 @@ class _Mapped:
 
     def started(self, value: Any = None) -> None:
         self._inner.started(self._convert(value))
-
-
-def _refuse(
-    headers: dict[bytes, bytes], config: RelayConfig, from_address: int
-) -> tuple[int, str] | None:
-    """The HTTP status and reason to refuse an upgrade request with, or None to accept it."""
-    if from_address > config.max_connections_per_address:
-        return 429, "too many connections from this address"
-    origin = headers.get(b"origin")
-    if origin is not None and not _origin_allowed(
-        origin.decode("latin-1"), headers.get(b"host", b"").decode("latin-1"),
-        config.allowed_origins,
-    ):
-        # A browser page from another site: refused before any frame, so a hostile page
-        # cannot ride on the user's network position (cross-site WebSocket hijacking).
-        return 403, "origin not allowed"
-    return None
-
-
-def _origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
-    origin = origin.strip().rstrip("/").lower()
-    if "*" in allowed or origin in (a.rstrip("/").lower() for a in allowed):
-        return True
-    # The relay's own pages: an origin whose host[:port] is the one the client connected to.
-    _, _, origin_host = origin.partition("://")
-    return bool(host) and origin_host == host.strip().lower()
-
-
-def _peer_of(stream: trio.abc.Stream) -> str:
-    """``host:port`` of the client, through TLS if need be; in-memory streams may name one."""
-    named = getattr(stream, "peer", None)
-    if isinstance(named, str):
-        return named
-    transport = getattr(stream, "transport_stream", stream)
-    socket = getattr(transport, "socket", None)
-    if socket is not None:
-        try:
-            host, port = socket.getpeername()[:2]
-        except OSError:  # already reset by the peer
-            return "unknown"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return "memory"
 
 
 def _describe(listener: trio.abc.Listener[Any]) -> str:
@@ -664,10 +424,9 @@ async def open_relay(
                     nursery=nursery,
                     connections_nursery=connections_nursery,
                 )
-                # The direct path's start-up check: one log line now if it is off.
-                check_internals()
-                nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
-                nursery.start_soon(relay._run_timers, name="auth deadlines and pings")
+                nursery.start_soon(relay._registry.forget_kept_histories,
+                                   name="forget kept histories")
+                nursery.start_soon(relay._timers.run, name="auth deadlines and pings")
                 try:
                     yield relay
                 finally:
