@@ -216,6 +216,7 @@ async def test_snapshot_ahead_of_the_feed_waits_for_the_feed(
 
         def probe(snapshot: Snapshot) -> None:
             broadcaster = relay.relay._registry.get(key)
+            assert broadcaster is not None
             behind.append((broadcaster.version, snapshot.version))
 
         backend.on_snapshot = probe
