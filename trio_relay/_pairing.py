@@ -233,6 +233,8 @@ class FileDeviceStore(DeviceStore):
         self._seen: _FileState | None = None
         #: The device ids in the file as last read or written, to merge changes by id.
         self._known: set[str] = set()
+        #: The device ids `reload` has not yet reported gone (its callers' view).
+        self._alive: set[str] = set()
         self._dirty = False
         self._written_at = -LAST_SEEN_WRITE_INTERVAL
         self._locked = False
@@ -253,16 +255,20 @@ class FileDeviceStore(DeviceStore):
             self._write()
         return self._pin
 
+    def pair(self, name: str) -> tuple[Device, str]:
+        device, token = super().pair(name)
+        self._alive.add(device.id)
+        return device, token
+
     def reload(self) -> list[str]:
-        before = set(self._records)
         with self._lock():
-            if self._state() == self._seen:
-                self._flush_due()
-                return []
-            self._read()
+            if self._state() != self._seen:
+                self._read()
+                logger.info("pairing file changed: {} devices", len(self._records))
             self._flush_due()
-        gone = sorted(before - set(self._records))
-        logger.info("pairing file changed: {} devices, {} revoked", len(self._records), len(gone))
+        # Also those a merge dropped (`_write_merged`) since the last call.
+        gone = sorted(self._alive - set(self._records))
+        self._alive = set(self._records)
         return gone
 
     def flush(self) -> None:
@@ -320,6 +326,7 @@ class FileDeviceStore(DeviceStore):
             raise PairingFileError(f"{self.path}: cannot read: {exc}") from None
         self._pin, self._records = _parse(self.path, text)
         self._known = set(self._records)
+        self._alive |= self._known
         self._seen = state
         return True
 
