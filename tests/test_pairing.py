@@ -245,6 +245,7 @@ LOCKOUT = RelayConfig(pin_lockout_failures=3, pin_backoff_initial=0.5, pin_failu
 
 async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock) -> None:
     async with open_memory_relay(_backend(), pin=PIN, config=LOCKOUT) as relay:
+        _, device = await _pair(relay)
         client = await relay.connect()
         first = trio.current_time()
         assert (await client.request("auth", pin="0"))["code"] == "auth_failed"
@@ -265,6 +266,13 @@ async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock)
         assert 50 <= refused["retryAfter"] <= 60
         wait = refused["retryAfter"]
         assert refused["error"] == f"Too many failed attempts; try again in {wait} seconds"
+        # A paired device's token still signs in: someone else's guessing does not lock it
+        # out (a token cannot be guessed); a wrong token is refused as locked out.
+        paired = await relay.connect()
+        assert (await paired.request("auth", token=device["token"]))["type"] == "auth_success"
+        guesser = await relay.connect()
+        assert (await guesser.request("auth", token="guess"))["code"] == "locked_out"
+        assert await guesser.wait_closed() == (1008, "too many failed PIN attempts")
         await trio.sleep(refused["retryAfter"])
         free = await relay.connect()
         assert (await free.request("auth", pin=PIN))["type"] == "auth_success"

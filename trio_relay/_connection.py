@@ -432,21 +432,26 @@ class Connection:
         guard = self.relay.pin_guard
         address = self.peer.rsplit(":", 1)[0]
         check = guard.check(address, trio.current_time())
-        if check.locked:
-            await self._refuse_locked_out(request, check.delay, check.retry_after)
-            return
         devices = self.relay.devices
         device: Device | None = None
         if request.token is not None:
+            # A valid token passes even a lockout: it cannot be guessed, and someone else's
+            # guessing must not sign paired devices out. A wrong one is one more failure.
             device = devices.verify(request.token)
             if device is None:
                 await self._auth_failed(request, address, ErrorCode.TOKEN_INVALID,
                                         "Unknown or revoked device token")
                 return
+        elif check.locked:
+            await self._refuse_locked_out(request, check.delay, check.retry_after)
+            return
         elif not pin_matches(request.pin or "", self.relay.pin):
             await self._auth_failed(request, address, ErrorCode.AUTH_FAILED, "Invalid PIN")
             return
-        guard.succeeded(address)
+        if device is None:
+            # The right PIN clears the address's failures; a token does not, since it may
+            # pass a lockout that PIN guessers from the same address still deserve.
+            guard.succeeded(address)
         projects = await self._call(self.relay.backend.list_projects)
         profiles = await self._call(self.relay.backend.get_model_profiles)
         data: dict[str, JSON] = {"projects": projects, "modelProfiles": profiles.items}
