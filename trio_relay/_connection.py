@@ -480,7 +480,8 @@ class Connection:
             await self._refuse_locked_out(request, verdict.delay, verdict.retry_after)
             return
         await trio.sleep(verdict.delay)
-        self.log.warning("auth failed: {}", code)
+        self.log.warning("auth failed" if code == ErrorCode.AUTH_FAILED
+                         else "auth failed: unknown or revoked token")
         self.reply(AuthFailed(id=request.id, error=error, code=code))
 
     async def _refuse_locked_out(
