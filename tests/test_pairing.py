@@ -113,6 +113,22 @@ def test_the_pairing_file_notices_changes_and_merges(tmp_path: Path) -> None:
     assert relay_side.verify(third_token) is not None
 
 
+def test_a_file_broken_while_running_is_reported_once(tmp_path: Path) -> None:
+    path = tmp_path / PAIRING_FILE
+    store = FileDeviceStore(path)
+    device, token = store.pair("Phone")
+    path.write_text("{ not json")
+    with pytest.raises(PairingFileError, match="invalid JSON"):
+        store.reload()
+    assert store.reload() == []  # not again until it changes
+    assert store.verify(token) is not None  # the devices it had are kept
+    path.unlink()
+    assert store.reload() == [] and store.reload() == []
+    store.pair("Laptop")  # written back whole
+    assert len(FileDeviceStore(path).devices()) == 2
+    assert FileDeviceStore(path).get(device.id) is not None
+
+
 def test_last_seen_reaches_the_file_throttled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -262,9 +262,16 @@ class FileDeviceStore(DeviceStore):
 
     def reload(self) -> list[str]:
         with self._lock():
-            if self._state() != self._seen:
-                self._read()
-                logger.info("pairing file changed: {} devices", len(self._records))
+            state = self._state()
+            if state != self._seen:
+                try:
+                    if self._read():
+                        logger.info("pairing file changed: {} devices", len(self._records))
+                    else:  # deleted: ours are written back with the next change
+                        self._seen = None
+                except PairingFileError:
+                    self._seen = state  # reported once, not every second
+                    raise
             self._flush_due()
         # Also those a merge dropped (`_write_merged`) since the last call.
         gone = sorted(self._alive - set(self._records))
