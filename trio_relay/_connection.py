@@ -425,7 +425,8 @@ class Connection:
             raise _Refused(ErrorCode.BACKEND_ERROR, str(exc) or "backend error") from None
         except Exception:
             self.relay._count_backend_error()
-            self.log.exception("backend {} failed", getattr(fn, "__name__", "call"))
+            self.log.exception("backend {} failed",
+                               getattr(fn, "__name__", "call").lstrip("_"))  # _send_message
             raise _Refused(ErrorCode.BACKEND_ERROR, "backend error") from None
 
     async def _auth(self, request: AuthRequest) -> None:
