@@ -422,3 +422,22 @@ async def test_sqlite_stores_senders_and_migrates_old_databases(tmp_path: Path) 
     check = sqlite3.connect(tmp_path / "trio-relay.sqlite3")
     assert check.execute("PRAGMA user_version").fetchone() == (2,)
     check.close()
+
+
+async def test_a_pairing_that_cannot_be_stored_is_refused(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileDeviceStore(tmp_path / PAIRING_FILE)
+
+    def full_disk(path: Path, text: str) -> None:
+        raise PairingFileError(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr("trio_relay._pairing._write_private", full_disk)
+    async with open_memory_relay(_backend(), pin=PIN, devices=store) as relay:
+        client = await relay.connect()
+        reply = await client.request("auth", pin=PIN, deviceName="Phone")
+        assert reply["type"] == "error" and reply["code"] == "internal_error"
+        assert "could not pair this device" in reply["error"]
+        assert store.devices() == []
+        # Without a name, signing in still works.
+        assert (await client.request("auth", pin=PIN))["type"] == "auth_success"

@@ -459,7 +459,13 @@ class Connection:
         if device is not None:
             data["device"] = {"id": device.id, "name": device.name}
         elif request.device_name is not None:
-            device, token = devices.pair(request.device_name)
+            try:
+                device, token = devices.pair(request.device_name)
+            except Exception:
+                self.log.exception("could not pair a device")
+                raise _Refused(ErrorCode.INTERNAL_ERROR,
+                               "could not pair this device; sign in without a device name"
+                               " or ask the relay's operator") from None
             data["device"] = {"id": device.id, "name": device.name, "token": token}
             self.log.info("paired device {} ({})", device.id, device.name)
         self.device_id = device.id if device is not None else None
