@@ -443,6 +443,7 @@ class Connection:
                 await self._auth_failed(request, address, ErrorCode.TOKEN_INVALID,
                                         "Unknown or revoked device token")
                 return
+            self.device_id = device.id  # from now on: revoking it meanwhile closes us too
         elif check.locked:
             await self._refuse_locked_out(request, check.delay, check.retry_after)
             return
