@@ -441,3 +441,32 @@ async def test_a_pairing_that_cannot_be_stored_is_refused(
         assert store.devices() == []
         # Without a name, signing in still works.
         assert (await client.request("auth", pin=PIN))["type"] == "auth_success"
+
+
+class _GatedBackend(MemoryBackend):
+    """list_projects waits for ``gate`` once it is armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+
+    async def list_projects(self) -> list[Any]:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().list_projects()
+
+
+async def test_a_device_revoked_during_its_sign_in_is_closed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = _GatedBackend()
+    backend.add_chat("p1", "c1")
+    async with open_memory_relay(backend, pin=PIN) as relay:
+        _, device = await _pair(relay)
+        backend.gate = trio.Event()
+        client = await relay.connect()
+        await client.request_nowait("auth", token=device["token"])
+        await trio.testing.wait_all_tasks_blocked()  # the sign-in waits in the backend
+        relay.relay.revoke_device(device["id"])
+        backend.gate.set()
+        assert await client.wait_closed() == (1008, "device revoked")
