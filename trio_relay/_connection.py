@@ -18,6 +18,7 @@ pings are kept for all connections by one relay task (`trio_relay._timers`).
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -32,7 +33,9 @@ from ._config import CloseCode, RelayConfig
 from ._counters import RelayCounters
 from ._framing import frame_text
 from ._limits import PinGuard, TokenBucket, pin_matches
+from ._pairing import Device, DeviceStore
 from ._protocol import (
+    JSON,
     AuthFailed,
     AuthRequest,
     AuthRequired,
@@ -78,8 +81,12 @@ class ConnectionContext:
     counters: RelayCounters
     registry: BroadcasterRegistry
     timers: ConnectionTimers
-    pin: str = attrs.field(repr=False)
     pin_guard: PinGuard
+    devices: DeviceStore
+    #: The PIN clients sign in with now (the host or ``trio-relay pin --new`` may change it).
+    current_pin: Callable[[], str] = attrs.field(repr=False)
+    #: Stores a sent message with its sender (passed only to backends that take one).
+    send_message: Callable[[str, JSON, JSON], Awaitable[None]]
 
 
 class _Refused(Exception):
@@ -132,6 +139,10 @@ class Connection:
         self._counters = context.counters
         self.id = f"c{next(_ids)}"
         self.authenticated = False
+        #: The paired device this connection signed in as (None: a PIN sign-in without a
+        #: device name), and the sender its messages are stored with.
+        self.device_id: str | None = None
+        self.sender: JSON = None
         self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
         # Requests read and not yet handled; the dispatcher task exists only while some wait.
         self._requests: deque[str] | None = None
@@ -303,8 +314,10 @@ class Connection:
         elif isinstance(request, UnsubscribeRequest):
             self._unsubscribe(request)
         elif isinstance(request, SendRequest):
-            await self._call(self.context.backend.send_message, request.resource_id,
-                             request.message)
+            await self._call(self.context.send_message, request.resource_id, request.message,
+                             self.sender)
+            if self.device_id is not None:
+                self.context.devices.seen(self.device_id)
             self.log.debug("sent a message to chat {}", request.resource_id)
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
@@ -342,35 +355,82 @@ class Connection:
             raise _Refused(ErrorCode.BACKEND_ERROR, str(exc) or "backend error") from None
         except Exception:
             self._counters.backend_errors += 1
-            self.log.exception("backend {} failed", getattr(fn, "__name__", "call"))
+            self.log.exception("backend {} failed", getattr(fn, "__name__", "call").lstrip("_"))
             raise _Refused(ErrorCode.BACKEND_ERROR, "backend error") from None
 
     async def _auth(self, request: AuthRequest) -> None:
         guard = self.context.pin_guard
         address = self.peer.rsplit(":", 1)[0]
         check = guard.check(address, trio.current_time())
-        if check.locked:
-            await trio.sleep(check.delay)
-            self.log.warning("auth refused: too many failed PINs")
-            self.reply(AuthFailed(id=request.id, error="Too many failed attempts"))
-            self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+        devices = self.context.devices
+        device: Device | None = None
+        if request.token is not None:
+            # A valid token passes even a lockout: it cannot be guessed, and someone else's
+            # guessing must not sign paired devices out. A wrong one is one more failure.
+            device = devices.verify(request.token)
+            if device is None:
+                await self._auth_failed(request, address, ErrorCode.TOKEN_INVALID,
+                                        "Unknown or revoked device token")
+                return
+            self.device_id = device.id  # from now on: revoking it meanwhile closes us too
+        elif check.locked:
+            await self._refuse_locked_out(request, check.delay, check.retry_after)
             return
-        if not pin_matches(request.pin, self.context.pin):
-            self._counters.failed_pins += 1
-            verdict = guard.failed(address, trio.current_time())
-            await trio.sleep(verdict.delay)
-            self.log.warning("auth failed")
-            self.reply(AuthFailed(id=request.id, error="Invalid PIN"))
-            if verdict.locked:
-                self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+        elif not pin_matches(request.pin or "", self.context.current_pin()):
+            await self._auth_failed(request, address, ErrorCode.AUTH_FAILED, "Invalid PIN")
             return
-        guard.succeeded(address)
+        if device is None:
+            # The right PIN clears the address's failures; a token does not, since it may
+            # pass a lockout that PIN guessers from the same address still deserve.
+            guard.succeeded(address)
         projects = await self._call(self.context.backend.list_projects)
         profiles = await self._call(self.context.backend.get_model_profiles)
+        data: dict[str, JSON] = {"projects": projects, "modelProfiles": profiles.items}
+        if device is not None:
+            data["device"] = {"id": device.id, "name": device.name}
+        elif request.device_name is not None:
+            try:
+                device, token = devices.pair(request.device_name)
+            except Exception:
+                self.log.exception("could not pair a device")
+                raise _Refused(ErrorCode.INTERNAL_ERROR,
+                               "could not pair this device; sign in without a device name"
+                               " or ask the relay's operator") from None
+            data["device"] = {"id": device.id, "name": device.name, "token": token}
+            self.log.info("paired device {} ({})", device.id, device.name)
+        self.device_id = device.id if device is not None else None
+        self.sender = (
+            {"deviceId": device.id, "name": device.name} if device is not None
+            else {"name": UNNAMED_DEVICE}
+        )
         self.authenticated = True
-        self.log.info("authenticated")
-        self.reply(AuthSuccess(id=request.id,
-                               data={"projects": projects, "modelProfiles": profiles.items}))
+        self.log.info("authenticated{}", f" as device {device.id}" if device else "")
+        self.reply(AuthSuccess(id=request.id, data=data))
+
+    async def _auth_failed(
+        self, request: AuthRequest, address: str, code: str, error: str
+    ) -> None:
+        """A wrong PIN or token: one failure for the guard, answered after its delay."""
+        self._counters.failed_pins += 1
+        verdict = self.context.pin_guard.failed(address, trio.current_time())
+        if verdict.locked:
+            await self._refuse_locked_out(request, verdict.delay, verdict.retry_after)
+            return
+        await trio.sleep(verdict.delay)
+        self.log.warning("auth failed" if code == ErrorCode.AUTH_FAILED
+                         else "auth failed: unknown or revoked token")
+        self.reply(AuthFailed(id=request.id, error=error, code=code))
+
+    async def _refuse_locked_out(
+        self, request: AuthRequest, delay: float, retry_after: float
+    ) -> None:
+        ends = trio.current_time() + retry_after
+        await trio.sleep(delay)
+        seconds = max(1, math.ceil(ends - trio.current_time()))
+        self.log.warning("auth refused: too many failed attempts")
+        self.reply(AuthFailed(id=request.id, error=locked_out_text(seconds),
+                              code=ErrorCode.LOCKED_OUT, retry_after=seconds))
+        self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
 
     async def _subscribe(self, request: SubscribeRequest) -> None:
         key = request.key
@@ -434,6 +494,19 @@ class Connection:
         self.reply(DataReply(id=request.id, resource=request.resource,
                              resource_id=request.resource_id or None,
                              data={"unsubscribed": subscription is not None}))
+
+
+#: The sender of messages from a PIN sign-in that paired no device.
+UNNAMED_DEVICE = "Unnamed device"
+
+
+def locked_out_text(seconds: int) -> str:
+    """The ``locked_out`` error text: how long to wait, in minutes from two minutes up."""
+    if seconds >= 120:
+        wait = f"{math.ceil(seconds / 60)} minutes"
+    else:
+        wait = f"{seconds} second{'s' * (seconds != 1)}"
+    return f"Too many failed attempts; try again in {wait}"
 
 
 def _error(request: Request, code: str, error: str) -> ErrorReply:

@@ -113,7 +113,7 @@ _METRICS: Final[tuple[tuple[str, str, str, Callable[[MetricsView], float]], ...]
      lambda m: m.counters.pushes_sent),
     ("slow_client_closes_total", "counter", "Clients closed with 1013 for falling behind.",
      lambda m: m.counters.slow_closes),
-    ("failed_pins_total", "counter", "auth requests with a wrong PIN.",
+    ("failed_pins_total", "counter", "Failed sign-ins: wrong PINs and wrong device tokens.",
      lambda m: m.counters.failed_pins),
     ("backend_errors_total", "counter", "Backend calls that failed or timed out.",
      lambda m: m.counters.backend_errors),
