@@ -36,6 +36,7 @@ import trio
 from loguru import logger
 
 from ._backend import BackendError, Change, Feed, NotFound, Snapshot
+from ._errors import CodedError
 from ._framing import frame_text
 from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 
@@ -73,12 +74,8 @@ class Subscriber(Protocol):
         ...
 
 
-class SubscribeFailed(Exception):
+class SubscribeFailed(CodedError):
     """A subscription could not be set up; ``code`` and ``str(self)`` go into the error reply."""
-
-    def __init__(self, code: str, error: str) -> None:
-        super().__init__(error)
-        self.code = code
 
 
 @attrs.define(eq=False)

@@ -31,6 +31,7 @@ from ._backend import Backend, BackendError, NotFound
 from ._broadcaster import Push, SubscribeFailed
 from ._config import CloseCode, RelayConfig
 from ._counters import RelayCounters
+from ._errors import CodedError
 from ._framing import frame_text
 from ._limits import PinGuard, TokenBucket, pin_matches
 from ._pairing import Device, DeviceStore
@@ -89,12 +90,8 @@ class ConnectionContext:
     send_message: Callable[[str, JSON, JSON], Awaitable[None]]
 
 
-class _Refused(Exception):
+class _Refused(CodedError):
     """A request is answered with an error reply; raised from deep in a handler."""
-
-    def __init__(self, code: str, error: str) -> None:
-        super().__init__(error)
-        self.code = code
 
 
 class _WebSubscription:

@@ -21,10 +21,11 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from ._errors import leaves
 from ._pairing import DEVICE_NAME_MAX, check_device_name
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 __all__ = [
     "RESOURCES",
@@ -469,17 +470,7 @@ def _lift_title(raw: dict[str, JSON], request_id: RequestId) -> dict[str, JSON]:
 
 def _describe(exc: BaseException) -> str:
     """One clear sentence naming the first bad field, from cattrs' exception group."""
-    leaves: list[BaseException] = []
-
-    def collect(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                collect(sub)
-        else:
-            leaves.append(e)
-
-    collect(exc)
-    for leaf in leaves:
+    for leaf in leaves(exc):
         name = next(
             (n.name for n in getattr(leaf, "__notes__", ()) if hasattr(n, "name")), None
         )

@@ -21,7 +21,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 import trio
@@ -33,6 +33,7 @@ from ._config import CloseCode, RelayConfig, RelayStatistics
 from ._connection import Connection, ConnectionContext
 from ._counters import RelayCounters
 from ._edge import Edge
+from ._errors import CodedError, raise_single
 from ._http import MetricsView, WebFiles
 from ._limits import PinGuard
 from ._pairing import DeviceStore
@@ -59,12 +60,8 @@ class RelayError(Exception):
     """Base of the errors the relay raises to the embedding application."""
 
 
-class SubscriptionError(RelayError):
+class SubscriptionError(CodedError, RelayError):
     """`Relay.listen` could not subscribe; ``code`` is the wire error code."""
-
-    def __init__(self, code: str, error: str) -> None:
-        super().__init__(error)
-        self.code = code
 
 
 class UpstreamError(RelayError):
@@ -512,20 +509,4 @@ async def open_relay(
                     )
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _raise_single(group)
-
-
-def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                collect(sub)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    if len(leaves) == 1:
-        raise leaves[0] from leaves[0].__cause__
-    raise group
+        raise_single(group)

@@ -38,10 +38,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from ._backend import Backend
 from ._config import RelayConfig, RelayStatistics
+from ._errors import raise_single
 from ._memory import MemoryListener
 from ._memory_backend import HANG, MemoryBackend
 from ._pairing import DeviceStore
-from ._relay import Listener, Relay, Update, _raise_single, open_relay
+from ._relay import Listener, Relay, Update, open_relay
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -458,7 +459,7 @@ async def _run_client(
             )
             task_status.started(ws)
     except BaseExceptionGroup as group:
-        _raise_single(group)
+        raise_single(group)
 
 
 @asynccontextmanager
@@ -486,7 +487,7 @@ async def open_memory_relay(
                 yield MemoryRelay(relay, listener, client_nursery, client_timeout)
             client_nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _raise_single(group)
+        raise_single(group)
 
 
 async def next_update(listener: Listener) -> Update:
@@ -535,6 +536,6 @@ async def open_loopback_client(
                 finally:
                     await ws.aclose()
         except BaseExceptionGroup as group:
-            _raise_single(group)
+            raise_single(group)
     finally:
         await stream.aclose()
