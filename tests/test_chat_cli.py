@@ -21,7 +21,7 @@ import trio.testing
 
 from trio_relay._chat_cli import add_chat_command, run_chat
 from trio_relay._echo_agent import EchoAgent
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
 PIN = "1234"
