@@ -39,8 +39,8 @@ class EchoBackend(MemoryBackend):
         self.agent = EchoAgent(chunk_delay=0.05)
         self.reply_lock = trio.Lock()  # one reply at a time, as the default backend does
 
-    async def send_message(self, chat_id: str, message: Any) -> None:
-        await super().send_message(chat_id, message)
+    async def send_message(self, chat_id: str, message: Any, *, sender: Any = None) -> None:
+        await super().send_message(chat_id, message, sender=sender)
         assert self.nursery is not None
         self.nursery.start_soon(self._reply, chat_id, self.messages[chat_id][-1]["content"])
 
