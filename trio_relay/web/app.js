@@ -986,6 +986,7 @@ $("new-chat-form").addEventListener("submit", async (event) => {
     $("new-chat-title").value = "";
     if (ui.projectId === projectId && chat && chat.id) {
       upsertChat(chat); // the project's push may come before or after this reply
+      closeDrawer();
       selectChat(chat.id);
     }
   } catch (error) {

@@ -41,8 +41,11 @@ export function defaultDeviceName(nav = navigator) {
   let system = SYSTEMS.find(([pattern]) => pattern.test(userAgent))?.[1] ?? null;
   // Client hints are exact where they exist (Chromium's): prefer a known brand, the most
   // specific first (every Chromium browser also lists "Chromium").
+  // (Only Chromium browsers have them: a user agent that says Firefox or Safari is taken at
+  // its word, even in a Chromium pretending to be one.)
   const data = nav.userAgentData;
-  if (data && Array.isArray(data.brands)) {
+  const chromiumFamily = browser === null || !["Firefox", "Safari"].includes(browser);
+  if (chromiumFamily && data && Array.isArray(data.brands)) {
     const brands = data.brands.map((entry) => entry.brand);
     const known = [...UA_DATA_BRANDS.keys()].find((brand) => brands.includes(brand));
     if (known) browser = UA_DATA_BRANDS.get(known);

@@ -155,7 +155,7 @@ export function renderMarkdown(target, text) {
 /** Copies a code block's text; falls back to a selection where the Clipboard API is off
  * (pages served over plain http from another machine are not a secure context). */
 export async function copyCode(button) {
-  const code = button.parentElement?.querySelector("pre");
+  const code = button.closest(".code")?.querySelector("pre");
   if (!code) return false;
   const text = code.textContent ?? "";
   try {
