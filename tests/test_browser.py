@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1011,3 +1011,246 @@ def test_messages_say_who_wrote_them(
                ).to_have_text("Echo")
     finally:
         other.close()
+
+
+# --- the page's side of pairing, against a relay scripted in the test --------------------
+
+
+class FakeRelay:
+    """Answers the page's WebSocket in the test (nothing reaches a real relay): sign-in as
+    ``on_auth`` says, one project with the welcome chat holding ``messages``."""
+
+    def __init__(self, page: Page, on_auth: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.on_auth = on_auth
+        self.messages: list[dict[str, Any]] = []
+        self.frames: list[dict[str, Any]] = []
+        page.route_web_socket(re.compile(r"/ws$"), self._connect)
+
+    def auths(self) -> list[dict[str, Any]]:
+        return [frame for frame in self.frames if frame["type"] == "auth"]
+
+    def _connect(self, socket: WebSocketRoute) -> None:
+        socket.on_message(lambda message: self._frame(socket, message))
+
+    def _frame(self, socket: WebSocketRoute, message: str | bytes) -> None:
+        frame = json.loads(message)
+        self.frames.append(frame)
+        reply: dict[str, Any] = {"id": frame["id"]}
+        if frame["type"] == "auth":
+            answer = self.on_auth(frame)
+            close = answer.pop("close", None)
+            socket.send(json.dumps({**reply, **answer}))
+            if close:
+                socket.close(code=1008, reason=close)
+            return
+        resource = frame.get("resource", "chat")
+        if frame["type"] == "subscribe":
+            data: dict[str, Any] = {
+                "modelProfiles": {"modelProfiles": [{"id": "echo", "name": "Echo"}]},
+                "project": {"chats": [{"id": "welcome", "title": "Welcome",
+                                       "modelProfileId": "echo"}]},
+                "chat": {"messages": self.messages},
+            }[resource]
+            reply.update(type="subscribed", resource=resource, seq=0, epoch="E", data=data)
+            if "resourceId" in frame:
+                reply["resourceId"] = frame["resourceId"]
+        else:
+            reply.update(type="data", resource=resource, data={"unsubscribed": True})
+        socket.send(json.dumps(reply))
+
+
+SESSION_DATA = {"projects": [{"id": "demo", "name": "Demo project"}],
+                "modelProfiles": [{"id": "echo", "name": "Echo"}]}
+FIREFOX_ON_ANDROID = "Mozilla/5.0 (Android 14; Mobile; rv:133.0) Gecko/133.0 Firefox/133.0"
+
+
+def test_the_pin_screen_proposes_a_name_and_the_page_keeps_the_token(browser: Browser) -> None:
+    def on_auth(frame: dict[str, Any]) -> dict[str, Any]:
+        if frame.get("token") == "secret-token":
+            return {"type": "auth_success",
+                    "data": {**SESSION_DATA, "device": {"id": "d_0123456789ab", "name": name}}}
+        if frame.get("pin") == PIN:
+            device = {"id": "d_0123456789ab", "name": name, "token": "secret-token"}
+            return {"type": "auth_success", "data": {**SESSION_DATA, "device": device}}
+        return {"type": "auth_failed", "error": "Invalid PIN", "code": "auth_failed"}
+
+    name = "Firefox on Android"
+    one = Session(browser, "http://127.0.0.1:9/", phone=True, user_agent=FIREFOX_ON_ANDROID)
+    one.page.route("http://127.0.0.1:9/**", _serve_web_files)
+    relay = FakeRelay(one.page, on_auth)
+    try:
+        one.open()
+        # The proposed name comes from the browser and system; the user may change it.
+        expect(one.testid("device-name-input")).to_have_value(name)
+        one.testid("pin-input").fill(PIN)
+        one.testid("login-button").click()
+        expect(one.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+        [auth] = relay.auths()
+        assert auth == {"id": auth["id"], "type": "auth", "pin": PIN, "deviceName": name}
+        assert one.stored_device() == {"token": "secret-token", "id": "d_0123456789ab",
+                                       "name": name}
+        # Messages: this device's are "You", others' carry their name, and old ones
+        # without a sender are "You" as they always were.
+        relay.messages[:] = [
+            _message("m1", "from before senders"),
+            _message("m2", "from here", {"deviceId": "d_0123456789ab", "name": name}),
+            _message("m3", "from the laptop", {"deviceId": "d_ffffffffffff", "name": "Laptop"}),
+            _message("m4", "from the host", {"name": "Desktop app"}),
+        ]
+        one.page.reload()
+        expect(one.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+        assert relay.auths()[-1] == {"id": relay.auths()[-1]["id"], "type": "auth",
+                                     "token": "secret-token"}
+        authors = one.page.get_by_test_id("message-author")
+        expect(authors).to_have_text(["You", "You", "Laptop", "Desktop app"], timeout=WAIT)
+    finally:
+        one.close()
+
+
+def test_an_unknown_token_is_forgotten_and_the_pin_asked_for(browser: Browser) -> None:
+    def on_auth(frame: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "auth_failed", "error": "Unknown or revoked device token",
+                "code": "token_invalid"}
+
+    one = Session(browser, "http://127.0.0.1:9/")
+    one.page.route("http://127.0.0.1:9/**", _serve_web_files)
+    one.page.add_init_script(
+        "if (!sessionStorage.getItem('seeded')) { sessionStorage.setItem('seeded', '1');"
+        " localStorage.setItem('trio-relay.device',"
+        " JSON.stringify({token: 'stale', id: 'd_000000000000', name: 'Old name'})); }"
+    )
+    relay = FakeRelay(one.page, on_auth)
+    one.page.clock.install()
+    try:
+        one.page.goto(one.url)
+        expect(one.testid("pin-input")).to_be_visible(timeout=WAIT)
+        expect(one.testid("login-error")).to_contain_text("no longer paired")
+        assert one.stored_device() is None
+        # Tried once, never again by itself.
+        one.page.clock.fast_forward("05:00")
+        expect(one.state).to_have_attribute("data-state", "signed-out")
+        assert [frame.get("token") for frame in relay.auths()] == ["stale"]
+    finally:
+        one.close()
+
+
+def test_a_locked_out_token_sign_in_waits_for_the_user(browser: Browser) -> None:
+    def on_auth(frame: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "auth_failed", "code": "locked_out", "retryAfter": 42,
+                "error": "Too many failed attempts; try again in 42 seconds",
+                "close": "too many failed PIN attempts"}
+
+    one = Session(browser, "http://127.0.0.1:9/")
+    one.page.route("http://127.0.0.1:9/**", _serve_web_files)
+    one.page.add_init_script(
+        "localStorage.setItem('trio-relay.device',"
+        " JSON.stringify({token: 'kept', id: 'd_000000000001', name: 'Desk'}))"
+    )
+    relay = FakeRelay(one.page, on_auth)
+    one.page.clock.install()
+    try:
+        one.page.goto(one.url)
+        error = one.testid("login-error")
+        expect(error).to_have_text("Too many failed attempts. Try again in 42 seconds.",
+                                   timeout=WAIT)
+        # The token is kept (the address is locked out, not the device), and the page waits.
+        expect(one.testid("paired-name")).to_have_text("Desk")
+        expect(one.testid("login-button")).to_be_disabled()
+        expect(one.testid("login-wait")).to_have_text("You can try again in 0:42.")
+        assert one.stored_device()["token"] == "kept"
+        one.page.clock.fast_forward("00:43")
+        expect(one.testid("login-button")).to_be_enabled()
+        one.page.clock.fast_forward("05:00")
+        assert len(relay.auths()) == 1
+        # The user's own try goes out.
+        one.testid("login-button").click()
+        expect(error).to_have_text("Too many failed attempts. Try again in 42 seconds.")
+        expect(one.testid("login-button")).to_be_disabled()
+        assert len(relay.auths()) == 2
+    finally:
+        one.close()
+
+
+def test_a_token_sign_in_waits_for_a_relay_that_is_not_there_yet(
+    browser: Browser, relay: RelayProcess
+) -> None:
+    one = Session(browser, relay.http_url)
+    auths = _count_auth_frames(one.page)
+    try:
+        one.login(device_name="Patient browser")
+        # A reload while the relay cannot be reached (each connection is dropped at once, as
+        # a relay that is restarting would): the page keeps trying with its token, with the
+        # reconnect backoff, and says so, rather than giving up on the first failure.
+        down = [True]
+
+        def route(page_side: WebSocketRoute) -> None:
+            if down[0]:
+                page_side.close(code=1001, reason="going away")
+            else:
+                page_side.connect_to_server()
+
+        one.page.route_web_socket(re.compile(r"/ws$"), route)
+        one.page.reload()
+        expect(one.testid("paired-name")).to_have_text("Patient browser")
+        expect(one.state).to_have_attribute("data-state", "reconnecting", timeout=WAIT)
+        expect(one.testid("login-button")).to_be_disabled()
+        expect(one.testid("retry-button")).to_be_visible()
+        down[0] = False
+        one.testid("retry-button").click()  # no need to wait out the backoff
+        expect(one.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+        expect(one.chat_item("welcome")).to_have_attribute("data-selected", "true")
+        assert len(auths) >= 2
+        assert [sorted(frame) for frame in auths[1:]] == [["id", "token", "type"]] * len(auths[1:])
+    finally:
+        one.close()
+
+
+def _message(message_id: str, text: str, sender: dict[str, str] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"id": message_id, "role": "user", "content": text,
+                               "createdAt": "2026-12-08T01:00:00Z"}
+    if sender is not None:
+        message["sender"] = sender
+    return message
+
+
+WEB = REPO / "trio_relay" / "web"
+CONTENT_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript",
+                 ".mjs": "text/javascript", ".svg": "image/svg+xml"}
+
+
+def _serve_web_files(route: Any) -> None:
+    """The page's files from the package, with the relay's CSP, for a page whose relay is
+    scripted (or down)."""
+    path = route.request.url.split("://", 1)[1].split("/", 1)[1].split("?")[0].split("#")[0]
+    file = WEB / (path or "index.html")
+    if not file.is_file() or file.suffix not in CONTENT_TYPES:
+        route.fulfill(status=404, body="not found")
+        return
+    route.fulfill(
+        status=200, body=file.read_bytes(), content_type=CONTENT_TYPES[file.suffix],
+        headers={"Content-Security-Policy": "default-src 'self'; script-src 'self'; "
+                 "style-src 'self'; connect-src 'self' ws://127.0.0.1:9 ws://127.0.0.1:*"},
+    )
+
+
+WS_LINK_PAIRING_SCENARIO = (Path(__file__).parent / "ws_link_pairing_scenario.js").read_text(
+    encoding="utf-8")
+
+
+def test_ws_link_signs_in_with_its_token_and_never_retries_a_refusal(session: Session) -> None:
+    session.open()
+    result = session.page.evaluate(WS_LINK_PAIRING_SCENARIO)
+    assert result["pairedWith"] == {"id": result["pairedWith"]["id"], "type": "auth",
+                                    "pin": "1234", "deviceName": "Phone"}
+    assert result["tokenGiven"] == "T1"
+    assert result["device"] == {"id": "d_0123456789ab", "name": "Phone"}
+    assert result["reconnectedWith"] == {"id": result["reconnectedWith"]["id"], "type": "auth",
+                                         "token": "T1"}
+    assert result["endedWith"] == {"code": "token_invalid", "isAuthFailed": True}
+    assert result["socketsAfterRefusal"] == 3  # the refused one, and no other
+    assert result["patientSockets"] == 3
+    assert result["patientStates"] == ["connecting", "reconnecting", "connected"]
+    assert all(frame["token"] == "T1" and "pin" not in frame for frame in result["patientAuths"])
+    assert result["hasty"] == "ConnectionLost"
+    assert result["locked"] == {"name": "AuthFailed", "code": "locked_out", "retryAfter": 42}
+    assert result["lockedSockets"] == 1

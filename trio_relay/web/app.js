@@ -378,7 +378,8 @@ async function signInWithToken() {
   } catch (error) {
     if (attempt !== signInAttempt) return; // signed out meanwhile
     if (deviceGone(error)) forgetDevice();
-    showLogin(describeFailure(error, "token"));
+    const { text, wait } = describeFailure(error, "token");
+    showLogin({ error: text, wait });
     return;
   }
   if (attempt !== signInAttempt) return;
