@@ -9,6 +9,7 @@ Without Chromium or Playwright these tests are skipped, unless `CI` is set: then
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -49,7 +50,6 @@ DESKTOP = {"width": 1200, "height": 720}
 PHONE = {"width": 390, "height": 844}
 RECONNECT_WAIT = 45_000  # ms: a reconnect first waits out a random backoff (at most 30 s)
 REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "web-client.png"
 
 # Records, for each assistant message that appears after it is installed, every distinct
 # (status, text) it shows: how a streamed reply grew, read back after it is complete.
@@ -484,67 +484,20 @@ def test_the_page_survives_a_relay_restart(browser: Browser, own_relay: RelayPro
         one.close()
 
 
-def test_screenshot(browser: Browser, own_relay: RelayProcess, tmp_path: Path) -> None:
-    """The picture in docs/web-client.png (TRIO_RELAY_UPDATE_SCREENSHOT=1 rewrites it): a
-    finished exchange, and a reply caught mid-stream by holding back the relay's frames."""
-
-    async def add_chat() -> None:
-        async with open_relay_client(own_relay.ws_url, pin=PIN) as client:
-            await client.create_chat("demo", title="Release notes", model_profile_id="echo-slow")
-
-    trio.run(add_chat)
-    one = Session(browser, own_relay.http_url)
-    held: list[str | bytes] = []
-    hold_after: list[int] = []  # chunks to let through before holding, once armed
-    pages: list[WebSocketRoute] = []
-
-    def route(page_side: WebSocketRoute) -> None:
-        pages.append(page_side)
-        relay_side = page_side.connect_to_server()
-
-        def from_relay(message: str | bytes) -> None:
-            if held or (hold_after and '"type":"chunk"' in str(message) and _armed(hold_after)):
-                held.append(message)
-            else:
-                page_side.send(message)
-
-        relay_side.on_message(from_relay)
-
-    try:
-        one.page.route_web_socket(re.compile(r"/ws$"), route)
-        one.login()
-        one.open_chat("welcome")
-        one.send("What does trio-relay do?")
-        one.expect_exchange("What does trio-relay do?")
-        hold_after.append(2)
-        one.send("Show me a reply as it streams in, word by word.")
-        streaming = one.messages("assistant").last
-        expect(streaming).to_have_attribute("data-status", "streaming", timeout=WAIT)
-        expect(streaming).to_contain_text("Echo: Show me a reply ")
-        expect(one.testid("cancel-button")).to_be_visible()
-        one.page.evaluate("document.activeElement && document.activeElement.blur()")
-        one.page.mouse.move(0, 0)
-        path = tmp_path / "web-client.png"
-        one.page.screenshot(path=path)
+def test_screenshot(browser: Browser, tmp_path: Path) -> None:
+    """tools/screenshots.py takes the pictures in docs/ from a fresh install (it checks that
+    the welcome chat opens by itself); TRIO_RELAY_UPDATE_SCREENSHOT=1 copies them there."""
+    spec = importlib.util.spec_from_file_location("screenshots", REPO / "tools" / "screenshots.py")
+    assert spec is not None and spec.loader is not None
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    written = screenshots.take(tmp_path, CHROMIUM, browser)
+    assert [path.name for path in written] == [
+        "web-client.png", "web-client-phone.png", "web-client-phone-chats.png"]
+    for path in written:
         assert path.read_bytes().startswith(b"\x89PNG")
         if os.environ.get("TRIO_RELAY_UPDATE_SCREENSHOT"):
-            shutil.copyfile(path, SCREENSHOT)
-        # Let the rest through: the reply completes.
-        hold_after.clear()
-        for message in held:
-            pages[-1].send(message)
-        held.clear()
-        one.expect_exchange("Show me a reply as it streams in, word by word.")
-    finally:
-        one.close()
-
-
-def _armed(hold_after: list[int]) -> bool:
-    """Counts a chunk down; True once the chunks to let through are used up."""
-    if hold_after[0] > 0:
-        hold_after[0] -= 1
-        return False
-    return True
+            shutil.copyfile(path, REPO / "docs" / path.name)
 
 
 def test_ws_link_routes_times_out_and_resumes(session: Session) -> None:
