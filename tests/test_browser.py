@@ -1060,10 +1060,18 @@ def test_the_pin_screen_proposes_a_name_and_the_page_keeps_the_token(browser: Br
         one.close()
 
 
-def test_an_unknown_token_is_forgotten_and_the_pin_asked_for(browser: Browser) -> None:
+@pytest.mark.parametrize(("reply", "shown"), [
+    ({"type": "auth_failed", "error": "Unknown or revoked device token", "code": "token_invalid"},
+     "no longer paired"),
+    # A relay without pairing does not take a token at all.
+    ({"type": "error", "error": "unknown field 'token'", "code": "bad_request"},
+     "unknown field 'token'"),
+])
+def test_a_refused_token_is_forgotten_and_the_pin_asked_for(
+    browser: Browser, reply: dict[str, str], shown: str
+) -> None:
     def on_auth(frame: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "auth_failed", "error": "Unknown or revoked device token",
-                "code": "token_invalid"}
+        return dict(reply)
 
     one = Session(browser, "http://127.0.0.1:9/")
     one.page.route("http://127.0.0.1:9/**", _serve_web_files)
@@ -1077,7 +1085,7 @@ def test_an_unknown_token_is_forgotten_and_the_pin_asked_for(browser: Browser) -
     try:
         one.page.goto(one.url)
         expect(one.testid("pin-input")).to_be_visible(timeout=WAIT)
-        expect(one.testid("login-error")).to_contain_text("no longer paired")
+        expect(one.testid("login-error")).to_contain_text(shown)
         assert one.stored_device() is None
         # Tried once, never again by itself.
         one.page.clock.fast_forward("05:00")

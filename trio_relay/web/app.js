@@ -377,7 +377,11 @@ async function signInWithToken() {
     await link.login({ token: device.token }, { keepTrying: true });
   } catch (error) {
     if (attempt !== signInAttempt) return; // signed out meanwhile
-    if (deviceGone(error)) forgetDevice();
+    // A token the relay refuses for any reason but a lockout (token_invalid; bad_request
+    // from a relay that does not pair) will not work next time either: back to the PIN.
+    if (deviceGone(error) || (error instanceof AuthFailed && error.code !== "locked_out")) {
+      forgetDevice();
+    }
     const { text, wait } = describeFailure(error, "token");
     showLogin({ error: text, wait });
     return;
