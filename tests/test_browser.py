@@ -1215,3 +1215,64 @@ def test_ws_link_signs_in_with_its_token_and_never_retries_a_refusal(session: Se
     assert result["hasty"] == "ConnectionLost"
     assert result["locked"] == {"name": "AuthFailed", "code": "locked_out", "retryAfter": 42}
     assert result["lockedSockets"] == 1
+
+
+DEVICE_NAMES = """async (cases) => {
+  const { defaultDeviceName, deviceNameProblem } = await import("/device-name.js");
+  return {
+    names: cases.map(([userAgent, data]) => defaultDeviceName({ userAgent, userAgentData: data })),
+    problems: ["", "x".repeat(65), "tab\\there", "Kitchen laptop", "é".repeat(64)].map(
+      deviceNameProblem),
+  };
+}"""
+
+
+def test_the_proposed_device_name_says_which_browser_on_which_system(session: Session) -> None:
+    chrome_brands = {"brands": [{"brand": "Chromium"}, {"brand": "Google Chrome"},
+                                {"brand": "Not_A Brand"}], "platform": "Android"}
+    edge_brands = {"brands": [{"brand": "Microsoft Edge"}, {"brand": "Chromium"}],
+                   "platform": "Windows"}
+    cases = [
+        [FIREFOX_ON_ANDROID, None],
+        ["Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0", None],
+        ["Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+         "Chrome/131.0.0.0 Mobile Safari/537.36", chrome_brands],
+        ["Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+         "Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0", edge_brands],
+        ["Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+         "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1", None],
+        ["Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like "
+         "Gecko) Version/17.5 Safari/605.1.15", None],
+        ["Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) AppleWebKit/537.36 (KHTML, like Gecko) "
+         "Chrome/131.0.0.0 Safari/537.36", None],
+        ["something else entirely", None],
+    ]
+    session.open()
+    result = session.page.evaluate(DEVICE_NAMES, cases)
+    assert result["names"] == [
+        "Firefox on Android", "Firefox on Linux", "Chrome on Android", "Edge on Windows",
+        "Safari on iPhone", "Safari on macOS", "Chrome on ChromeOS", "Web browser",
+    ]
+    assert result["problems"] == [
+        "Enter a name for this device.",
+        "The device name is too long (64 characters at most).",
+        "The device name has control characters.",
+        "",
+        "",
+    ]
+
+
+def test_a_device_name_is_needed_and_nothing_is_sent_without_one(session: Session) -> None:
+    auths = _count_auth_frames(session.page)
+    session.open()
+    session.testid("pin-input").fill(PIN)
+    session.testid("device-name-input").fill("   ")
+    session.testid("login-button").click()
+    expect(session.testid("login-error")).to_have_text("Enter a name for this device.")
+    expect(session.testid("device-name-input")).to_be_focused()
+    assert auths == []
+    session.testid("device-name-input").fill("Spare laptop")
+    session.testid("login-button").click()
+    expect(session.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+    assert [frame["deviceName"] for frame in auths] == ["Spare laptop"]
+    assert session.stored_device()["name"] == "Spare laptop"
