@@ -1276,3 +1276,23 @@ def test_a_device_name_is_needed_and_nothing_is_sent_without_one(session: Sessio
     expect(session.state).to_have_attribute("data-state", "connected", timeout=WAIT)
     assert [frame["deviceName"] for frame in auths] == ["Spare laptop"]
     assert session.stored_device()["name"] == "Spare laptop"
+
+
+def test_signing_in_again_opens_the_chat_this_browser_had_open(
+    browser: Browser, relay: RelayProcess
+) -> None:
+    one = Session(browser, relay.http_url)
+    try:
+        one.login()
+        one.testid("new-chat-button").click()
+        title = unique("Left open")
+        one.testid("new-chat-title").fill(title)
+        one.testid("new-chat-create").click()
+        expect(one.testid("chat-title")).to_have_text(title, timeout=WAIT)
+        # The page's address without the chat in it: the last chat opens, not the first.
+        one.page.goto(one.url)
+        expect(one.state).to_have_attribute("data-state", "connected", timeout=WAIT)
+        expect(one.testid("chat-title")).to_have_text(title, timeout=WAIT)
+        expect(one.chat_item(title=title)).to_have_attribute("data-selected", "true")
+    finally:
+        one.close()
