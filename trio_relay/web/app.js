@@ -1035,8 +1035,19 @@ $("drawer-backdrop").addEventListener("click", () => closeDrawer());
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && $("workspace").dataset.drawer === "open") closeDrawer();
 });
+// The keyboard hint would not fit a phone's two-line box (nor help on a touch keyboard).
+function fitPlaceholder() {
+  $("message-input").placeholder = narrowScreen.matches
+    ? "Write a message"
+    : "Write a message. Enter sends, Shift+Enter adds a line.";
+}
+
 // Widening the window turns the drawer back into a sidebar.
-narrowScreen.addEventListener("change", () => closeDrawer());
+narrowScreen.addEventListener("change", () => {
+  closeDrawer();
+  fitPlaceholder();
+});
+fitPlaceholder();
 
 // The page is as tall as what is visible: when an on-screen keyboard covers part of the
 // window (and the browser does not resize the page for it), the composer moves up above it.
