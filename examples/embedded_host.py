@@ -79,14 +79,16 @@ class HostBackend:
 
     # --- writes: change, then publish -----------------------------------------------------------
 
-    async def send_message(self, chat_id: str, message: JSON) -> None:
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
         await trio.lowlevel.checkpoint()
         text = message.get("text") if isinstance(message, dict) else message
         if not isinstance(text, str) or not text:
             raise BackendError("message must be a string or {\"text\": ...}")
         if chat_id not in self._messages:
             raise NotFound(f"chat {chat_id!r} not found")
-        self._store(chat_id, f"m{next(self._ids)}", "user", text)
+        self._store(chat_id, f"m{next(self._ids)}", "user", text, sender)
         self._nursery.start_soon(self._answer, chat_id, text)
 
     async def cancel_reply(self, chat_id: str) -> bool:
@@ -120,8 +122,12 @@ class HostBackend:
 
     # --- the agent -------------------------------------------------------------------------------
 
-    def _store(self, chat_id: str, message_id: str, role: str, content: str) -> None:
+    def _store(
+        self, chat_id: str, message_id: str, role: str, content: str, sender: JSON = None
+    ) -> None:
         message = {"id": message_id, "role": role, "content": content}
+        if sender is not None:  # who sent it: {"deviceId", "name"} or {"name"}
+            message["sender"] = sender
         self._messages[chat_id].append(message)
         self.hub.publish(("chat", chat_id), {"type": "message", "message": message})
 

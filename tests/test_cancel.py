@@ -10,7 +10,7 @@ import attrs
 import trio
 
 from trio_relay._echo_agent import EchoAgent
-from trio_relay._sqlite_backend import open_sqlite_backend
+from trio_relay._sqlite_backend import STOPPED_NOTE, open_sqlite_backend
 from trio_relay.testing import MemoryBackend, open_memory_relay
 
 PIN = "1234"
@@ -87,9 +87,42 @@ async def test_cancel_stops_the_default_backends_reply(tmp_path: Path) -> None:
             assert reply["data"] == {"cancelled": True}
             cancelled = await _frames_until(client, "cancelled")
             assert cancelled[-1]["data"] == {"type": "cancelled", "messageId": message_id}
-            # Nothing was stored for the cancelled reply, and the chat takes the next message.
+            # The reply is stored as far as it got, saying it was stopped, and pushed after
+            # the `cancelled` event, under the id its stream had.
+            stored = (await client.next_push())["data"]
+            assert stored["type"] == "message"
+            assert stored["message"]["id"] == message_id
+            assert stored["message"]["content"] == f"thinking\n\n{STOPPED_NOTE}"
             history = (await backend.get_history("welcome")).items
-            assert [m["role"] for m in history] == ["assistant", "user"]
+            assert [m["role"] for m in history] == ["assistant", "user", "assistant"]
+            assert history[-1] == stored["message"]
             assert (await client.request("cancel", resourceId="welcome"))["data"] == {
                 "cancelled": False
             }
+
+
+@attrs.frozen
+class SilentThenStallingAgent(EchoAgent):
+    """Never streams anything."""
+
+    async def reply(self, content: str, emit: Callable[[str], None]) -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_stop_before_the_first_chunk_leaves_a_stopped_note(tmp_path: Path) -> None:
+    async with open_sqlite_backend(tmp_path, agent=SilentThenStallingAgent()) as backend:
+        async with open_memory_relay(backend, pin=PIN) as memory:
+            client = await memory.connect(authenticate=PIN)
+            await client.subscribe("chat", "welcome")
+            await client.request("send", resourceId="welcome", message="go")
+            started = await _frames_until(client, "reply_started")
+            message_id = started[-1]["data"]["messageId"]
+            assert (await client.request("cancel", resourceId="welcome"))["data"] == {
+                "cancelled": True}
+            await _frames_until(client, "cancelled")
+            stored = (await client.next_push())["data"]["message"]
+            # Not an empty message: one that says it was stopped.
+            assert (stored["id"], stored["role"], stored["content"]) == (
+                message_id, "assistant", STOPPED_NOTE)
+            assert "sender" not in stored  # agent replies have no sender

@@ -23,6 +23,7 @@ from trio_relay._protocol import (
     CancelRequest,
     CreateRequest,
     DataReply,
+    ErrorCode,
     ErrorReply,
     ProtocolError,
     Reply,
@@ -402,9 +403,52 @@ def test_pin_must_be_a_string(pin: Any) -> None:
     assert bad(frame(id="a", type="auth", pin=pin)) == error("a", "field 'pin' must be a string")
 
 
-def test_pin_is_required() -> None:
-    assert bad(frame(id="a", type="auth")) == error("a", "field 'pin' is required")
-    assert bad(frame(id="a", type="auth", pin=None)) == error("a", "field 'pin' must be a string")
+ONE_SECRET = "exactly one of the fields 'pin' and 'token' is required"
+BAD_NAME = ("field 'deviceName' must be 1 to 64 characters (after trimming), without control"
+            " characters")
+
+
+def test_pin_or_token_is_required() -> None:
+    assert bad(frame(id="a", type="auth")) == error("a", ONE_SECRET)
+    assert bad(frame(id="a", type="auth", pin=None)) == error("a", ONE_SECRET)
+    assert bad(frame(id="a", type="auth", pin="1", token="t")) == error("a", ONE_SECRET)
+    assert bad(frame(id="a", type="auth", token=5)) == error("a", "field 'token' must be a string")
+
+
+def test_auth_with_a_token_or_a_device_name() -> None:
+    # The seed's sign-in is unchanged; the new fields are optional.
+    assert decode(frame(id=1, type="auth", pin="1234")) == AuthRequest(id=1, pin="1234")
+    assert decode(frame(id=1, type="auth", token="tok")) == AuthRequest(id=1, token="tok")
+    named = decode(frame(id=1, type="auth", pin="1234", deviceName="  Firefox on Android "))
+    assert named == AuthRequest(id=1, pin="1234", device_name="Firefox on Android")
+    # With a token the name is ignored, whatever it is.
+    ignored = decode(frame(id=1, type="auth", token="tok", deviceName=""))
+    assert ignored == AuthRequest(id=1, token="tok")
+    # Secrets never show in a repr (nor, so, in a log line).
+    assert "1234" not in repr(named) and "tok" not in repr(ignored)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "   ", "x" * 65, "tab\there", "new\nline", "bell\x07", "\u202eevil", "a\u2028b"]
+)
+def test_device_name_is_checked(name: str) -> None:
+    assert bad(frame(id="a", type="auth", pin="1", deviceName=name)) == error("a", BAD_NAME)
+
+
+def test_device_name_limits() -> None:
+    assert decode(frame(id="a", type="auth", pin="1", deviceName="é" * 64)) == AuthRequest(
+        id="a", pin="1", device_name="é" * 64)
+    assert bad(frame(id="a", type="auth", pin="1", deviceName=7)) == error(
+        "a", "field 'deviceName' must be a string")
+
+
+def test_encode_locked_out() -> None:
+    wire = strict_loads(encode(AuthFailed(
+        id="a", error="Too many failed attempts; try again in 10 minutes",
+        code=ErrorCode.LOCKED_OUT, retry_after=600)))
+    assert wire == {"id": "a", "type": "auth_failed",
+                    "error": "Too many failed attempts; try again in 10 minutes",
+                    "code": "locked_out", "retryAfter": 600}
 
 
 @pytest.mark.parametrize("since", [-1, -(2**70), True, False, "3", "", 1.0, 2.5, [1], {"seq": 1}])

@@ -83,11 +83,18 @@ class Backend(Protocol):
         """The stored messages of one chat, oldest first."""
         ...
 
-    async def send_message(self, chat_id: str, message: JSON) -> None:
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
         """Accept a message for a chat and return; the agent's answer arrives on the chat feed.
 
         ``message`` is the client's ``message`` field as it arrived: a string, or an object
-        such as ``{"text": ...}``.
+        such as ``{"text": ...}``. ``sender`` says who sent it, for the backend to store with
+        the message (the default backends put it in the message's ``sender`` field):
+        ``{"deviceId": ..., "name": ...}`` for a paired device, ``{"name": "Unnamed device"}``
+        for a PIN sign-in that paired none, ``{"name": ...}`` for the host's `Relay.send`.
+        The relay passes ``sender=`` only to a ``send_message`` that accepts it, so a backend
+        written without it keeps working (a type checker wants the parameter, though).
         """
         ...
 

@@ -1,23 +1,27 @@
 """The ``trio-relay`` command: ``trio-relay serve`` runs the relay with its default backend,
-``trio-relay config check FILE`` checks a config file, ``trio-relay chat URL`` is a client."""
+``trio-relay config check FILE`` checks a config file, ``trio-relay chat URL`` is a client,
+``trio-relay pin`` and ``trio-relay devices`` look after pairing (``pairing.json`` in the data
+dir)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import importlib.metadata
 import os
-import secrets
 import signal
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from loguru import logger
 
 from ._chat_cli import add_chat_command, run_chat
+from ._pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from ._relay import open_relay
 from ._settings import (
     ServeSettings,
@@ -45,10 +49,24 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "trio-relay"
 
 
+class PortInUse(Exception):
+    """The address to serve on is taken; the message says so and what to do."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trio-relay")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        from . import __version__
+
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-relay", description="A WebSocket relay for live project, chat and agent sync."
     )
+    parser.add_argument("--version", action="version", version=f"trio-relay {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve", help="run the relay with its default SQLite backend",
@@ -71,8 +89,87 @@ def _parser() -> argparse.ArgumentParser:
         " profiles that cannot be found are warned about, as serve does.",
     )
     check.add_argument("file", metavar="FILE", type=Path, help="the TOML config file")
+    pin = commands.add_parser(
+        "pin", help="print the PIN (or make a new one)",
+        description="Print the PIN that `trio-relay serve` uses, kept in pairing.json in the"
+        " data dir (made on first use). With --new, replace it: a running relay takes the new"
+        " one within a second; devices paired with the old one stay paired (revoke them with"
+        " `trio-relay devices --revoke`). --pin and $TRIO_RELAY_PIN override it for one run of"
+        " serve, without changing it.",
+    )
+    pin.add_argument("--new", action="store_true", help="replace the PIN with a new random one")
+    _add_data_dir_arguments(pin)
+    devices = commands.add_parser(
+        "devices", help="list or revoke paired devices",
+        description="List the devices paired with the relay (id, name, when paired, when last"
+        " seen), or revoke one: its token stops working and a running relay closes its"
+        " connections within a second; it must enter the PIN again.",
+    )
+    devices.add_argument("--revoke", metavar="NAME|ID", help="revoke the device with this id"
+                         " or, if only one has it, this name")
+    _add_data_dir_arguments(devices)
     add_chat_command(commands)
     return parser
+
+
+def _add_data_dir_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="PATH", type=Path, default=None,
+                        help="the relay's data dir ($TRIO_RELAY_DATA_DIR; default"
+                        " $XDG_DATA_HOME/trio-relay, else ~/.local/share/trio-relay)")
+    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
+                        help="take data_dir from this config file, as serve would")
+
+
+def _pairing_path(args: argparse.Namespace) -> Path:
+    flags = {"data_dir": str(args.data_dir)} if args.data_dir is not None else {}
+    settings = load_settings(config_file=args.config, environ=os.environ, flags=flags)
+    return (settings.data_dir or default_data_dir(os.environ)) / PAIRING_FILE
+
+
+def pin_command(args: argparse.Namespace) -> int:
+    """``trio-relay pin [--new]``."""
+    path = _pairing_path(args)
+    store = FileDeviceStore(path)
+    if args.new:
+        print(store.new_pin())
+        print(f"The new PIN is kept in {path}; a running relay uses it within a second."
+              " Devices paired before stay paired (trio-relay devices --revoke NAME|ID).",
+              file=sys.stderr)
+    else:
+        print(store.pin)
+    return 0
+
+
+def devices_command(args: argparse.Namespace) -> int:
+    """``trio-relay devices [--revoke NAME|ID]``."""
+    path = _pairing_path(args)
+    store = FileDeviceStore(path)
+    if args.revoke is None:
+        devices = store.devices()
+        if not devices:
+            print("No paired devices.")
+            return 0
+        rows = [("ID", "NAME", "PAIRED", "LAST SEEN")]
+        rows += [(d.id, d.name, d.created, d.last_seen) for d in devices]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[3]]))
+        return 0
+    found = store.find(args.revoke)
+    if not found:
+        print(f"trio-relay: no paired device has the id or name {args.revoke!r}", file=sys.stderr)
+        return 1
+    if len(found) > 1:
+        ids = ", ".join(d.id for d in found)
+        print(f"trio-relay: {len(found)} devices are named {args.revoke!r}; revoke one by its"
+              f" id: {ids}", file=sys.stderr)
+        return 1
+    device = found[0]
+    store.revoke(device.id)
+    print(f"Revoked {device.id} ({device.name}); a running relay closes its connections"
+          " within a second.")
+    return 0
 
 
 def _log_format(record: Record) -> str:
@@ -117,37 +214,69 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+async def open_listeners(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> tuple[list[trio.abc.Listener[Any]], int]:
+    """Bind ``host``:``port``; return the listeners and the bound port (`PortInUse` if the
+    port is taken)."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        tcp = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"{shown} is already in use; choose another with --port") from None
+        raise
+    bound: int = tcp[0].socket.getsockname()[1]
+    if ssl_context is None:
+        return list(tcp), bound
+    # https_compatible: see Relay.serve.
+    return [trio.SSLListener(listener, ssl_context, https_compatible=True)
+            for listener in tcp], bound
+
+
 async def serve(
-    settings: ServeSettings, pin: str, generated: bool, data_dir: Path,
-    ssl_context: ssl.SSLContext | None = None,
+    settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
     from ._sqlite_backend import open_sqlite_backend
 
+    # Bound before anything is written: a start that fails on a busy port leaves no data dir.
+    listeners, port = await open_listeners(settings.host, settings.port, ssl_context)
+    try:
+        devices = FileDeviceStore(data_dir / PAIRING_FILE)
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
     async with open_sqlite_backend(data_dir) as backend:
         if settings.model_profiles is not None:
             # The config file's profiles replace the database's; their commands stay here.
             await backend.set_model_profiles(
                 [profile.wire() for profile in settings.model_profiles], settings.agents()
             )
-        async with open_relay(backend, pin=pin, config=settings.relay) as relay:
+        async with open_relay(
+            backend, pin=settings.pin, config=settings.relay, devices=devices
+        ) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                port = await relay.start_serving(
-                    settings.host, settings.port, ssl_context=ssl_context
-                )
-                host = f"[{settings.host}]" if ":" in settings.host else settings.host
-                scheme = "ws" if ssl_context is None else "wss"
-                # Printed, not logged: the PIN must never reach a log line.
-                print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
-                print(f"PIN: {pin}" + (" (generated; set --pin or $TRIO_RELAY_PIN to choose)"
-                                       if generated else ""), flush=True)
-                print(f"data: {data_dir}", flush=True)
-                if settings.relay.web_client:
-                    web = "http" if ssl_context is None else "https"
-                    print(f"web client: {web}://{host}:{port}/", flush=True)
-                async for signum in signals:
-                    logger.info("received {}, shutting down", signal.Signals(signum).name)
-                    break
-            # Leaving open_relay stops accepting, then closes every client with 1001.
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(relay.serve_listeners, listeners)
+                    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                    scheme = "ws" if ssl_context is None else "wss"
+                    # Printed, not logged: the PIN must never reach a log line.
+                    print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
+                    if settings.pin is not None:
+                        print(f"PIN: {relay.pin}", flush=True)
+                    else:
+                        print(f"PIN: {relay.pin} (kept in {PAIRING_FILE}; `trio-relay pin --new`"
+                              " replaces it)", flush=True)
+                    print(f"data: {data_dir}", flush=True)
+                    if settings.relay.web_client:
+                        web = "http" if ssl_context is None else "https"
+                        print(f"web client: {web}://{host}:{port}/", flush=True)
+                    async for signum in signals:
+                        logger.info("received {}, shutting down", signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()  # stop accepting first
+            # Leaving open_relay closes every client with 1001.
     logger.info("stopped")
 
 
@@ -185,6 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config":
         return check_config(args.file)
+    if args.command in ("pin", "devices"):
+        try:
+            return pin_command(args) if args.command == "pin" else devices_command(args)
+        except (SettingsError, PairingFileError) as exc:
+            print(f"trio-relay: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, SettingsError) else 1
     if args.command == "serve":
         try:
             settings = load_settings(
@@ -198,7 +333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.warning("ignoring {}: no setting has that name", name)
         for key, problem in check_programs(settings):
             logger.warning("{}: {}: {}", args.config, key, problem)
-        pin = settings.pin or f"{secrets.randbelow(10**6):06d}"
         ssl_context = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             try:
@@ -210,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir = settings.data_dir or default_data_dir(os.environ)
         tune_garbage_collector()
         try:
-            trio.run(serve, settings, pin, settings.pin is None, data_dir, ssl_context)
-        except OSError as exc:
+            trio.run(serve, settings, data_dir, ssl_context)
+        except (OSError, PortInUse, PairingFileError) as exc:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 1
         return 0

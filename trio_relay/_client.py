@@ -69,7 +69,9 @@ __all__ = [
     "Completed",
     "ConnectionLost",
     "ConnectionState",
+    "Device",
     "Event",
+    "LockedOut",
     "MessageAdded",
     "ModelProfilesChanged",
     "Other",
@@ -83,6 +85,7 @@ __all__ = [
     "Subscription",
     "SubscriptionFailed",
     "SyncedMirror",
+    "TokenInvalid",
     "open_mirror",
     "open_relay_client",
     "parse_event",
@@ -129,20 +132,40 @@ class RelayClientError(Exception):
 
 
 class AuthFailed(RelayClientError):
-    """The relay refused the PIN. Terminal: the client does not retry.
+    """The relay refused the PIN or token. Terminal: the client does not retry (with the same
+    secret it would only feed the lockout); ask the user.
 
-    ``close_code`` is the WebSocket close code when the relay also closed the connection
-    (1008 for a PIN lockout), else None.
+    ``code`` is the wire's: ``auth_failed`` (a wrong PIN; this class), ``token_invalid``
+    (`TokenInvalid`) or ``locked_out`` (`LockedOut`). ``close_code`` is the WebSocket close
+    code when the relay also closed the connection, else None.
     """
 
-    def __init__(self, error: str, close_code: int | None = None) -> None:
+    def __init__(
+        self, error: str, close_code: int | None = None, *, code: str = "auth_failed"
+    ) -> None:
         super().__init__(error, close_code)
         self.error = error
         self.close_code = close_code
+        self.code = code
 
     def __str__(self) -> str:
         suffix = f" (close code {self.close_code})" if self.close_code is not None else ""
         return f"authentication failed: {self.error}{suffix}"
+
+
+class TokenInvalid(AuthFailed):
+    """The device token is unknown or revoked: forget it and sign in with the PIN."""
+
+
+class LockedOut(AuthFailed):
+    """Too many failed attempts from this address: nothing is compared for ``retry_after``
+    seconds (the relay's count, rounded up), not even the right PIN."""
+
+    def __init__(
+        self, error: str, close_code: int | None = None, *, retry_after: int | None = None
+    ) -> None:
+        super().__init__(error, close_code, code="locked_out")
+        self.retry_after = retry_after
 
 
 class RequestTimeout(RelayClientError):
@@ -271,6 +294,20 @@ class ClientStatistics:
     pending_requests: int
     #: Events received but not yet read, over all subscriptions.
     buffered_events: int
+
+
+@attrs.frozen
+class Device:
+    """This client as a paired device (`RelayClient.device`).
+
+    ``token`` signs it in from now on: keep it somewhere private and pass it as
+    ``open_relay_client(..., token=...)`` next time. Messages sent from this client carry
+    ``sender.deviceId == id``: that is how a UI tells "You" from the others.
+    """
+
+    id: str
+    name: str
+    token: str = attrs.field(repr=False)
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -707,6 +744,18 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _auth_error(reply: Frame) -> AuthFailed:
+    code = str(reply.get("code") or "auth_failed")
+    error = str(reply.get("error") or "Invalid PIN")
+    if code == "token_invalid":
+        return TokenInvalid(error, code=code)
+    if code == "locked_out":
+        retry_after = reply.get("retryAfter")
+        return LockedOut(error, retry_after=retry_after if isinstance(retry_after, int)
+                         and not isinstance(retry_after, bool) else None)
+    return AuthFailed(error, code=code)
+
+
 def _rejection(reply: Frame) -> RequestRejected:
     return RequestRejected(str(reply.get("code") or "error"), str(reply.get("error") or "error"))
 
@@ -723,12 +772,18 @@ class RelayClient:
         self,
         url: str,
         *,
-        pin: str,
+        pin: str | None,
         request_timeout: float,
         backoff: Backoff,
         connect: Connect | None,
         ssl_context: ssl.SSLContext | None,
+        token: str | None = None,
+        device_name: str | None = None,
     ) -> None:
+        if (pin is None) == (token is None):
+            raise ValueError("give exactly one of pin and token")
+        if device_name is not None and not (1 <= len(device_name.strip()) <= 64):
+            raise ValueError("device_name must be 1 to 64 characters")
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
             raise ValueError(f"the relay URL must start with ws:// or wss://, not {url!r}")
@@ -743,6 +798,11 @@ class RelayClient:
         self._host_header = parts.netloc.rpartition("@")[2]
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._pin = pin
+        self._token = token
+        self._device_name = device_name
+        #: This client as a paired device, once signed in with a token, or with the PIN and
+        #: a ``device_name`` (then it reconnects with the token it got); None otherwise.
+        self.device: Device | None = None
         self._request_timeout = request_timeout
         self._backoff = backoff
         self._connect: Connect = connect or self._open_transport
@@ -1287,7 +1347,16 @@ class RelayClient:
         raise RequestTimeout(f"no reply to {fields['type']!r} within {self._request_timeout:g} s")
 
     async def _authenticate(self, link: _Link) -> None:
-        reply = await self._link_request(link, {"type": "auth", "pin": self._pin})
+        # Once paired, the token: it outlives a change of PIN.
+        token = self.device.token if self.device is not None else self._token
+        fields: Frame = {"type": "auth"}
+        if token is not None:
+            fields["token"] = token
+        else:
+            fields["pin"] = self._pin
+            if self._device_name is not None:
+                fields["deviceName"] = self._device_name
+        reply = await self._link_request(link, fields)
         kind = reply.get("type")
         if kind == "auth_success":
             data = reply.get("data")
@@ -1295,9 +1364,16 @@ class RelayClient:
             projects, profiles = data.get("projects"), data.get("modelProfiles")
             self.projects = list(projects) if isinstance(projects, list) else []
             self.model_profiles = list(profiles) if isinstance(profiles, list) else []
+            device = data.get("device")
+            if isinstance(device, dict) and isinstance(device.get("id"), str):
+                new_token = device.get("token")
+                secret = new_token if isinstance(new_token, str) else token
+                if secret is not None:
+                    self.device = Device(str(device["id"]), str(device.get("name") or ""),
+                                         secret)
             return
         if kind == "auth_failed":
-            raise AuthFailed(str(reply.get("error") or "Invalid PIN"))
+            raise _auth_error(reply)
         raise _rejection(reply)
 
     async def _resubscribe_all(self, link: _Link, nursery: trio.Nursery) -> None:
@@ -1386,7 +1462,9 @@ def _raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
 async def open_relay_client(
     url: str,
     *,
-    pin: str,
+    pin: str | None = None,
+    token: str | None = None,
+    device_name: str | None = None,
     request_timeout: float = 10.0,
     backoff: Backoff | None = None,
     connect: Connect | None = None,
@@ -1394,9 +1472,15 @@ async def open_relay_client(
 ) -> AsyncIterator[RelayClient]:
     """Connect to the relay at ``url`` (``ws://`` or ``wss://``) for the duration of the block.
 
-    Entering connects and authenticates, raising `AuthFailed`, `ConnectionLost` (could not
-    connect), `RequestTimeout` or `RequestRejected` if that first attempt fails. Afterwards
-    the client reconnects by itself, with ``backoff``, and resumes every subscription.
+    Sign in with ``pin`` or with the ``token`` of a device paired before (exactly one). With
+    ``pin`` and ``device_name`` the relay pairs this client as a device: ``client.device``
+    then holds its id, name and token, and reconnects use the token.
+
+    Entering connects and authenticates, raising `AuthFailed` (`TokenInvalid`, `LockedOut`
+    with ``retry_after``), `ConnectionLost` (could not connect), `RequestTimeout` or
+    `RequestRejected` if that first attempt fails. Afterwards the client reconnects by
+    itself, with ``backoff``, and resumes every subscription; a refused sign-in, a revoked
+    device (close 1008) or another 1008 close ends it for good instead.
 
     ``connect`` replaces opening the TCP (or TLS, with ``ssl_context`` or the system's
     defaults) connection: an async callable returning a connected trio Stream, for example
@@ -1405,7 +1489,7 @@ async def open_relay_client(
     """
     client = RelayClient(  # a bad argument raises ValueError here, at once
         url, pin=pin, request_timeout=request_timeout, backoff=backoff or Backoff(),
-        connect=connect, ssl_context=ssl_context,
+        connect=connect, ssl_context=ssl_context, token=token, device_name=device_name,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -23,6 +23,7 @@ subscription, which leaves its broadcaster on the way out.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -35,7 +36,9 @@ from ._broadcaster import Push, SubscribeFailed
 from ._config import CloseCode
 from ._direct import DirectPath, Written, drop_handshake_state, frame_text
 from ._limits import TokenBucket, pin_matches
+from ._pairing import Device
 from ._protocol import (
+    JSON,
     AuthFailed,
     AuthRequest,
     AuthRequired,
@@ -122,6 +125,10 @@ class Connection:
         self._queued = 0
         self.id = f"c{next(_ids)}"
         self.authenticated = False
+        #: The paired device this connection signed in as (None: a PIN sign-in without a
+        #: device name), and the sender its messages are stored with.
+        self.device_id: str | None = None
+        self.sender: JSON = None
         self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
         config = relay.config
         self._config = config
@@ -377,8 +384,10 @@ class Connection:
         elif isinstance(request, UnsubscribeRequest):
             self._unsubscribe(request)
         elif isinstance(request, SendRequest):
-            await self._call(self.relay.backend.send_message, request.resource_id,
-                             request.message)
+            await self._call(self.relay._send_message, request.resource_id, request.message,
+                             self.sender)
+            if self.device_id is not None:
+                self.relay.devices.seen(self.device_id)
             self.log.debug("sent a message to chat {}", request.resource_id)
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
@@ -424,27 +433,61 @@ class Connection:
         address = self.peer.rsplit(":", 1)[0]
         check = guard.check(address, trio.current_time())
         if check.locked:
-            await trio.sleep(check.delay)
-            self.log.warning("auth refused: too many failed PINs")
-            self.reply(AuthFailed(id=request.id, error="Too many failed attempts"))
-            self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+            await self._refuse_locked_out(request, check.delay, check.retry_after)
             return
-        if not pin_matches(request.pin, self.relay.pin):
-            self.relay._count_failed_pin()
-            verdict = guard.failed(address, trio.current_time())
-            await trio.sleep(verdict.delay)
-            self.log.warning("auth failed")
-            self.reply(AuthFailed(id=request.id, error="Invalid PIN"))
-            if verdict.locked:
-                self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
+        devices = self.relay.devices
+        device: Device | None = None
+        if request.token is not None:
+            device = devices.verify(request.token)
+            if device is None:
+                await self._auth_failed(request, address, ErrorCode.TOKEN_INVALID,
+                                        "Unknown or revoked device token")
+                return
+        elif not pin_matches(request.pin or "", self.relay.pin):
+            await self._auth_failed(request, address, ErrorCode.AUTH_FAILED, "Invalid PIN")
             return
         guard.succeeded(address)
         projects = await self._call(self.relay.backend.list_projects)
         profiles = await self._call(self.relay.backend.get_model_profiles)
+        data: dict[str, JSON] = {"projects": projects, "modelProfiles": profiles.items}
+        if device is not None:
+            data["device"] = {"id": device.id, "name": device.name}
+        elif request.device_name is not None:
+            device, token = devices.pair(request.device_name)
+            data["device"] = {"id": device.id, "name": device.name, "token": token}
+            self.log.info("paired device {} ({})", device.id, device.name)
+        self.device_id = device.id if device is not None else None
+        self.sender = (
+            {"deviceId": device.id, "name": device.name} if device is not None
+            else {"name": UNNAMED_DEVICE}
+        )
         self.authenticated = True
-        self.log.info("authenticated")
-        self.reply(AuthSuccess(id=request.id,
-                               data={"projects": projects, "modelProfiles": profiles.items}))
+        self.log.info("authenticated{}", f" as device {device.id}" if device else "")
+        self.reply(AuthSuccess(id=request.id, data=data))
+
+    async def _auth_failed(
+        self, request: AuthRequest, address: str, code: str, error: str
+    ) -> None:
+        """A wrong PIN or token: one failure for the guard, answered after its delay."""
+        self.relay._count_failed_pin()
+        verdict = self.relay.pin_guard.failed(address, trio.current_time())
+        if verdict.locked:
+            await self._refuse_locked_out(request, verdict.delay, verdict.retry_after)
+            return
+        await trio.sleep(verdict.delay)
+        self.log.warning("auth failed: {}", code)
+        self.reply(AuthFailed(id=request.id, error=error, code=code))
+
+    async def _refuse_locked_out(
+        self, request: AuthRequest, delay: float, retry_after: float
+    ) -> None:
+        ends = trio.current_time() + retry_after
+        await trio.sleep(delay)
+        seconds = max(1, math.ceil(ends - trio.current_time()))
+        self.log.warning("auth refused: too many failed attempts")
+        self.reply(AuthFailed(id=request.id, error=locked_out_text(seconds),
+                              code=ErrorCode.LOCKED_OUT, retry_after=seconds))
+        self.close(CloseCode.POLICY_VIOLATION, "too many failed PIN attempts")
 
     async def _subscribe(self, request: SubscribeRequest) -> None:
         key = request.key
@@ -523,6 +566,19 @@ class Connection:
         self.reply(DataReply(id=request.id, resource=request.resource,
                              resource_id=request.resource_id or None,
                              data={"unsubscribed": subscription is not None}))
+
+
+#: The sender of messages from a PIN sign-in that paired no device.
+UNNAMED_DEVICE = "Unnamed device"
+
+
+def locked_out_text(seconds: int) -> str:
+    """The ``locked_out`` error text: how long to wait, in minutes from two minutes up."""
+    if seconds >= 120:
+        wait = f"{math.ceil(seconds / 60)} minutes"
+    else:
+        wait = f"{seconds} second{'s' * (seconds != 1)}"
+    return f"Too many failed attempts; try again in {wait}"
 
 
 def _error(request: Request, code: str, error: str) -> ErrorReply:

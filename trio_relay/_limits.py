@@ -46,10 +46,12 @@ class TokenBucket:
 @attrs.frozen
 class PinCheck:
     """What to do with one auth attempt: wait ``delay`` seconds before answering; if
-    ``locked``, refuse without comparing and close the connection."""
+    ``locked``, refuse without comparing and close the connection: the lockout ends
+    ``retry_after`` seconds from now."""
 
     delay: float
     locked: bool
+    retry_after: float = 0.0
 
 
 @attrs.define
@@ -93,7 +95,8 @@ class PinGuard:
             count >= self._config.pin_lockout_failures
             or len(self._all) >= self._config.pin_global_failures
         )
-        return PinCheck(delay=self._delay(count) if locked else 0.0, locked=locked)
+        return PinCheck(delay=self._delay(count) if locked else 0.0, locked=locked,
+                        retry_after=self._retry_after(failures, now) if locked else 0.0)
 
     def failed(self, address: str, now: float) -> PinCheck:
         """After a wrong PIN: how long to wait before answering, and whether to lock out."""
@@ -106,7 +109,22 @@ class PinGuard:
             count >= self._config.pin_lockout_failures
             or len(self._all) >= self._config.pin_global_failures
         )
-        return PinCheck(delay=self._delay(count), locked=locked)
+        return PinCheck(delay=self._delay(count), locked=locked,
+                        retry_after=self._retry_after(failures, now) if locked else 0.0)
+
+    def _retry_after(self, failures: _Failures | None, now: float) -> float:
+        """Seconds until an attempt from this address is compared again: until enough of
+        the failures that lock it (its own, or everyone's) have left the window."""
+        window = self._config.pin_failure_window
+        ends = now
+        times = failures.times if failures is not None else deque()
+        over = len(times) - self._config.pin_lockout_failures
+        if over >= 0:
+            ends = max(ends, times[over] + window)
+        over = len(self._all) - self._config.pin_global_failures
+        if over >= 0:
+            ends = max(ends, self._all[over] + window)
+        return ends - now
 
     def succeeded(self, address: str) -> None:
         self._by_address.pop(address, None)

@@ -70,11 +70,16 @@ class MemoryBackend:
         self.hub.publish(ResourceKey("project", project_id), {"type": "chat_created", "chat": chat})
         return chat
 
-    def add_message(self, chat_id: str, content: str, role: str = "assistant") -> dict[str, JSON]:
-        """Store a message; the chat's subscribers get ``{"type": "message", ...}``."""
+    def add_message(
+        self, chat_id: str, content: str, role: str = "assistant", *, sender: JSON | None = None
+    ) -> dict[str, JSON]:
+        """Store a message (with its ``sender``, if given); the chat's subscribers get
+        ``{"type": "message", ...}``."""
         message: dict[str, JSON] = {
             "id": f"m{next(self._ids)}", "chatId": chat_id, "role": role, "content": content,
         }
+        if sender is not None:
+            message["sender"] = sender
         self.messages[chat_id].append(message)
         self.hub.publish(ResourceKey("chat", chat_id), {"type": "message", "message": message})
         return message
@@ -125,7 +130,9 @@ class MemoryBackend:
         version = self.hub.version(ResourceKey("chat", chat_id))
         return Snapshot(list(self.messages[chat_id]), version)
 
-    async def send_message(self, chat_id: str, message: JSON) -> None:
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
         await self._fault("send_message")
         if chat_id not in self.chats:
             raise NotFound(f"chat {chat_id!r} not found")
@@ -135,7 +142,7 @@ class MemoryBackend:
         if not isinstance(content, str):
             raise BackendError("message must be text or an object with a 'text' field")
         self.sent.append((chat_id, message))
-        self.add_message(chat_id, content, role="user")
+        self.add_message(chat_id, content, role="user", sender=sender)
 
     async def create_chat(
         self, project_id: str, title: str | None, model_profile_id: str | None = None

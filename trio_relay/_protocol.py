@@ -21,6 +21,8 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from ._pairing import DEVICE_NAME_MAX, check_device_name
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
@@ -67,6 +69,10 @@ class ErrorCode:
     BAD_REQUEST: Final = "bad_request"
     NOT_AUTHENTICATED: Final = "not_authenticated"
     AUTH_FAILED: Final = "auth_failed"
+    #: On ``auth_failed``: the device token is unknown or revoked; ask for the PIN.
+    TOKEN_INVALID: Final = "token_invalid"
+    #: On ``auth_failed``: too many failed attempts; ``retryAfter`` says how long to wait.
+    LOCKED_OUT: Final = "locked_out"
     NOT_FOUND: Final = "not_found"
     RATE_LIMITED: Final = "rate_limited"
     BACKEND_ERROR: Final = "backend_error"
@@ -90,9 +96,16 @@ class ResourceKey:
 
 @attrs.frozen
 class AuthRequest:
+    """Sign in with the PIN (and, to pair this device, its ``deviceName``) or with the token
+    an earlier pairing gave: exactly one of ``pin`` and ``token``."""
+
     type: ClassVar[str] = "auth"
     id: RequestId
-    pin: str = attrs.field(repr=False)  # never in a repr, so never in a log line
+    # Secrets are never in a repr, so never in a log line.
+    pin: str | None = attrs.field(default=None, repr=False)
+    token: str | None = attrs.field(default=None, repr=False)
+    #: Trimmed, 1 to 64 characters (checked by `decode`); only used with ``pin``.
+    device_name: str | None = None
 
 
 @attrs.frozen
@@ -189,6 +202,8 @@ class AuthFailed:
     id: RequestId | None
     error: str
     code: str = ErrorCode.AUTH_FAILED
+    #: With ``locked_out``: whole seconds until the lockout ends.
+    retry_after: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -244,7 +259,10 @@ class ProtocolError(Exception):
 
 # --- the converter ----------------------------------------------------------------------------
 
-_WIRE_NAMES: Final = {"resource_id": "resourceId", "since_seq": "sinceSeq"}
+_WIRE_NAMES: Final = {
+    "resource_id": "resourceId", "since_seq": "sinceSeq", "device_name": "deviceName",
+    "retry_after": "retryAfter",
+}
 
 
 class _FieldError(TypeError):
@@ -403,6 +421,8 @@ def decode(text: str) -> Request:
 
 def _checked(request: Request) -> Request:
     """The rules that span fields, which the converter cannot express."""
+    if isinstance(request, AuthRequest):
+        return _checked_auth(request)
     if isinstance(request, (SubscribeRequest, UnsubscribeRequest)):
         if request.resource == "modelProfiles":
             # There is one modelProfiles resource: any id names it.
@@ -418,6 +438,21 @@ def _checked(request: Request) -> Request:
     if isinstance(request, SendRequest) and request.message in (None, "", {}):
         raise _bad_request(request.id, "field 'message' must not be empty")
     return request
+
+
+def _checked_auth(request: AuthRequest) -> AuthRequest:
+    if (request.pin is None) == (request.token is None):
+        raise _bad_request(request.id, "exactly one of the fields 'pin' and 'token' is required")
+    if request.token is not None or request.device_name is None:
+        return attrs.evolve(request, device_name=None)  # ignored with a token
+    name = check_device_name(request.device_name)
+    if name is None:
+        raise _bad_request(
+            request.id,
+            f"field 'deviceName' must be 1 to {DEVICE_NAME_MAX} characters (after trimming),"
+            " without control characters",
+        )
+    return attrs.evolve(request, device_name=name)
 
 
 def _lift_title(raw: dict[str, JSON], request_id: RequestId) -> dict[str, JSON]:

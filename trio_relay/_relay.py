@@ -12,6 +12,7 @@ Leaving ``async with open_relay(...)`` stops accepting, closes every client with
 
 from __future__ import annotations
 
+import inspect
 import math
 import ssl
 import sys
@@ -34,6 +35,7 @@ from ._connection import Connection
 from ._direct import check_internals, nonblocking_sender
 from ._http import MetricsView, WebFiles, serve_http
 from ._limits import PinGuard
+from ._pairing import DeviceStore
 from ._protocol import JSON, RESOURCES, ErrorCode, ResourceKey
 from ._transport import OwnedStream
 
@@ -165,15 +167,20 @@ class Relay:
         self,
         backend: Backend,
         *,
-        pin: str,
+        pin: str | None,
         config: RelayConfig,
         nursery: trio.Nursery,
         connections_nursery: trio.Nursery,
+        devices: DeviceStore | None = None,
     ) -> None:
-        if not pin:
-            raise ValueError("pin must not be empty")
         self.backend = backend
-        self.pin = pin
+        #: The paired devices (`trio_relay.DeviceStore`); revoke with `revoke_device`.
+        self.devices = devices if devices is not None else DeviceStore()
+        if not (pin or self.devices.pin):
+            raise ValueError("pin must not be empty")
+        self._pin = pin
+        # Backends written before senders existed take no ``sender``: asked once, here.
+        self._sender_accepted = _accepts_sender(backend.send_message)
         self.config = config
         self.pin_guard = PinGuard(config)
         self._nursery = nursery
@@ -202,6 +209,58 @@ class Relay:
 
     def __repr__(self) -> str:
         return f"<Relay connections={len(self._connections)}>"
+
+    @property
+    def pin(self) -> str:
+        """The PIN clients sign in with: the one given to `open_relay`, else the device
+        store's (which may change while the relay runs, as ``trio-relay pin --new`` does)."""
+        return self._pin or self.devices.pin or ""
+
+    @pin.setter
+    def pin(self, pin: str) -> None:
+        """Change the PIN from now on (connections signed in stay so)."""
+        if not pin:
+            raise ValueError("pin must not be empty")
+        self._pin = pin
+
+    # --- devices ----------------------------------------------------------------------------
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Unpair a device: its token stops working and its open connections are closed at
+        once (1008 ``device revoked``). True if the store knew the device."""
+        known = self.devices.revoke(device_id) is not None
+        closed = 0
+        for connection in list(self._connections):
+            if connection.device_id == device_id:
+                connection.close(CloseCode.POLICY_VIOLATION, "device revoked")
+                closed += 1
+        logger.info("device {} revoked; {} connections closed", device_id, closed)
+        return known
+
+    async def _watch_devices(self, interval: float) -> None:
+        """Read the device store again every ``interval`` seconds (``pairing.json`` changes
+        under ``trio-relay devices --revoke``) and close the connections of devices gone."""
+        try:
+            while True:
+                await trio.sleep(interval)
+                try:
+                    gone = self.devices.reload()
+                except Exception as exc:  # a broken file must not stop the relay
+                    logger.opt(exception=exc).error("could not read the device store")
+                    continue
+                for device_id in gone:
+                    self.revoke_device(device_id)
+        finally:
+            try:  # last-seen times not written yet (synchronous: cancellation cannot cut it)
+                self.devices.flush()
+            except Exception as exc:
+                logger.opt(exception=exc).error("could not write the device store")
+
+    async def _send_message(self, chat_id: str, message: JSON, sender: JSON) -> None:
+        if self._sender_accepted:
+            await self.backend.send_message(chat_id, message, sender=sender)
+        else:
+            await self.backend.send_message(chat_id, message)
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -390,10 +449,13 @@ class Relay:
             except SubscribeFailed as exc:
                 raise SubscriptionError(exc.code, str(exc)) from None
 
-    async def send(self, chat_id: str, message: JSON) -> None:
-        """Send a message to a chat as the host; every subscriber sees it, web and in-process."""
+    async def send(self, chat_id: str, message: JSON, *, sender: str = "Host") -> None:
+        """Send a message to a chat as the host; every subscriber sees it, web and in-process.
+
+        It is stored with the sender ``{"name": sender}`` (by a backend that keeps senders).
+        """
         with trio.fail_after(self.config.backend_timeout):
-            await self.backend.send_message(chat_id, message)
+            await self._send_message(chat_id, message, {"name": sender})
 
     async def cancel_reply(self, chat_id: str) -> bool:
         """Stop the agent's reply running in a chat, as the host; True if one was running."""
@@ -623,6 +685,19 @@ def _describe(listener: trio.abc.Listener[Any]) -> str:
     return type(listener).__name__
 
 
+def _accepts_sender(send_message: Callable[..., Any]) -> bool:
+    """Whether a backend's ``send_message`` takes ``sender=`` (by name, or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(send_message).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the older call is safe
+        return False
+    return any(
+        (p.name == "sender" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        or p.kind is p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
 def _count_tasks(nursery: trio.Nursery) -> int:
     count = 0
     for task in nursery.child_tasks:
@@ -637,10 +712,15 @@ def _count_tasks(nursery: trio.Nursery) -> int:
 async def open_relay(
     backend: Backend,
     *,
-    pin: str,
+    pin: str | None = None,
     config: RelayConfig | None = None,
+    devices: DeviceStore | None = None,
 ) -> AsyncIterator[Relay]:
     """Run a relay for the duration of the block.
+
+    ``pin`` is what clients sign in with (None: the one ``devices`` keeps, as a
+    `FileDeviceStore` does). ``devices`` holds the paired devices: an in-memory
+    `DeviceStore` unless you give one.
 
     ::
 
@@ -663,11 +743,15 @@ async def open_relay(
                     config=config,
                     nursery=nursery,
                     connections_nursery=connections_nursery,
+                    devices=devices,
                 )
                 # The direct path's start-up check: one log line now if it is off.
                 check_internals()
                 nursery.start_soon(relay._forget_kept_histories, name="forget kept histories")
                 nursery.start_soon(relay._run_timers, name="auth deadlines and pings")
+                if relay.devices.watch_interval is not None:
+                    nursery.start_soon(relay._watch_devices, relay.devices.watch_interval,
+                                       name="device store")
                 try:
                     yield relay
                 finally:

@@ -241,13 +241,15 @@ class ServeSettings:
     host: str = "127.0.0.1"
     #: Port to bind; 0 picks a free one.
     port: int = attrs.field(default=8765, validator=_port)
-    #: The PIN clients must send. Prefer the environment variable or a private config file
+    #: The PIN clients must send, for this run only: it overrides the PIN kept in the data
+    #: dir, without changing it. Prefer the environment variable or a private config file
     #: to the flag: a command line is visible to every user of the machine.
     pin: str | None = attrs.field(
         default=None, validator=_not_empty, repr=False,
-        metadata={"default_text": "a random 6-digit PIN, printed once"},
+        metadata={"default_text": "the PIN kept in `pairing.json` in the data dir (a random"
+                  " 6-digit one, made on first start; `trio-relay pin` prints it)"},
     )
-    #: Where the SQLite database lives.
+    #: Where the SQLite database and `pairing.json` (the PIN and paired devices) live.
     data_dir: Path | None = attrs.field(
         default=None,
         metadata={"default_text": "`$XDG_DATA_HOME/trio-relay`, else"

@@ -16,6 +16,7 @@ later version and still reaches the subscriber.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import sqlite3
 import sys
@@ -53,11 +54,14 @@ __all__ = [
 
 DATABASE_NAME: Final = "trio-relay.sqlite3"
 DEFAULT_CHAT_TITLE: Final = "New chat"
+#: What a stopped reply's stored message says (after the text it got to, if any).
+STOPPED_NOTE: Final = "(stopped)"
 DEFAULT_MODEL_PROFILE: Final = "echo"
 MODEL_PROFILES_KEY: Final = ResourceKey("modelProfiles", "")
 
 # PRAGMA user_version of the schema below. 0 means a fresh file: the only time we seed.
-_SCHEMA_VERSION: Final = 1
+# 2: messages.sender (`_MIGRATIONS`).
+_SCHEMA_VERSION: Final = 2
 
 # One statement each: executescript() would commit the transaction they run in.
 _SCHEMA: Final = (
@@ -81,7 +85,8 @@ _SCHEMA: Final = (
         chat_id TEXT NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
         role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
         content TEXT NOT NULL,
-        created_at TEXT NOT NULL
+        created_at TEXT NOT NULL,
+        sender TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, seq)",
     # position: profiles are listed in the order the host gave them.
@@ -93,13 +98,22 @@ _SCHEMA: Final = (
     )""",
 )
 
+# What takes a database of the version before each to that version, one statement each.
+# messages.sender: who sent a user message, as JSON; NULL for agent replies and for messages
+# stored before senders existed (they are shown as before).
+_MIGRATIONS: Final = {
+    2: ("ALTER TABLE messages ADD COLUMN sender TEXT",),
+}
+
 # Column aliases give the wire's camelCase names, so a row converts to its JSON form as is.
 _PROJECT_COLUMNS: Final = "id, name, created_at AS createdAt"
 _CHAT_COLUMNS: Final = (
     "id, project_id AS projectId, title, model_profile_id AS modelProfileId,"
     " created_at AS createdAt"
 )
-_MESSAGE_COLUMNS: Final = "id, chat_id AS chatId, role, content, created_at AS createdAt"
+_MESSAGE_COLUMNS: Final = (
+    "id, chat_id AS chatId, role, content, created_at AS createdAt, sender"
+)
 #: Messages stored between two checkpoints of the write-ahead log (SQLite's own default
 #: is 1000 pages, about 4 MiB; a message is usually far smaller than a page).
 CHECKPOINT_EVERY: Final = 1000
@@ -242,6 +256,19 @@ def _rows(rows: list[sqlite3.Row]) -> list[JSON]:
     return [dict(row) for row in rows]
 
 
+def _message(row: sqlite3.Row) -> _Row:
+    """A message row as clients see it: ``sender`` parsed, and left out when there is none
+    (agent replies, and messages stored before senders were)."""
+    message = dict(row)
+    sender = message.pop("sender", None)
+    if sender is not None:
+        try:
+            message["sender"] = json.loads(sender)
+        except ValueError:  # written by hand: show the message without it
+            pass
+    return message
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread=False: trio picks any worker thread; the limiter of 1 serializes use.
@@ -264,10 +291,17 @@ def _connect(path: Path) -> sqlite3.Connection:
                     f"{path} has schema version {version}; this trio-relay knows up to"
                     f" {_SCHEMA_VERSION}"
                 )
-            for statement in _SCHEMA:
-                conn.execute(statement)
             if version == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
                 _seed(conn)
+            else:
+                for step in range(version + 1, _SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(statement)
+                for statement in _SCHEMA:  # indexes a database made by hand may lack
+                    conn.execute(statement)
+            if version != _SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         conn.execute("PRAGMA busy_timeout=0")  # from now on, see _BUSY_TIMEOUT_MS
     except BaseException:
@@ -362,26 +396,27 @@ def _select_history(chat_id: str, conn: sqlite3.Connection) -> list[JSON]:
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY seq",
             (chat_id,),
         ).fetchall()
-    return _rows(rows)
+    return [_message(row) for row in rows]
 
 
 def _insert_message(
-    chat_id: str, message_id: str, role: str, content: str, conn: sqlite3.Connection
+    chat_id: str, message_id: str, role: str, content: str, conn: sqlite3.Connection,
+    sender: str | None = None,
 ) -> tuple[_Row, _Row]:
-    """Store a message; return it and its chat. `NotFound` if the chat is gone."""
+    """Store a message (``sender`` as JSON text); return it and its chat. `NotFound` if the
+    chat is gone."""
     with _transaction(conn):
         chat = _select_chat(conn, chat_id)
         conn.execute(
-            "INSERT INTO messages (id, chat_id, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
-            (message_id, chat_id, role, content, _now()),
+            "INSERT INTO messages (id, chat_id, role, content, created_at, sender)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, chat_id, role, content, _now(), sender),
         )
-        message = _row(
-            conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
-        )
-    assert message is not None
-    return message, chat
+        row = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+    assert row is not None
+    return _message(row), chat
 
 
 def _insert_chat(
@@ -478,8 +513,9 @@ class _ChatQueue:
 
     jobs: deque[_Job] = attrs.Factory(deque)
     running: trio.CancelScope | None = None
-    #: The id of the reply being written, for the ``cancelled`` event.
+    #: The id of the reply being written, for the ``cancelled`` event, and its text so far.
     message_id: str | None = None
+    text: list[str] = attrs.Factory(list)
 
 
 class SqliteBackend:
@@ -564,8 +600,16 @@ class SqliteBackend:
 
     # --- writes ---
 
-    async def send_message(self, chat_id: str, message: JSON) -> None:
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
+        """Store a user message, with ``sender`` (any JSON, stored as it is), and queue the
+        chat's agent to answer it."""
         content = _message_text(message)
+        try:
+            sender_text = None if sender is None else json.dumps(sender, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raise BackendError("sender must be JSON") from None
 
         def stored(result: tuple[_Row, _Row]) -> None:
             message, chat = result
@@ -575,7 +619,8 @@ class SqliteBackend:
                 self._queue_reply(chat_id, _Job(content, chat["modelProfileId"], message["id"]))
 
         await self._write_batched(
-            partial(_insert_message, chat_id, _new_id(), "user", content), stored
+            partial(_insert_message, chat_id, _new_id(), "user", content, sender=sender_text),
+            stored,
         )
         logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
 
@@ -786,14 +831,33 @@ class SqliteBackend:
                 with trio.CancelScope() as queue.running:
                     await self._reply(chat_id, job, queue)
                 if queue.running.cancelled_caught and self._queues.get(chat_id) is queue:
+                    assert queue.message_id is not None
                     self.hub.publish(
                         _chat_key(chat_id), {"type": "cancelled", "messageId": queue.message_id}
                     )
+                    await self._store_stopped(chat_id, queue.message_id, "".join(queue.text))
                 queue.running = queue.message_id = None
+                queue.text = []
         finally:
             # No checkpoint since the loop found the queue empty, so no job can be stranded.
             if self._queues.get(chat_id) is queue:
                 del self._queues[chat_id]
+
+    async def _store_stopped(self, chat_id: str, message_id: str, text: str) -> None:
+        """A stopped reply is stored as far as it got, with a note that it was stopped (and
+        only the note if it had not begun), so that it never shows as an empty message."""
+        content = f"{text}\n\n{STOPPED_NOTE}" if text.strip() else STOPPED_NOTE
+        key = _chat_key(chat_id)
+        try:
+            async with self._lock:
+                stored, _ = await self._run(
+                    partial(_insert_message, chat_id, message_id, "assistant", content)
+                )
+                self.hub.publish(key, {"type": "message", "message": stored})
+        except NotFound:
+            pass  # the chat was deleted meanwhile
+        except Exception:
+            logger.bind(resource=str(key)).exception("could not store the stopped reply")
 
     async def _reply(self, chat_id: str, job: _Job, queue: _ChatQueue) -> None:
         key = _chat_key(chat_id)
@@ -801,6 +865,7 @@ class SqliteBackend:
         message_id = queue.message_id = _new_id()
 
         def emit(piece: str) -> None:
+            queue.text.append(piece)
             self.hub.publish(key, {"type": "chunk", "messageId": message_id, "text": piece})
 
         self.hub.publish(key, {"type": "reply_started", "messageId": message_id})

@@ -26,7 +26,9 @@ from ._client import Completed as Completed
 from ._client import Connect as Connect
 from ._client import ConnectionLost as ConnectionLost
 from ._client import ConnectionState as ConnectionState
+from ._client import Device as Device
 from ._client import Event as Event
+from ._client import LockedOut as LockedOut
 from ._client import MessageAdded as MessageAdded
 from ._client import ModelProfilesChanged as ModelProfilesChanged
 from ._client import Other as Other
@@ -40,6 +42,7 @@ from ._client import Reset as Reset
 from ._client import Subscription as Subscription
 from ._client import SubscriptionFailed as SubscriptionFailed
 from ._client import SyncedMirror as SyncedMirror
+from ._client import TokenInvalid as TokenInvalid
 from ._client import open_mirror as open_mirror
 from ._client import open_relay_client as open_relay_client
 from ._client import parse_event as parse_event
@@ -60,7 +63,9 @@ __all__ = [
     "Connect",
     "ConnectionLost",
     "ConnectionState",
+    "Device",
     "Event",
+    "LockedOut",
     "MessageAdded",
     "ModelProfilesChanged",
     "Other",
@@ -74,6 +79,7 @@ __all__ = [
     "Subscription",
     "SubscriptionFailed",
     "SyncedMirror",
+    "TokenInvalid",
     "open_mirror",
     "open_relay_client",
     "parse_event",

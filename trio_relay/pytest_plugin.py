@@ -14,17 +14,23 @@ fixture                       value
                               override it with your own
 ``relay_config``              the relay's `RelayConfig` (defaults; override to change limits)
 ``relay_pin``                 the relay's PIN (``"1234"``)
+``relay_client_timeout``      what bounds every wait of the relay's `TestClient`s (30 s)
 ``memory_relay``              a running `MemoryRelay` over those (async)
 ``relay_client``              a `TestClient` of ``memory_relay``, authenticated (async)
 ============================  ==============================================================
 
-Override a fixture by defining one of the same name in a test module or a ``conftest.py``.
+Override a fixture by defining one of the same name in a test module or a ``conftest.py``,
+or, for one test, mark it: ``@pytest.mark.trio_relay(client_timeout=120, pin="42",
+pin_lockout_failures=2)`` sets the client timeout, the PIN, and any `RelayConfig` field
+(applied over ``relay_config``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import attrs
 import pytest
 
 from ._backend import Backend
@@ -36,9 +42,36 @@ __all__ = [
     "memory_relay",
     "relay_backend",
     "relay_client",
+    "relay_client_timeout",
     "relay_config",
     "relay_pin",
 ]
+
+_MARKER = "trio_relay"
+#: Marker keywords that are not `RelayConfig` fields.
+_OWN_KEYS = frozenset({"client_timeout", "pin"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{_MARKER}(client_timeout=..., pin=..., **relay_config_fields): settings of the"
+        " trio_relay plugin's memory_relay for this test",
+    )
+
+
+def _marked(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The keywords of the test's ``trio_relay`` markers (the closest wins), checked."""
+    settings: dict[str, Any] = {}
+    for marker in reversed(list(request.node.iter_markers(_MARKER))):
+        if marker.args:
+            raise TypeError(f"@pytest.mark.{_MARKER} takes keywords only")
+        settings.update(marker.kwargs)
+    known = _OWN_KEYS | {field.name for field in attrs.fields(RelayConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"@pytest.mark.{_MARKER}: no setting named {', '.join(unknown)}")
+    return settings
 
 
 @pytest.fixture
@@ -66,11 +99,32 @@ def relay_pin() -> str:
 
 
 @pytest.fixture
+def relay_client_timeout() -> float:
+    """What bounds every wait of ``memory_relay``'s `TestClient`s, in (mock) seconds.
+
+    Longer than the relay timer a test waits out, or the client gives up first: the default
+    30 s equals ``pin_backoff_max`` and ``resume_grace``.
+    """
+    return 30.0
+
+
+@pytest.fixture
 async def memory_relay(
-    relay_backend: Backend, relay_config: RelayConfig, relay_pin: str
+    request: pytest.FixtureRequest,
+    relay_backend: Backend,
+    relay_config: RelayConfig,
+    relay_pin: str,
+    relay_client_timeout: float,
 ) -> AsyncIterator[MemoryRelay]:
     """A relay over in-memory streams, running for the test; shut down after it."""
-    async with open_memory_relay(relay_backend, pin=relay_pin, config=relay_config) as relay:
+    marked = _marked(request)
+    config = attrs.evolve(relay_config, **{
+        key: value for key, value in marked.items() if key not in _OWN_KEYS
+    })
+    async with open_memory_relay(
+        relay_backend, pin=marked.get("pin", relay_pin), config=config,
+        client_timeout=marked.get("client_timeout", relay_client_timeout),
+    ) as relay:
         yield relay
 
 

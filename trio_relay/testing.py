@@ -40,6 +40,7 @@ from ._backend import Backend
 from ._config import RelayConfig, RelayStatistics
 from ._memory import MemoryListener
 from ._memory_backend import HANG, MemoryBackend
+from ._pairing import DeviceStore
 from ._relay import Listener, Relay, Update, _raise_single, open_relay
 
 if sys.version_info < (3, 11):
@@ -197,9 +198,16 @@ class TestClient:
 
     # --- the protocol's requests ------------------------------------------------------------
 
-    async def authenticate(self, pin: str) -> Frame:
-        """Read ``auth_required`` if it has not been read, then authenticate; returns the reply."""
-        reply = await self.request("auth", pin=pin)
+    async def authenticate(
+        self, pin: str | None = None, *, token: str | None = None, device_name: str | None = None
+    ) -> Frame:
+        """Read ``auth_required`` if it has not been read, then sign in with the PIN (pairing
+        this client as ``device_name`` if given) or a device ``token``; asserts success and
+        returns the reply (``reply["data"]["device"]`` holds a paired device's token)."""
+        fields: dict[str, Any] = {"pin": pin} if token is None else {"token": token}
+        if device_name is not None:
+            fields["deviceName"] = device_name
+        reply = await self.request("auth", **fields)
         if self._held and self._held[0].get("type") == "auth_required":
             self._held.popleft()
         assert reply["type"] == "auth_success", reply
@@ -376,6 +384,16 @@ class MemoryRelay:
     def config(self) -> RelayConfig:
         return self.relay.config
 
+    @property
+    def devices(self) -> DeviceStore:
+        """The relay's paired devices (`Relay.revoke_device` unpairs one)."""
+        return self.relay.devices
+
+    @property
+    def timeout(self) -> float:
+        """What bounds every wait of this relay's `TestClient`s."""
+        return self._timeout
+
     def statistics(self) -> RelayStatistics:
         """`Relay.statistics`: what the relay holds right now."""
         return self.relay.statistics()
@@ -450,14 +468,20 @@ async def open_memory_relay(
     pin: str = DEFAULT_PIN,
     config: RelayConfig | None = None,
     client_timeout: float = 30.0,
+    devices: DeviceStore | None = None,
 ) -> AsyncIterator[MemoryRelay]:
-    """A relay on an in-memory listener; ``client_timeout`` bounds every client wait."""
+    """A relay on an in-memory listener; ``client_timeout`` bounds every client wait.
+
+    ``devices`` is the relay's device store (`open_relay`'s): a fresh in-memory one unless
+    given. Choose ``client_timeout`` longer than any relay timer a test waits out (the PIN
+    backoff, ``resume_grace``, ...), or the client gives up first.
+    """
     listener = MemoryListener()
     try:
         # The clients' nursery encloses the relay, so that on the way out the relay closes
         # them (1001) while they can still answer, as real clients would.
         async with trio.open_nursery() as client_nursery:
-            async with open_relay(backend, pin=pin, config=config) as relay:
+            async with open_relay(backend, pin=pin, config=config, devices=devices) as relay:
                 await relay._nursery.start(relay.serve_listeners, [listener])
                 yield MemoryRelay(relay, listener, client_nursery, client_timeout)
             client_nursery.cancel_scope.cancel()

@@ -59,14 +59,16 @@ class DeskBackend:
             raise NotFound(f"chat {chat_id!r} not found")
         return Snapshot(list(self.messages[chat_id]), self.hub.version(("chat", chat_id)))
 
-    async def send_message(self, chat_id: str, message: JSON) -> None:
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
         await trio.lowlevel.checkpoint()
         text = message.get("text") if isinstance(message, dict) else message
         if not isinstance(text, str):
             raise BackendError("message must be text")
         if chat_id not in self.messages:
             raise NotFound(f"chat {chat_id!r} not found")
-        self._store(chat_id, f"m{next(self._ids)}", "user", text)
+        self._store(chat_id, f"m{next(self._ids)}", "user", text, sender)
         self._nursery.start_soon(self._answer, chat_id, text)
 
     async def create_chat(
@@ -88,8 +90,12 @@ class DeskBackend:
     def watch_model_profiles(self) -> Feed:
         return self.hub.open_feed("modelProfiles")
 
-    def _store(self, chat_id: str, message_id: str, role: str, content: str) -> None:
+    def _store(
+        self, chat_id: str, message_id: str, role: str, content: str, sender: JSON = None
+    ) -> None:
         message = {"id": message_id, "role": role, "content": content}
+        if sender is not None:  # who sent it: a device, or the host (Relay.send)
+            message["sender"] = sender
         self.messages[chat_id].append(message)  # change the state, then publish: no await
         self.hub.publish(("chat", chat_id), {"type": "message", "message": message})
 

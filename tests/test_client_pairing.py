@@ -1,0 +1,126 @@
+"""`trio_relay.client` and pairing: a device name, a token, and refusals that end the client."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from trio_relay.client import (
+    AuthFailed,
+    ConnectionLost,
+    ConnectionState,
+    LockedOut,
+    MessageAdded,
+    Subscription,
+    TokenInvalid,
+    open_relay_client,
+)
+from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
+
+PIN = "1234"
+
+
+def _backend() -> MemoryBackend:
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    return backend
+
+
+async def test_a_device_name_pairs_and_reconnects_use_the_token(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_memory_relay(_backend(), pin=PIN) as relay:
+        transport = relay.connector()
+        async with open_relay_client(relay.url, pin=PIN, device_name="Terminal on box",
+                                     connect=transport) as client:
+            device = client.device
+            assert device is not None
+            assert (device.id, device.name) == (relay.devices.devices()[0].id, "Terminal on box")
+            assert device.token not in repr(device)
+            async with client.subscribe("chat", "c1") as chat:
+                await client.send("c1", "mine")
+                event = await _next_message(chat)
+                # What a UI compares to tell "You" from the others.
+                assert event.message["sender"] == {"deviceId": device.id,
+                                                   "name": "Terminal on box"}
+                # The PIN changes; the paired client reconnects all the same, by its token.
+                relay.relay.pin = "9999"
+                await transport.cut()
+                await client.wait_state(ConnectionState.RECONNECTING)
+                await client.wait_state(ConnectionState.CONNECTED)
+                assert len(relay.devices.devices()) == 1  # not paired twice
+        # A later run signs in with the token alone.
+        async with open_relay_client(relay.url, token=device.token,
+                                     connect=relay.connector()) as again:
+            assert again.device == device
+
+
+async def _next_message(chat: Subscription) -> MessageAdded:
+    with trio.fail_after(5):
+        async for event in chat:
+            if isinstance(event, MessageAdded):
+                return event
+    raise AssertionError("no message")  # pragma: no cover
+
+
+async def test_a_plain_pin_sign_in_pairs_nothing(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    memory_relay.backend.add_chat("p1", "c1")  # type: ignore[attr-defined]
+    async with open_relay_client(memory_relay.url, pin=memory_relay.pin,
+                                 connect=memory_relay.connector()) as client:
+        assert client.device is None
+    assert memory_relay.devices.devices() == []
+
+
+async def test_a_bad_token_is_token_invalid_and_never_retried(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    with pytest.raises(TokenInvalid) as failed:
+        async with open_relay_client(memory_relay.url, token="stale", connect=transport):
+            pytest.fail("entered with a bad token")  # pragma: no cover
+    assert failed.value.code == "token_invalid"
+    assert isinstance(failed.value, AuthFailed)
+    await trio.sleep(300)
+    assert len(transport.attempts) == 1
+
+
+@pytest.mark.trio_relay(pin_lockout_failures=1)
+async def test_a_lockout_says_how_long_to_wait(
+    autojump_clock: trio.abc.Clock, memory_relay: MemoryRelay
+) -> None:
+    transport = memory_relay.connector()
+    with pytest.raises(LockedOut) as locked:
+        async with open_relay_client(memory_relay.url, pin="0000", connect=transport):
+            pytest.fail("entered with a wrong PIN")  # pragma: no cover
+    assert locked.value.code == "locked_out"
+    assert locked.value.retry_after == 600
+    assert "try again in 10 minutes" in str(locked.value)
+    await trio.sleep(300)
+    assert len(transport.attempts) == 1  # never fed the lockout again
+
+
+async def test_revoking_ends_the_client_for_good(autojump_clock: trio.abc.Clock) -> None:
+    async with open_memory_relay(_backend(), pin=PIN) as relay:
+        transport = relay.connector()
+        async with open_relay_client(relay.url, pin=PIN, device_name="Phone",
+                                     connect=transport) as client:
+            assert client.device is not None
+            relay.relay.revoke_device(client.device.id)
+            with pytest.raises(ConnectionLost) as lost:
+                await client.wait_state(ConnectionState.CONNECTING)
+            assert lost.value.close_code == 1008
+            assert "device revoked" in str(lost.value)
+            assert client.state is ConnectionState.CLOSED
+        await trio.sleep(300)
+        assert len(transport.attempts) == 1
+
+
+async def test_bad_arguments_fail_at_once() -> None:
+    url = "ws://relay.test/ws"
+    for bad in (open_relay_client(url), open_relay_client(url, pin="1", token="t"),
+                open_relay_client(url, pin="1", device_name=" ")):
+        with pytest.raises(ValueError):
+            async with bad:
+                pass  # pragma: no cover
