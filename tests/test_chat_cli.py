@@ -133,6 +133,15 @@ async def piped(relay: MemoryRelay, *argv: str, typed: bytes = b"",
     return status, screen.getvalue(), errors.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def _config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Device tokens go to a folder of the test's own, never to the user's."""
+    home = tmp_path / "config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return home
+
+
 LISTING = [
     "Projects:",
     "  Project one (p1)",
@@ -387,15 +396,19 @@ id = "echo"
 name = "Echo"
 agent = "echo"
 """)
-        self.env = {**os.environ, "TRIO_RELAY_PIN": PIN}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "trio_relay", "serve", "--config", str(config),
              "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env())
         assert self.process.stdout is not None
         line = _bounded_readline(self.process.stdout.fileno())
         assert line.startswith("trio-relay serving ws://"), line
         self.url = line.split()[-1]
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """For a command: the PIN, and this test's folder for device tokens."""
+        return {**os.environ, "TRIO_RELAY_PIN": PIN}
 
     def open(self, gate: str) -> None:
         (self.gates / gate).touch()
@@ -435,7 +448,7 @@ async def test_the_command_with_piped_input(relay: Relay) -> None:
     with trio.fail_after(WAIT):
         result = await trio.run_process(
             [sys.executable, "-m", "trio_relay", "chat", relay.url, "--chat", "welcome"],
-            stdin=b"ping\n/nope\n", capture_stdout=True, capture_stderr=True, env=relay.env,
+            stdin=b"ping\n/nope\n", capture_stdout=True, capture_stderr=True, env=relay.env(),
             check=False)
     output = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()
@@ -524,7 +537,7 @@ class Terminal:
 async def terminal(relay: Relay, *argv: str) -> AsyncIterator[Terminal]:
     master_fd, slave_fd = os.openpty()
     fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    env = {**relay.env, "TERM": "xterm-256color"}
+    env = {**relay.env(), "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
     command = [sys.executable, "-m", "trio_relay", "chat", relay.url, *argv]
     try:

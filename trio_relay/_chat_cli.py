@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import getpass
-import inspect
+import json
 import math
 import os
 import signal
@@ -28,7 +28,8 @@ import threading
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import trio
@@ -40,6 +41,7 @@ from .client import (
     Completed,
     Connect,
     ConnectionState,
+    Device,
     MessageAdded,
     RelayClient,
     RelayClientError,
@@ -48,6 +50,7 @@ from .client import (
     RequestRejected,
     Reset,
     SubscriptionFailed,
+    TokenInvalid,
     open_relay_client,
 )
 
@@ -1100,26 +1103,79 @@ class _Session:
 # --- the command ------------------------------------------------------------------------------
 
 
-def _open_client(
-    args: argparse.Namespace, pin: str, ssl_context: ssl.SSLContext | None,
-    connect: Connect | None, name: str,
-) -> AbstractAsyncContextManager[RelayClient]:
-    options: dict[str, Any] = {}
-    # Pairing: pass this device's name where the client library takes one.
-    if "device_name" in inspect.signature(open_relay_client).parameters:
-        options["device_name"] = name
-    return open_relay_client(
-        args.url, pin=pin, request_timeout=args.timeout, ssl_context=ssl_context,
-        connect=connect, **options,
-    )
+class _SavedDevices:
+    """This user's device tokens, one per relay URL: the first PIN sign-in pairs the terminal
+    as a device, and later runs sign in with its token (no PIN, and no new device each run).
+    The file is the user's alone (0600, in a 0700 folder) and replaced whole on each change."""
+
+    def __init__(self, path: Path, err: TextIO) -> None:
+        self.path = path
+        self._err = err
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            self._err.write(f"trio-relay chat: ignoring {self.path}: {exc}\n")
+            return {}
+        relays = data.get("relays") if isinstance(data, dict) else None
+        if not isinstance(relays, dict):
+            return {}
+        return {url: device for url, device in relays.items() if isinstance(device, dict)
+                and all(isinstance(device.get(key), str) for key in ("id", "name", "token"))}
+
+    def token(self, url: str) -> str | None:
+        device = self._read().get(url)
+        return device["token"] if device else None
+
+    def save(self, url: str, device: Device) -> None:
+        relays = self._read()
+        if relays.get(url, {}).get("token") == device.token:
+            return
+        relays[url] = {"id": device.id, "name": device.name, "token": device.token}
+        self._write(relays)
+
+    def forget(self, url: str) -> None:
+        relays = self._read()
+        if relays.pop(url, None) is not None:
+            self._write(relays)
+
+    def _write(self, relays: dict[str, dict[str, str]]) -> None:
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump({"relays": relays}, file, indent=2)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            self._err.write(f"trio-relay chat: cannot save this device's sign-in in"
+                            f" {self.path}: {exc}\n")
 
 
-def _device_id(client: RelayClient) -> str | None:
-    device = getattr(client, "device", None)
-    device_id = getattr(device, "id", None)
-    if device_id is None and isinstance(device, dict):
-        device_id = device.get("id")
-    return device_id if isinstance(device_id, str) else None
+def devices_file(environ: Mapping[str, str]) -> Path:
+    """Where `trio-relay chat` keeps its device tokens."""
+    config = environ.get("XDG_CONFIG_HOME") or str(
+        Path(environ.get("HOME") or Path.home()) / ".config")
+    return Path(config) / "trio-relay" / "chat-devices.json"
+
+
+class _Unpaired(Exception):
+    """The saved token was refused on connecting: pair again with the PIN."""
+
+
+async def _ask_pin(args: argparse.Namespace, env: Mapping[str, str],
+                   stdin: trio.abc.ReceiveStream | None) -> str:
+    pin = args.pin or env.get(PIN_VARIABLE)
+    if not pin and stdin is None:
+        try:
+            pin = await trio.to_thread.run_sync(getpass.getpass, "PIN: ", abandon_on_cancel=True)
+        except EOFError:
+            pin = ""
+    return pin or ""
 
 
 async def run_chat(
@@ -1135,25 +1191,21 @@ async def run_chat(
     """Run ``trio-relay chat``; returns the exit status (0, 1 on failure, 130 on Ctrl-C).
 
     The keyword arguments are for tests and embedding: input lines from a stream instead of
-    the process's stdin, output to other files, the client's ``connect``, the environment, and
-    whether to ask which chat (default: when stdin is a terminal). The line editor is used
-    when both stdin and stdout are the process's own and are a terminal.
+    the process's stdin, output to other files, the client's ``connect``, the environment
+    (the PIN, where device tokens are kept), and whether to ask which chat (default: when
+    stdin is a terminal). The line editor is used when both stdin and stdout are the
+    process's own and are a terminal.
     """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     env = os.environ if environ is None else environ
     if interactive is None:
         interactive = stdin is None and sys.stdin.isatty()
-    pin = args.pin or env.get(PIN_VARIABLE)
-    if not pin and stdin is None:
-        try:
-            pin = await trio.to_thread.run_sync(getpass.getpass, "PIN: ", abandon_on_cancel=True)
-        except EOFError:
-            pin = ""
-    if not pin:
-        err.write(f"trio-relay chat: no PIN: pass --pin or set ${PIN_VARIABLE}\n")
+    name = (args.name or "").strip() or socket.gethostname()[:64] or "Terminal"
+    if len(name) > 64 or not name.isprintable():
+        err.write("trio-relay chat: --name must be 1 to 64 characters, without control"
+                  " characters\n")
         return 1
-    name = (args.name or "").strip() or socket.gethostname() or "Terminal"
     ssl_context = None
     if args.cafile:
         try:
@@ -1161,7 +1213,37 @@ async def run_chat(
         except (OSError, ssl.SSLError) as exc:
             err.write(f"trio-relay chat: cannot load {args.cafile}: {exc}\n")
             return 1
+    saved = _SavedDevices(devices_file(env), err)
+    token = saved.token(args.url)
+    while True:
+        pin = None
+        if token is None:
+            pin = await _ask_pin(args, env, stdin)
+            if not pin:
+                err.write(f"trio-relay chat: no PIN: pass --pin or set ${PIN_VARIABLE}\n")
+                return 1
+        try:
+            return await _run(
+                args, pin=pin, token=token, name=name, ssl_context=ssl_context, saved=saved,
+                stdin=stdin, out=out, err=err, connect=connect, env=env,
+                interactive=interactive)
+        except _Unpaired:
+            saved.forget(args.url)
+            err.write("trio-relay chat: the relay no longer knows this device (revoked, or its"
+                      " pairings were reset): sign in with the PIN to pair it again\n")
+            err.flush()
+            token = None
+
+
+async def _run(
+    args: argparse.Namespace, *, pin: str | None, token: str | None, name: str,
+    ssl_context: ssl.SSLContext | None, saved: _SavedDevices,
+    stdin: trio.abc.ReceiveStream | None, out: TextIO, err: TextIO, connect: Connect | None,
+    env: Mapping[str, str], interactive: bool,
+) -> int:
+    """One sign-in and the session after it; `_Unpaired` if the saved token was refused."""
     interrupted = False
+    signed_in = False
     # What Ctrl-C cancels: connecting at first, then only the session, so that leaving the
     # client's block closes the connection with the client's tasks still running (they read
     # the relay's answer to our close; cancelled, the close waited for its 2 s timeout).
@@ -1173,8 +1255,8 @@ async def run_chat(
         if target is not None:
             target.cancel()
 
-    editing = (stdin is None and stdout is None and sys.stdin.isatty() and sys.stdout.isatty()
-               and env.get("TERM", "") != "dumb")
+    editing = (stdin is None and out is sys.stdout and sys.stdin.isatty()
+               and sys.stdout.isatty() and env.get("TERM", "") != "dumb")
     io: _PlainIO | _TerminalIO
     if editing:
         io = _TerminalIO(sys.stdin.fileno(), out, on_interrupt=interrupt,
@@ -1200,12 +1282,19 @@ async def run_chat(
                                 io.redraw()
 
                     nursery.start_soon(on_resize)
-            async with _open_client(args, pin, ssl_context, connect, name) as client:
+            async with open_relay_client(
+                args.url, pin=pin, token=token, device_name=name if pin else None,
+                request_timeout=args.timeout, ssl_context=ssl_context, connect=connect,
+            ) as client:
+                signed_in = True
+                if client.device is not None:
+                    saved.save(args.url, client.device)
                 with trio.CancelScope() as target:
                     if interrupted:
                         target.cancel()
+                    device_id = client.device.id if client.device is not None else None
                     session = _Session(client, args, io, interactive=interactive,
-                                       device_id=_device_id(client))
+                                       device_id=device_id)
                     if isinstance(io, _TerminalIO):
                         with io.raw():
                             status = await session.run()
@@ -1214,6 +1303,10 @@ async def run_chat(
             nursery.cancel_scope.cancel()
     except BaseException as exc:
         error = _single(exc)
+        if isinstance(error, TokenInvalid):
+            if not signed_in:
+                raise _Unpaired from None
+            saved.forget(args.url)  # refused on a reconnect: the next run asks for the PIN
         if isinstance(error, RelayClientError):
             return _failed(error, out, err)
         if isinstance(error, ValueError):  # a malformed URL
