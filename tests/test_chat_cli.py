@@ -14,6 +14,7 @@ import fcntl
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import trio.testing
 from trio_relay._chat_cli import add_chat_command, run_chat
 from trio_relay._echo_agent import EchoAgent
 from trio_relay._protocol import ResourceKey
+from trio_relay.client import open_relay_client
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
 PIN = "1234"
@@ -121,14 +123,16 @@ async def echo_relay() -> AsyncIterator[tuple[EchoBackend, MemoryRelay]]:
         nursery.cancel_scope.cancel()
 
 
-async def piped(relay: MemoryRelay, *argv: str, typed: bytes = b"",
+async def piped(relay: MemoryRelay, *argv: str, typed: bytes = b"", pin: str | None = PIN,
                 **options: Any) -> tuple[int, str, str]:
-    """Run the command with ``typed`` as its whole input; its status, stdout and stderr."""
+    """Run the command with ``typed`` as its whole input (and ``--pin``, unless None); its
+    status, stdout and stderr."""
     keyboard, stdin = trio.testing.memory_stream_one_way_pair()
     await keyboard.send_all(typed)
     await keyboard.aclose()
     screen, errors = Screen(), io.StringIO()
-    status = await run_chat(parse(URL, "--pin", PIN, *argv), stdin=stdin, stdout=screen,
+    pin_option = ("--pin", pin) if pin is not None else ()
+    status = await run_chat(parse(URL, *pin_option, *argv), stdin=stdin, stdout=screen,
                             stderr=errors, connect=relay.connector(), **options)
     return status, screen.getvalue(), errors.getvalue()
 
@@ -355,6 +359,89 @@ async def test_labels_who_wrote_what(autojump_clock: trio.abc.Clock) -> None:
         # A message cannot drive the terminal: control characters are shown, not obeyed.
         "Agent: evil ^[[2J^[]0;title^G text^Mback",
     ]
+
+
+async def test_pairs_once_then_signs_in_with_its_token_and_knows_its_own_messages(
+    autojump_clock: trio.abc.Clock, _config_home: Path,
+) -> None:
+    async with echo_relay() as (backend, relay):
+        # Another device wrote first.
+        async with open_relay_client(relay.url, pin=PIN, device_name="Firefox on Android",
+                                     connect=relay.connector()) as phone:
+            await phone.send("c2", "from the phone")
+        status, output, errors = await piped(relay, "--chat", "c2", "--name", "Laptop",
+                                             typed=b"from the laptop\n")
+        assert status == 0, errors
+        assert errors == ""
+        lines = output.splitlines()
+        _in_order(lines, "Firefox on Android: from the phone", "You: from the laptop",
+                  "Agent: Echo: from the laptop")
+        assert [d.name for d in relay.devices.devices()] == ["Firefox on Android", "Laptop"]
+        laptop = relay.devices.devices()[1]
+        mine = next(m for m in backend.messages["c2"] if m["content"] == "from the laptop")
+        assert mine["sender"] == {"deviceId": laptop.id, "name": "Laptop"}
+        # The token is kept for this relay, readable by this user alone.
+        path = _config_home / "trio-relay" / "chat-devices.json"
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+        kept = json.loads(path.read_text())["relays"][URL]
+        assert (kept["id"], kept["name"]) == (laptop.id, "Laptop")
+        # The next run needs no PIN, pairs nothing new, and its own messages are still You.
+        environ = {"XDG_CONFIG_HOME": str(_config_home)}  # no PIN
+        status, output, errors = await piped(relay, "--chat", "c2", pin=None, environ=environ,
+                                             typed=b"again\n")
+        assert status == 0, errors
+        assert errors == ""
+        _in_order(output.splitlines(), "Firefox on Android: from the phone",
+                  "You: from the laptop", "Agent: Echo: from the laptop", "You: again")
+        assert len(relay.devices.devices()) == 2
+        # Revoked: the token is forgotten and the PIN asked for (here there is none).
+        assert relay.relay.revoke_device(laptop.id)
+        status, _, errors = await piped(relay, "--chat", "c2", pin=None, environ=environ)
+        assert status == 1
+        assert errors == (
+            "trio-relay chat: the relay no longer knows this device (revoked, or its pairings"
+            " were reset): sign in with the PIN to pair it again\n"
+            "trio-relay chat: no PIN: pass --pin or set $TRIO_RELAY_PIN\n")
+        assert json.loads(path.read_text())["relays"] == {}
+        # With the PIN it pairs again (the host name by default).
+        status, _, errors = await piped(relay, "--chat", "c2")
+        assert status == 0, errors
+        assert [d.name for d in relay.devices.devices()] == [
+            "Firefox on Android", socket.gethostname()]
+
+
+async def test_a_device_revoked_meanwhile(autojump_clock: trio.abc.Clock) -> None:
+    async with echo_relay() as (backend, relay):
+        keyboard, stdin = trio.testing.memory_stream_one_way_pair()
+        errors = io.StringIO()
+
+        async def revoke() -> None:
+            await keyboard.send_all(b"hello\n")
+            await backend.first_chunk.wait()  # signed in, paired, answered
+            relay.relay.revoke_device(relay.devices.devices()[0].id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(revoke)
+            status = await run_chat(parse(URL, "--pin", PIN, "--chat", "c1"), stdin=stdin,
+                                    stdout=io.StringIO(), stderr=errors,
+                                    connect=relay.connector())
+        assert status == 1
+        # (the keyboard is still open: the relay ended the session)
+        assert errors.getvalue() == ("\ntrio-relay chat: connection to the relay lost: device"
+                                     " revoked (close code 1008)\n")
+
+
+async def test_bad_names(autojump_clock: trio.abc.Clock) -> None:
+    async with echo_relay() as (_, relay):
+        for name in ("x" * 65, "tab\there", "   "):
+            status, _, errors = await piped(relay, "--name", name)
+            if name.strip():
+                assert status == 1
+                assert errors == ("trio-relay chat: --name must be 1 to 64 characters, without"
+                                  " control characters\n")
+            else:  # blank: the host name
+                assert status == 0, errors
 
 
 # --- end to end -------------------------------------------------------------------------------

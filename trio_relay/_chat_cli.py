@@ -672,8 +672,10 @@ class _ChatView:
     """One open chat on screen: stored messages one each, a streamed reply growing on its
     line.
 
-    It also tracks what we sent: each line becomes a user message, which the agent answers;
-    `wait_idle` waits until every such answer has come (or failed, or was stopped).
+    It also tracks what we sent, for `wait_idle`: each line becomes a user message, and the
+    agent answers the chat's user messages one after another, whoever sent them. So the
+    answer to ours has come once the user messages waiting for an answer when it came,
+    ours included, have had as many answers (stored replies, errors, stops).
     """
 
     def __init__(self, io: _IO, *, device_id: str | None, agent: str) -> None:
@@ -687,7 +689,10 @@ class _ChatView:
         self._interrupted: set[str] = set()
         self._open: str | None = None  # the reply whose line is being written
         self._sent: deque[str] = deque()  # sent, not yet seen back
-        self._replies_due = 0
+        self._waiting = 0  # user messages seen and not answered yet
+        self._answers: set[str] = set()  # ids of the replies seen ended
+        self._anonymous_answers = 0  # the same, for replies without an id
+        self._due = 0  # answers to be seen before what we sent is answered
         self._lot = trio.lowlevel.ParkingLot()
 
     def line(self, text: str, kind: str = "note") -> None:
@@ -724,16 +729,18 @@ class _ChatView:
         message_id = message.get("id")
         role = message.get("role")
         content = message.get("content")
-        ours = False
-        if role == "user" and self._sent and content == self._sent[0]:
-            self._sent.popleft()
-            self._replies_due += 1
-            ours = True
-        elif role == "assistant" and self._replies_due:
-            self._replies_due -= 1
-        self._lot.unpark_all()
         if message_id in self._shown:
             return
+        ours = False
+        if role == "user":
+            self._waiting += 1
+            if self._sent and content == self._sent[0]:
+                self._sent.popleft()
+                self._due = self._answer_count() + self._waiting
+                ours = True
+        elif role == "assistant":
+            self._answered(message_id)
+        self._lot.unpark_all()
         if isinstance(message_id, str):
             self._shown.add(message_id)
         if message_id in self._streamed and message_id not in self._interrupted:
@@ -782,13 +789,13 @@ class _ChatView:
             if self._open is not None and self._open == event.message_id:
                 self._open = None
                 self._io.stream_end()
-            self._reply_over()
+            self._answered(event.message_id)
             self.line(f"-- error: {event.error}", "error")
         elif isinstance(event, ReplyCancelled):
             if self._open is not None and event.message_id in (self._open, None):
                 self._open = None
                 self._io.stream_end()
-            self._reply_over()
+            self._answered(event.message_id)
             self.line("-- reply stopped")
         elif isinstance(event, Reset):
             self.line("-- back in sync; messages missed meanwhile:")
@@ -796,10 +803,19 @@ class _ChatView:
         elif isinstance(event, Completed):
             self.line("-- this chat's stream has ended")
 
-    def _reply_over(self) -> None:
-        if self._replies_due:
-            self._replies_due -= 1
-            self._lot.unpark_all()
+    def _answered(self, message_id: object) -> None:
+        """A reply ended: stored, failed or stopped (a stopped one may be stored after)."""
+        if message_id in self._answers:
+            return  # a stopped reply, now stored
+        if isinstance(message_id, str):
+            self._answers.add(message_id)
+        else:
+            self._anonymous_answers += 1
+        self._waiting = max(0, self._waiting - 1)  # (a greeting answers nothing)
+        self._lot.unpark_all()
+
+    def _answer_count(self) -> int:
+        return len(self._answers) + self._anonymous_answers
 
     def _start_reply(self, message_id: str) -> None:
         self._close_line()
@@ -812,7 +828,7 @@ class _ChatView:
 
     async def wait_idle(self) -> None:
         """Until every line sent has come back and been answered."""
-        while self._sent or self._replies_due:
+        while self._sent or self._answer_count() < self._due:
             await self._lot.park()
 
 
