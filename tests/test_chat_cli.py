@@ -28,6 +28,7 @@ import pyte
 import pytest
 import trio
 import trio.testing
+import wcwidth
 
 from trio_relay._chat_cli import add_chat_command, run_chat
 from trio_relay._echo_agent import EchoAgent
@@ -611,7 +612,7 @@ class Terminal:
         await self.until(
             f"the input row {prompt + typed!r}",
             lambda: self.input_row == (prompt + typed).rstrip()
-            and self.screen.cursor.x == len(prompt + typed))
+            and self.screen.cursor.x == wcwidth.wcswidth(prompt + typed))
 
     async def type(self, keys: str) -> None:
         await self._master.send_all(keys.encode())
@@ -766,3 +767,56 @@ async def test_terminal_exits_at_once(relay: Relay, key: str, status: int) -> No
         # The terminal is given back as it was: echo and line editing on again.
         assert _mode(term.master_fd) & termios.ECHO
         assert _mode(term.master_fd) & termios.ICANON
+
+
+@pytest.mark.e2e
+async def test_terminal_line_editing_long_lines_and_other_devices(relay: Relay) -> None:
+    left, right, up = "\x1b[D", "\x1b[C", "\x1b[A"
+    async with terminal(relay, "--chat", "welcome", "--name", "Laptop") as term:
+        await term.prompt("Welcome> ")
+        # Fix typos in place: Home and Right, End and Left, inserting where the cursor is.
+        await term.type("helo wrld")
+        await term.prompt("Welcome> ", "helo wrld")
+        await term.type("\x01" + right * 3 + "l" + "\x05" + left * 3 + "o")
+        await term.until("the edited line", lambda: term.input_row == "Welcome> hello world"
+                         and term.screen.cursor.x == len("Welcome> hello wo"))
+        await term.type("\r")
+        await term.shows("You: hello world")
+        await term.prompt("Welcome> ")
+        # Up brings back what was sent; Ctrl-U clears, Ctrl-W deletes a word, Backspace a
+        # character.
+        await term.type(up)
+        await term.prompt("Welcome> ", "hello world")
+        await term.type("\x15one two three\x17\x7f")
+        await term.prompt("Welcome> ", "one two")
+        await term.type("\x15")
+        await term.prompt("Welcome> ")
+
+        # Another device writes while a line is being typed: its name, above the line.
+        await term.type("draft ünïcödé 日本")
+        await term.prompt("Welcome> ", "draft ünïcödé 日本")
+        async with open_relay_client(relay.url, pin=PIN, device_name="Firefox on Android",
+                                     ) as phone:
+            await phone.send("welcome", "hi from the phone")
+        await term.shows("Firefox on Android: hi from the phone")
+        await term.shows("Echo: Echo: hi from the phone")
+        assert term.input_row == "Welcome> draft ünïcödé 日本"
+        assert term.screen.cursor.x == len("Welcome> draft ünïcödé 日本") + 2  # 2 wide ones
+        await term.type("\x15")
+
+        # A line longer than the terminal scrolls sideways as it is typed, the cursor on
+        # screen; sent, it is shown whole, wrapped.
+        long = " ".join(f"word{n:02}" for n in range(25))  # 174 characters
+        await term.type(long)
+        await term.until("the end of the long line", lambda: term.input_row.startswith(
+            "Welcome> ") and term.input_row.endswith("word24"))
+        assert term.screen.cursor.x < COLUMNS
+        assert len(term.input_row) < COLUMNS
+        await term.type("\r")
+        await term.shows("Echo: Echo: word00")
+        rows = term.rows
+        first = next(i for i, row in enumerate(rows) if row.startswith("You: word00"))
+        assert " ".join(rows[first:first + 3]) == f"You: {long}"
+        await term.type("\x04")
+        with trio.fail_after(WAIT):
+            assert await term.process.wait() == 0
