@@ -621,13 +621,24 @@ class Terminal:
         return self.text.count(text)
 
 
+# Runs the command with the terminal as its controlling terminal, as a shell would (Ctrl-C at
+# the PIN prompt is then a SIGINT, and getpass finds /dev/tty).
+CONTROLLING = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+os.execv(sys.executable, [sys.executable, "-m", "trio_relay", "chat", *sys.argv[1:]])
+"""
+
+
 @asynccontextmanager
-async def terminal(relay: Relay, *argv: str) -> AsyncIterator[Terminal]:
+async def terminal(relay: Relay, *argv: str, pin: bool = True) -> AsyncIterator[Terminal]:
     master_fd, slave_fd = os.openpty()
     fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     env = {**relay.env(), "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
-    command = [sys.executable, "-m", "trio_relay", "chat", relay.url, *argv]
+    if not pin:
+        del env["TRIO_RELAY_PIN"]
+    command = [sys.executable, "-c", CONTROLLING, relay.url, *argv]
     try:
         process = await trio.lowlevel.open_process(
             command, stdin=slave_fd, stdout=slave_fd, stderr=slave_fd, env=env,
@@ -817,6 +828,36 @@ async def test_terminal_line_editing_long_lines_and_other_devices(relay: Relay) 
         rows = term.rows
         first = next(i for i, row in enumerate(rows) if row.startswith("You: word00"))
         assert " ".join(rows[first:first + 3]) == f"You: {long}"
+        await term.type("\x04")
+        with trio.fail_after(WAIT):
+            assert await term.process.wait() == 0
+
+
+@pytest.mark.e2e
+async def test_terminal_pin_prompt_then_the_token(relay: Relay) -> None:
+    # Ctrl-C at the PIN prompt leaves at once, the terminal as it was.
+    async with terminal(relay, "--chat", "welcome", pin=False) as term:
+        await term.prompt("PIN: ")
+        took = await exit_time(term, "\x03")
+        assert term.process.returncode == 130
+        assert took < 0.5, f"took {took:.2f} s to exit"
+        assert _mode(term.master_fd) & termios.ECHO
+    # The PIN typed (not shown) pairs this terminal...
+    async with terminal(relay, "--chat", "welcome", "--name", "Typist", pin=False) as term:
+        await term.prompt("PIN: ")
+        await term.type(PIN + "\r")
+        await term.prompt("Welcome> ")
+        assert PIN not in term.text
+        await term.type("paired\r")
+        await term.shows("Echo: Echo: paired")
+        await term.type("\x04")
+        with trio.fail_after(WAIT):
+            assert await term.process.wait() == 0
+    # ...and the next run signs in with its token: no PIN asked, its messages still "You".
+    async with terminal(relay, "--chat", "welcome", pin=False) as term:
+        await term.prompt("Welcome> ")
+        assert "You: paired" in term.rows
+        assert "PIN" not in term.text
         await term.type("\x04")
         with trio.fail_after(WAIT):
             assert await term.process.wait() == 0

@@ -91,12 +91,14 @@ def add_chat_command(
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="URL",
                         help="the relay, as printed by trio-relay serve: ws://127.0.0.1:8765/ws")
-    parser.add_argument("--pin", help=f"the relay's PIN (default: ${PIN_VARIABLE}, else asked"
-                        " for without echo)")
+    parser.add_argument("--pin", help=f"the relay's PIN, to pair this terminal the first time"
+                        f" (default: ${PIN_VARIABLE}, else asked for without echo); later runs"
+                        " sign in with the device token kept then")
     parser.add_argument("--chat", metavar="ID", help="the chat to attach to (default: chosen"
                         " interactively on a terminal, else the first chat of the first project)")
-    parser.add_argument("--name", metavar="NAME", help="this device's name, shown to the"
-                        " others with what you send (default: the host name)")
+    parser.add_argument("--name", metavar="NAME", help="the name to pair this terminal"
+                        " under, shown to the others with what you send (default: the host"
+                        " name)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a request may take (default: 10)")
     parser.add_argument("--linger", type=float, default=30.0, metavar="SECONDS",
@@ -1187,11 +1189,34 @@ async def _ask_pin(args: argparse.Namespace, env: Mapping[str, str],
                    stdin: trio.abc.ReceiveStream | None) -> str:
     pin = args.pin or env.get(PIN_VARIABLE)
     if not pin and stdin is None:
+        # getpass turns echo off and back on; abandoned in its thread by Ctrl-C it never
+        # turns it back on, so the terminal's settings are put back here.
+        saved = _terminal_settings()
         try:
             pin = await trio.to_thread.run_sync(getpass.getpass, "PIN: ", abandon_on_cancel=True)
         except EOFError:
             pin = ""
+        except BaseException:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(saved[0], termios.TCSADRAIN, saved[1])
+                sys.stderr.write("\n")
+            raise
     return pin or ""
+
+
+def _terminal_settings() -> tuple[int, list[Any]] | None:
+    """The terminal's fd and settings, when stdin is one."""
+    try:
+        if not sys.stdin.isatty():
+            return None
+        import termios
+
+        fd = sys.stdin.fileno()
+        return fd, termios.tcgetattr(fd)
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 async def run_chat(
