@@ -142,37 +142,47 @@ def _cell(char: str) -> int:
 
 
 def _cells(text: str) -> int:
+    if text.isascii():  # (control characters are gone by now)
+        return len(text)
     return sum(_cell(char) for char in text)
+
+
+def _fit_end(text: str, start: int, width: int) -> int:
+    """The end of the longest piece of ``text`` from ``start`` that takes at most ``width``
+    columns."""
+    if text.isascii():
+        return min(len(text), start + max(width, 0))
+    used, end = 0, start
+    while end < len(text):
+        used += _cell(text[end])
+        if used > width:
+            break
+        end += 1
+    return end
 
 
 def _fit(text: str, width: int) -> str:
     """The longest start of ``text`` that takes at most ``width`` columns."""
-    used = 0
-    for index, char in enumerate(text):
-        used += _cell(char)
-        if used > width:
-            return text[:index]
-    return text
+    return text[:_fit_end(text, 0, width)]
 
 
 def _wrap(text: str, first: int, width: int) -> list[str]:
     """``text`` (one line) cut into rows for a terminal ``width`` columns wide, the first row
     having ``first`` columns taken already; at a space when there is one late enough."""
     rows = []
-    room = width - first
-    while _cells(text) > room:
-        head = _fit(text, room)
-        space = head.rfind(" ")
-        if space > len(head) // 2:
-            head = head[:space + 1]
-        if not head:  # not even one character fits after the label
-            rows.append("")
-        else:
-            rows.append(head)
-            text = text[len(head):]
-        room = width
-    rows.append(text)
-    return rows
+    room, start = width - first, 0
+    while True:
+        end = _fit_end(text, start, room)
+        if end == len(text):
+            rows.append(text[start:])
+            return rows
+        space = text.rfind(" ", start, end)
+        if space - start > (end - start) // 2:
+            end = space + 1
+        if end == start and room == width:
+            end += 1  # a character wider than the terminal: a row of its own all the same
+        rows.append(text[start:end])  # ("" when not even one character fits after a label)
+        start, room = end, width
 
 
 # --- input and output -------------------------------------------------------------------------
@@ -260,7 +270,8 @@ class _PlainIO:
         self._err.flush()
 
     def message(self, label: str, kind: str, text: str) -> None:
-        self._write(f"{_printable(label)}: {_printable(text).removesuffix(chr(10))}\n")
+        text = _printable(text).removesuffix("\n")
+        self._write(f"{_printable(label)}: {text}\n")
 
     def stream_start(self, label: str, kind: str) -> None:
         # Written with the first piece: a reply stopped before any says so without a stub.
@@ -386,6 +397,8 @@ class _TerminalIO:
                 for key in self._keys(data):
                     if not self._key(key):
                         return
+                # Once per read, not per key: a paste is drawn once.
+                self._write(self._draw_input())
 
     def _keys(self, data: bytes) -> Iterator[str]:
         """Keys: a character, or a whole escape sequence (arrows and the like)."""
@@ -457,20 +470,15 @@ class _TerminalIO:
         elif key == "\x0c":  # Ctrl-L: clear the screen
             self._drawn_live = False
             self._write("\x1b[H\x1b[2J" + self._draw())
-            return True
         elif key == "\x1a":  # Ctrl-Z
             self._suspend()
-            return True
         elif key == "\t":
             buffer[self._cursor:self._cursor] = "    "
             self._cursor += 4
         elif len(key) == 1 and key.isprintable():
             buffer.insert(self._cursor, key)
             self._cursor += 1
-        else:
-            return True  # other control keys and sequences do nothing
-        self._write(self._draw_input())
-        return True
+        return True  # (other control keys and sequences do nothing)
 
     def _word_start(self) -> int:
         index = self._cursor
@@ -574,8 +582,13 @@ class _TerminalIO:
         if _cells("".join(buffer)) <= room:
             self._scroll = 0
         self._scroll = min(self._scroll, self._cursor)
-        while _cells("".join(buffer[self._scroll:self._cursor])) > room:
-            self._scroll += 1
+        # Scroll right just enough to keep the cursor on the row (walking back from it).
+        start, used = self._cursor, 0
+        while start > self._scroll and used + _cell(buffer[start - 1]) <= room:
+            start -= 1
+            used += _cell(buffer[start])
+        if start > self._scroll:
+            self._scroll = start
         shown = _fit("".join(buffer[self._scroll:]), room)
         column = _cells(prompt) + _cells("".join(buffer[self._scroll:self._cursor]))
         move = f"\x1b[{column}C" if column else ""
