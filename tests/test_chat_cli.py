@@ -824,10 +824,14 @@ async def test_terminal_line_editing_long_lines_and_other_devices(relay: Relay) 
         assert term.screen.cursor.x < COLUMNS
         assert len(term.input_row) < COLUMNS
         await term.type("\r")
-        await term.shows("Echo: Echo: word00")
+        await term.until("the whole reply", lambda: term.count("word24") == 2
+                         and term.rows[term.screen.cursor.y - 1].endswith("word24"))
         rows = term.rows
         first = next(i for i, row in enumerate(rows) if row.startswith("You: word00"))
         assert " ".join(rows[first:first + 3]) == f"You: {long}"
+        # The reply, streamed row by row, reads the same (cut at spaces, as printed whole).
+        assert " ".join(rows[first + 3:first + 6]) == f"Echo: Echo: {long}"
+        assert rows[first + 6] == "Welcome>"
         await term.type("\x04")
         with trio.fail_after(WAIT):
             assert await term.process.wait() == 0
@@ -858,6 +862,28 @@ async def test_terminal_pin_prompt_then_the_token(relay: Relay) -> None:
         await term.prompt("Welcome> ")
         assert "You: paired" in term.rows
         assert "PIN" not in term.text
+        await term.type("\x04")
+        with trio.fail_after(WAIT):
+            assert await term.process.wait() == 0
+
+
+@pytest.mark.e2e
+async def test_terminal_chooses_a_chat(relay: Relay) -> None:
+    async with open_relay_client(relay.url, pin=PIN) as client:
+        chat = await client.create_chat("demo", title="A chat with a title too long for it")
+    async with terminal(relay) as term:
+        await term.until("the question", lambda: term.input_row.startswith("Chat [1-"))
+        question = term.input_row + " "
+        listed = next(row for row in term.rows if f"({chat['id']})" in row)
+        number = listed.split(")")[0].strip()
+        await term.type("99\r")
+        await term.shows("No chat '99'.")
+        await term.prompt(question)
+        await term.type(number + "\r")
+        # The prompt names the chat, shortened to leave room for typing.
+        await term.prompt("A chat with a title too\N{HORIZONTAL ELLIPSIS}> ")
+        assert f"-- A chat with a title too long for it ({chat['id']})" + HEADER in " ".join(
+            term.rows)  # (wrapped at a space)
         await term.type("\x04")
         with trio.fail_after(WAIT):
             assert await term.process.wait() == 0

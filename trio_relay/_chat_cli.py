@@ -166,6 +166,15 @@ def _fit(text: str, width: int) -> str:
     return text[:_fit_end(text, 0, width)]
 
 
+def _shorten(text: str, width: int, *, keep: int = 0) -> str:
+    """``text`` in at most ``width`` columns: cut, marked with an ellipsis, before its last
+    ``keep`` characters (the "> " or ": " that ends a prompt)."""
+    if _cells(text) <= width:
+        return text
+    head, tail = text[:len(text) - keep], text[len(text) - keep:]
+    return _fit(head, width - 1 - _cells(tail)) + "\u2026" + tail
+
+
 def _wrap(text: str, first: int, width: int) -> list[str]:
     """``text`` (one line) cut into rows for a terminal ``width`` columns wide, the first row
     having ``first`` columns taken already; at a space when there is one late enough."""
@@ -576,7 +585,7 @@ class _TerminalIO:
         if not self._active:
             return ""
         columns = self._columns()
-        prompt = _fit(self._prompt, columns // 2)
+        prompt = _shorten(self._prompt, columns // 2, keep=2)
         room = columns - 1 - _cells(prompt)  # the last column stays free: no pending wrap
         buffer = self._buffer
         if _cells("".join(buffer)) <= room:
@@ -941,7 +950,7 @@ class _Session:
                     view.line(f"-- {_title(chat)} ({chat_id}): type a message and press Enter;"
                               " /help for commands")
                     view.history(live.snapshot)
-                    self._io.set_prompt(f"{_fit(_title(chat), 24)}> ")
+                    self._io.set_prompt(_shorten(_title(chat), 24) + "> ")
                     task_status.started()
                     async for event in live:
                         view.event(event)
