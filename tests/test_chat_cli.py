@@ -309,6 +309,28 @@ async def test_commands(autojump_clock: trio.abc.Clock) -> None:
     assert "never sent" not in output
 
 
+async def test_a_relay_without_chats(autojump_clock: trio.abc.Clock) -> None:
+    backend = EchoBackend()
+    backend.add_project("p1", "Project one")
+    async with trio.open_nursery() as nursery:
+        backend.nursery = nursery
+        async with open_memory_relay(backend, pin=PIN) as relay:
+            status, output, errors = await piped(relay, typed=b"hello\n/new First\nhello\n")
+        nursery.cancel_scope.cancel()
+    assert status == 0, errors
+    chat_id = next(iter(backend.chats))
+    assert output.splitlines() == [
+        "Projects:",
+        "  Project one (p1)",
+        "-- no chats yet: /new TITLE creates one",
+        "-- no chat is open: /chats and /open to choose one",
+        f"-- First ({chat_id})" + HEADER,
+        "You: hello",
+        "Agent: Echo: hello",
+    ]
+    assert backend.sent == [(chat_id, "hello")]
+
+
 async def test_stop_ends_the_reply_in_progress(autojump_clock: trio.abc.Clock) -> None:
     async with echo_relay() as (backend, relay):
         keyboard, stdin = trio.testing.memory_stream_one_way_pair()

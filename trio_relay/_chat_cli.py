@@ -1106,9 +1106,9 @@ class _Session:
         if self._args.chat:
             chosen = next(((p, c) for p, c in chats if c["id"] == self._args.chat),
                           (None, {"id": self._args.chat}))
-        elif not chats:
-            self._io.notice("trio-relay chat: the relay has no chats")
-            return 1
+        elif not chats:  # (said so by the list): /new makes one
+            self._io.set_prompt("> ")
+            return None
         elif self._interactive and len(chats) > 1:
             picked = await self._choose(chats)
             if picked is None:
