@@ -868,12 +868,16 @@ async def test_terminal_pin_prompt_then_the_token(relay: Relay) -> None:
         assert term.process.returncode == 130
         assert took < 0.5, f"took {took:.2f} s to exit"
         assert _mode(term.master_fd) & termios.ECHO
-    # The PIN typed (not shown) pairs this terminal...
+    # A wrong PIN typed is asked for again; the right one (not shown) pairs this terminal...
     async with terminal(relay, "--chat", "welcome", "--name", "Typist", pin=False) as term:
+        await term.prompt("PIN: ")
+        await term.type("000000\r")
+        await term.shows("trio-relay chat: Invalid PIN; try again")
         await term.prompt("PIN: ")
         await term.type(PIN + "\r")
         await term.prompt("Welcome> ")
         assert PIN not in term.text
+        assert "000000" not in term.text
         await term.type("paired\r")
         await term.shows("Echo: Echo: paired")
         await term.type("\x04")

@@ -1203,6 +1203,10 @@ def devices_file(environ: Mapping[str, str]) -> Path:
     return Path(config) / "trio-relay" / "chat-devices.json"
 
 
+class _WrongPin(Exception):
+    """The PIN typed at the prompt was refused on connecting: ask again."""
+
+
 class _Unpaired(Exception):
     """The saved token was refused on connecting: pair again with the PIN."""
 
@@ -1278,9 +1282,11 @@ async def run_chat(
             return 1
     saved = _SavedDevices(devices_file(env), err)
     token = saved.token(args.url)
+    typed = False  # the PIN came from the prompt, not from --pin or the environment
     while True:
         pin = None
         if token is None:
+            typed = stdin is None and not (args.pin or env.get(PIN_VARIABLE))
             pin = await _ask_pin(args, env, stdin)
             if not pin:
                 err.write(f"trio-relay chat: no PIN: pass --pin or set ${PIN_VARIABLE}\n")
@@ -1289,7 +1295,10 @@ async def run_chat(
             return await _run(
                 args, pin=pin, token=token, name=name, ssl_context=ssl_context, saved=saved,
                 stdin=stdin, out=out, err=err, connect=connect, env=env,
-                interactive=interactive)
+                interactive=interactive, typed=typed)
+        except _WrongPin as exc:
+            err.write(f"trio-relay chat: {exc}; try again\n")  # (the user asked anew)
+            err.flush()
         except _Unpaired:
             saved.forget(args.url)
             err.write("trio-relay chat: the relay no longer knows this device (revoked, or its"
@@ -1302,9 +1311,10 @@ async def _run(
     args: argparse.Namespace, *, pin: str | None, token: str | None, name: str,
     ssl_context: ssl.SSLContext | None, saved: _SavedDevices,
     stdin: trio.abc.ReceiveStream | None, out: TextIO, err: TextIO, connect: Connect | None,
-    env: Mapping[str, str], interactive: bool,
+    env: Mapping[str, str], interactive: bool, typed: bool,
 ) -> int:
-    """One sign-in and the session after it; `_Unpaired` if the saved token was refused."""
+    """One sign-in and the session after it; `_Unpaired` if the saved token was refused,
+    `_WrongPin` if the PIN ``typed`` at the prompt was."""
     interrupted = False
     signed_in = False
     # What Ctrl-C cancels: connecting at first, then only the session, so that leaving the
@@ -1370,6 +1380,10 @@ async def _run(
             if not signed_in:
                 raise _Unpaired from None
             saved.forget(args.url)  # refused on a reconnect: the next run asks for the PIN
+        elif isinstance(error, AuthFailed) and error.code == "auth_failed" and typed and (
+            not signed_in
+        ):
+            raise _WrongPin(error.error) from None
         if isinstance(error, RelayClientError):
             return _failed(error, out, err)
         if isinstance(error, ValueError):  # a malformed URL
