@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
 import trio
 
+from trio_relay import open_relay, open_sqlite_backend
+from trio_relay._sqlite_backend import WELCOME_TEXT
 from trio_relay.client import (
     AuthFailed,
     ConnectionLost,
@@ -18,6 +24,7 @@ from trio_relay.client import (
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
 PIN = "1234"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "client.md"
 
 
 def _backend() -> MemoryBackend:
@@ -124,3 +131,36 @@ async def test_bad_arguments_fail_at_once() -> None:
         with pytest.raises(ValueError):
             async with bad:
                 pass  # pragma: no cover
+
+
+@pytest.mark.e2e
+async def test_the_documented_pairing_helper_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/client.md's pairing program: pairs, then signs in with the saved token; a revoked
+    token is forgotten."""
+    code = next(c for c in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.DOTALL)
+                if "def show_welcome_chat(" in c)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(DOCS), "exec"), namespace)
+    show = namespace["show_welcome_chat"]
+    token_file = tmp_path / "token"
+    with trio.fail_after(20):
+        async with open_sqlite_backend(tmp_path / "data") as backend:
+            async with open_relay(backend, pin="123456") as relay:
+                port = await relay.start_serving("127.0.0.1", 0)
+                url = f"ws://127.0.0.1:{port}/ws"
+                await relay.send("welcome", "from the desktop", sender="Desktop app")
+                await show(url, "123456", token_file)
+                assert token_file.stat().st_mode & 0o777 == 0o600
+                [device] = relay.devices.devices()
+                # The second run: the token, whatever the PIN.
+                await show(url, "wrong", token_file)
+                assert len(relay.devices.devices()) == 1
+                relay.revoke_device(device.id)
+                await show(url, "123456", token_file)
+                assert not token_file.exists()
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"Agent: {WELCOME_TEXT}", "Desktop app: from the desktop"]
+    assert out[2:4] == out[:2]
+    assert out[4] == "this device was unpaired; sign in with the PIN again"

@@ -79,3 +79,24 @@ async def test_pin_and_message_contents_never_logged(
         if record["level"].no >= logger.level("INFO").no:
             assert SECRET_TEXT not in line
     assert any(r["message"] == "auth failed" for r in records)
+
+
+async def test_device_tokens_are_never_logged(
+    autojump_clock: trio.abc.Clock, records: list[Any]
+) -> None:
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    async with open_memory_relay(backend, pin=PIN) as memory:
+        client = await memory.connect()
+        reply = await client.authenticate(PIN, device_name="Phone")
+        token = reply["data"]["device"]["token"]
+        again = await memory.connect()
+        await again.authenticate(token=token)
+        wrong = await memory.connect()
+        assert (await wrong.request("auth", token=token[::-1]))["code"] == "token_invalid"
+        memory.relay.revoke_device(reply["data"]["device"]["id"])
+        await again.wait_closed()
+    lines = [_rendered(record) for record in records]
+    assert any("paired device" in line for line in lines)
+    for line in lines:
+        assert token not in line and token[::-1] not in line and PIN not in line

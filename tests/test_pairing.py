@@ -87,7 +87,8 @@ def test_the_pairing_file_keeps_the_pin_and_only_token_hashes(tmp_path: Path) ->
     again = FileDeviceStore(path)
     assert again.pin == pin
     assert again.verify(token) is not None
-    assert again.new_pin() != pin or again.new_pin() != pin  # (one in a million repeats)
+    new = again.new_pin()
+    assert FileDeviceStore(path).pin == new
     assert FileDeviceStore(path).verify(token) is not None  # a new PIN keeps devices paired
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
@@ -111,6 +112,22 @@ def test_the_pairing_file_notices_changes_and_merges(tmp_path: Path) -> None:
     relay_side.reload()
     assert relay_side.pin == new_pin
     assert relay_side.verify(third_token) is not None
+
+
+def test_a_file_broken_while_running_is_reported_once(tmp_path: Path) -> None:
+    path = tmp_path / PAIRING_FILE
+    store = FileDeviceStore(path)
+    device, token = store.pair("Phone")
+    path.write_text("{ not json")
+    with pytest.raises(PairingFileError, match="invalid JSON"):
+        store.reload()
+    assert store.reload() == []  # not again until it changes
+    assert store.verify(token) is not None  # the devices it had are kept
+    path.unlink()
+    assert store.reload() == [] and store.reload() == []
+    store.pair("Laptop")  # written back whole
+    assert len(FileDeviceStore(path).devices()) == 2
+    assert FileDeviceStore(path).get(device.id) is not None
 
 
 def test_last_seen_reaches_the_file_throttled(
@@ -245,6 +262,7 @@ LOCKOUT = RelayConfig(pin_lockout_failures=3, pin_backoff_initial=0.5, pin_failu
 
 async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock) -> None:
     async with open_memory_relay(_backend(), pin=PIN, config=LOCKOUT) as relay:
+        _, device = await _pair(relay)
         client = await relay.connect()
         first = trio.current_time()
         assert (await client.request("auth", pin="0"))["code"] == "auth_failed"
@@ -265,6 +283,13 @@ async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock)
         assert 50 <= refused["retryAfter"] <= 60
         wait = refused["retryAfter"]
         assert refused["error"] == f"Too many failed attempts; try again in {wait} seconds"
+        # A paired device's token still signs in: someone else's guessing does not lock it
+        # out (a token cannot be guessed); a wrong token is refused as locked out.
+        paired = await relay.connect()
+        assert (await paired.request("auth", token=device["token"]))["type"] == "auth_success"
+        guesser = await relay.connect()
+        assert (await guesser.request("auth", token="guess"))["code"] == "locked_out"
+        assert await guesser.wait_closed() == (1008, "too many failed PIN attempts")
         await trio.sleep(refused["retryAfter"])
         free = await relay.connect()
         assert (await free.request("auth", pin=PIN))["type"] == "auth_success"
@@ -398,3 +423,51 @@ async def test_sqlite_stores_senders_and_migrates_old_databases(tmp_path: Path) 
     check = sqlite3.connect(tmp_path / "trio-relay.sqlite3")
     assert check.execute("PRAGMA user_version").fetchone() == (2,)
     check.close()
+
+
+async def test_a_pairing_that_cannot_be_stored_is_refused(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileDeviceStore(tmp_path / PAIRING_FILE)
+
+    def full_disk(path: Path, text: str) -> None:
+        raise PairingFileError(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr("trio_relay._pairing._write_private", full_disk)
+    async with open_memory_relay(_backend(), pin=PIN, devices=store) as relay:
+        client = await relay.connect()
+        reply = await client.request("auth", pin=PIN, deviceName="Phone")
+        assert reply["type"] == "error" and reply["code"] == "internal_error"
+        assert "could not pair this device" in reply["error"]
+        assert store.devices() == []
+        # Without a name, signing in still works.
+        assert (await client.request("auth", pin=PIN))["type"] == "auth_success"
+
+
+class _GatedBackend(MemoryBackend):
+    """list_projects waits for ``gate`` once it is armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: trio.Event | None = None
+
+    async def list_projects(self) -> list[Any]:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().list_projects()
+
+
+async def test_a_device_revoked_during_its_sign_in_is_closed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = _GatedBackend()
+    backend.add_chat("p1", "c1")
+    async with open_memory_relay(backend, pin=PIN) as relay:
+        _, device = await _pair(relay)
+        backend.gate = trio.Event()
+        client = await relay.connect()
+        await client.request_nowait("auth", token=device["token"])
+        await trio.testing.wait_all_tasks_blocked()  # the sign-in waits in the backend
+        relay.relay.revoke_device(device["id"])
+        backend.gate.set()
+        assert await client.wait_closed() == (1008, "device revoked")

@@ -6,7 +6,8 @@ import trio_relay
 
 PUBLIC = {
     "Agent", "AgentError", "Backend", "BackendError", "Change", "ChangeHub", "CloseCode",
-    "CommandAgent", "EchoAgent", "ErrorCode", "Feed", "FeedOverflow", "Listener",
+    "CommandAgent", "Device", "DeviceStore", "EchoAgent", "ErrorCode", "Feed", "FeedOverflow",
+    "FileDeviceStore", "Listener",
     "ListenerOverflow", "NotFound", "Relay", "RelayConfig", "RelayError", "RelayStatistics",
     "Snapshot", "SqliteBackend", "SubscriptionError", "Update", "UpstreamError",
     "open_relay", "open_sqlite_backend",

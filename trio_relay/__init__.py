@@ -20,6 +20,9 @@ from ._config import RelayStatistics as RelayStatistics
 from ._echo_agent import EchoAgent as EchoAgent
 from ._hub import ChangeHub as ChangeHub
 from ._hub import FeedOverflow as FeedOverflow
+from ._pairing import Device as Device
+from ._pairing import DeviceStore as DeviceStore
+from ._pairing import FileDeviceStore as FileDeviceStore
 from ._protocol import ErrorCode as ErrorCode
 from ._relay import Listener as Listener
 from ._relay import ListenerOverflow as ListenerOverflow

@@ -19,7 +19,7 @@ class CloseCode:
     PROTOCOL_ERROR: Final = 1002  # a frame that breaks the WebSocket protocol
     UNSUPPORTED_DATA: Final = 1003  # a binary frame
     INVALID_PAYLOAD: Final = 1007  # a text frame that is not UTF-8
-    POLICY_VIOLATION: Final = 1008  # auth timeout, PIN lockout, repeated abuse
+    POLICY_VIOLATION: Final = 1008  # auth timeout, PIN lockout, repeated abuse, revoked device
     MESSAGE_TOO_BIG: Final = 1009  # a frame over max_message_size (sent by trio-websocket)
     INTERNAL_ERROR: Final = 1011  # a bug in the relay; the relay itself stays up
     # 1013 "Try Again Later" is IANA-registered for exactly this: the client may reconnect and

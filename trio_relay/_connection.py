@@ -425,35 +425,48 @@ class Connection:
             raise _Refused(ErrorCode.BACKEND_ERROR, str(exc) or "backend error") from None
         except Exception:
             self.relay._count_backend_error()
-            self.log.exception("backend {} failed", getattr(fn, "__name__", "call"))
+            self.log.exception("backend {} failed",
+                               getattr(fn, "__name__", "call").lstrip("_"))  # _send_message
             raise _Refused(ErrorCode.BACKEND_ERROR, "backend error") from None
 
     async def _auth(self, request: AuthRequest) -> None:
         guard = self.relay.pin_guard
         address = self.peer.rsplit(":", 1)[0]
         check = guard.check(address, trio.current_time())
-        if check.locked:
-            await self._refuse_locked_out(request, check.delay, check.retry_after)
-            return
         devices = self.relay.devices
         device: Device | None = None
         if request.token is not None:
+            # A valid token passes even a lockout: it cannot be guessed, and someone else's
+            # guessing must not sign paired devices out. A wrong one is one more failure.
             device = devices.verify(request.token)
             if device is None:
                 await self._auth_failed(request, address, ErrorCode.TOKEN_INVALID,
                                         "Unknown or revoked device token")
                 return
+            self.device_id = device.id  # from now on: revoking it meanwhile closes us too
+        elif check.locked:
+            await self._refuse_locked_out(request, check.delay, check.retry_after)
+            return
         elif not pin_matches(request.pin or "", self.relay.pin):
             await self._auth_failed(request, address, ErrorCode.AUTH_FAILED, "Invalid PIN")
             return
-        guard.succeeded(address)
+        if device is None:
+            # The right PIN clears the address's failures; a token does not, since it may
+            # pass a lockout that PIN guessers from the same address still deserve.
+            guard.succeeded(address)
         projects = await self._call(self.relay.backend.list_projects)
         profiles = await self._call(self.relay.backend.get_model_profiles)
         data: dict[str, JSON] = {"projects": projects, "modelProfiles": profiles.items}
         if device is not None:
             data["device"] = {"id": device.id, "name": device.name}
         elif request.device_name is not None:
-            device, token = devices.pair(request.device_name)
+            try:
+                device, token = devices.pair(request.device_name)
+            except Exception:
+                self.log.exception("could not pair a device")
+                raise _Refused(ErrorCode.INTERNAL_ERROR,
+                               "could not pair this device; sign in without a device name"
+                               " or ask the relay's operator") from None
             data["device"] = {"id": device.id, "name": device.name, "token": token}
             self.log.info("paired device {} ({})", device.id, device.name)
         self.device_id = device.id if device is not None else None
@@ -475,7 +488,8 @@ class Connection:
             await self._refuse_locked_out(request, verdict.delay, verdict.retry_after)
             return
         await trio.sleep(verdict.delay)
-        self.log.warning("auth failed: {}", code)
+        self.log.warning("auth failed" if code == ErrorCode.AUTH_FAILED
+                         else "auth failed: unknown or revoked token")
         self.reply(AuthFailed(id=request.id, error=error, code=code))
 
     async def _refuse_locked_out(

@@ -153,7 +153,11 @@ class DeviceStore:
         now = _now()
         device = Device(id=device_id, name=checked, created=now, last_seen=now)
         self._records[device_id] = _Record(device, hash_token(token))
-        self._changed(force=True)
+        try:
+            self._changed(force=True)
+        except BaseException:
+            del self._records[device_id]  # not kept, so not paired: its token is never given
+            raise
         return device, token
 
     def verify(self, token: str) -> Device | None:
@@ -262,9 +266,16 @@ class FileDeviceStore(DeviceStore):
 
     def reload(self) -> list[str]:
         with self._lock():
-            if self._state() != self._seen:
-                self._read()
-                logger.info("pairing file changed: {} devices", len(self._records))
+            state = self._state()
+            if state != self._seen:
+                try:
+                    if self._read():
+                        logger.info("pairing file changed: {} devices", len(self._records))
+                    else:  # deleted: ours are written back with the next change
+                        self._seen = None
+                except PairingFileError:
+                    self._seen = state  # reported once, not every second
+                    raise
             self._flush_due()
         # Also those a merge dropped (`_write_merged`) since the last call.
         gone = sorted(self._alive - set(self._records))
@@ -283,8 +294,11 @@ class FileDeviceStore(DeviceStore):
         if force:
             with self._lock():
                 self._write_merged()
-        else:
+            return
+        try:
             self._flush_due()
+        except PairingFileError as exc:  # a last-seen time can wait for the next write
+            logger.error("{}", exc)
 
     def _flush_due(self) -> None:
         if self._dirty and time.monotonic() - self._written_at >= LAST_SEEN_WRITE_INTERVAL:

@@ -118,9 +118,8 @@ async def memory_relay(
 ) -> AsyncIterator[MemoryRelay]:
     """A relay over in-memory streams, running for the test; shut down after it."""
     marked = _marked(request)
-    config = attrs.evolve(relay_config, **{
-        key: value for key, value in marked.items() if key not in _OWN_KEYS
-    })
+    overrides = {key: value for key, value in marked.items() if key not in _OWN_KEYS}
+    config = attrs.evolve(relay_config, **overrides) if overrides else relay_config
     async with open_memory_relay(
         relay_backend, pin=marked.get("pin", relay_pin), config=config,
         client_timeout=marked.get("client_timeout", relay_client_timeout),
