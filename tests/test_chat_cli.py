@@ -824,6 +824,13 @@ async def test_terminal_line_editing_long_lines_and_other_devices(relay: Relay) 
         await term.prompt("Welcome> ", "one two")
         await term.type("\x15")
         await term.prompt("Welcome> ")
+        # Tab completes a command's name.
+        await term.type("/he\t")
+        await term.prompt("Welcome> ", "/help ")
+        await term.type("\x15/\t")  # several would do: nothing
+        await term.prompt("Welcome> ", "/")
+        await term.type("\x15")
+        await term.prompt("Welcome> ")
 
         # Another device writes while a line is being typed: its name, above the line.
         await term.type("draft ünïcödé 日本")

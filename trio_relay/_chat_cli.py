@@ -62,6 +62,7 @@ __all__ = ["add_chat_command", "run_chat"]
 JSON = Any
 PIN_VARIABLE = "TRIO_RELAY_PIN"
 
+COMMANDS = ("chats", "help", "new", "open", "quit", "stop")
 HELP = """\
 -- commands:
 --   /chats         list the projects and their chats, numbered
@@ -482,12 +483,22 @@ class _TerminalIO:
         elif key == "\x1a":  # Ctrl-Z
             self._suspend()
         elif key == "\t":
-            buffer[self._cursor:self._cursor] = "    "
-            self._cursor += 4
+            self._complete()
         elif len(key) == 1 and key.isprintable():
             buffer.insert(self._cursor, key)
             self._cursor += 1
         return True  # (other control keys and sequences do nothing)
+
+    def _complete(self) -> None:
+        """Tab: complete a command's name; elsewhere, four spaces."""
+        typed = "".join(self._buffer)
+        if typed.startswith("/") and " " not in typed and self._cursor == len(typed):
+            names = [name for name in COMMANDS if name.startswith(typed[1:].lower())]
+            if len(names) == 1:
+                self._set_line(f"/{names[0]} ")
+            return
+        self._buffer[self._cursor:self._cursor] = "    "
+        self._cursor += 4
 
     def _word_start(self) -> int:
         index = self._cursor
