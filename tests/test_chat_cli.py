@@ -674,12 +674,16 @@ async def terminal(relay: Relay, *argv: str, pin: bool = True) -> AsyncIterator[
             nursery.start_soon(term.read)
             try:
                 yield term
+            except BaseException:
+                process.kill()  # a failed test: no waiting for it to leave
+                raise
             finally:
-                with trio.move_on_after(WAIT):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(WAIT):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
                 nursery.cancel_scope.cancel()
     finally:
         await master.aclose()
