@@ -1,8 +1,8 @@
 """The benchmark: the relay against a minimal asyncio relay, as a user sees them, in one run.
 
-    python bench/fanout.py                 # the full run (about 15 minutes on 2 cores)
+    python bench/fanout.py                 # the full run (about 8 minutes on 2 cores)
     python bench/fanout.py --write-docs    # the same, then rewrite docs/performance.md's results
-    python bench/fanout.py --quick         # well under a minute: tiny scale, a smoke test
+    python bench/fanout.py --quick         # about 15 seconds: tiny scale, a smoke test
     python bench/fanout.py --relay-rev REV # the relay as committed at REV (before a change)
     python bench/fanout.py --from-json bench/results/latest.json --write-docs
                                            # no run: tables and docs from earlier results
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -118,8 +119,8 @@ FULL = Plan(
     soak={"cycles": 50000, "warmup": 2000, "concurrency": 50, "max_seconds": 480.0},
 )
 QUICK = Plan(
-    rounds=1, fanout=(3,), connections=(20,), servers=SERVERS, send_seconds=0.0,
-    send_count=30, warmup_frames=15, seed_sends=2, max_undelivered=64,
+    rounds=1, fanout=(3,), connections=(20,), servers=SERVERS, send_seconds=1.0,
+    send_count=0, warmup_frames=15, seed_sends=2, max_undelivered=64,
     connect_concurrency=10, settle={"intervalMs": 50, "stableMs": 150, "maxMs": 600},
     soak={"cycles": 200, "warmup": 40, "concurrency": 8, "max_seconds": 30.0,
           "settings": {"resume_grace": "1"}},
@@ -548,7 +549,7 @@ def write_outputs(runs: list[Json], soak: Json | None, meta: Json, plan: Plan,
     """Summarize, print the tables, write the JSON and the docs; the exit status."""
     summary = summarize(runs, plan)
     violations = sum(int(r["result"].get("violationCount") or 0) for r in runs)
-    command = " ".join(["python bench/fanout.py", *meta["argv"]])
+    command = shlex.join(["python", "bench/fanout.py", *meta["argv"]])
     out: Json = {"ok": not problems, "meta": meta, "summary": summary,
                  "capped": flagged(summary, "capped"),
                  "contended": flagged(summary, "contended"), "violations": violations,

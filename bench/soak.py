@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,7 @@ def main() -> int:
     soak = run_soak(node, plan, server_cpus, loadgen_cpus, relay_src, not args.verbose)
     if args.json is not None:
         args.json.write_text(json.dumps(soak, indent=1) + "\n")
-    print(f"command: python bench/soak.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: {shlex.join(['python', 'bench/soak.py', *sys.argv[1:]])}")
     print(f"relay: {relay_source(relay_src)}")
     print("| target | relay | - | - | verdict |")
     print("|---|---|---|---|---|")

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark (bench/fanout.py, docs/performance.md): its real command at tiny
-scale (3 subscribers, a few dozen acknowledged sends, 20 connections, a soak of 240 cycles)
+scale (3 subscribers, acknowledged sends for a second, 20 connections, a soak of 240 cycles)
 against the relay and the asyncio baseline.
 
 It needs Node.js with npm (the command runs `npm ci` in bench/loadgen itself) and the
@@ -22,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-# npm ci on a fresh checkout takes a few seconds; the run itself about 10.
+# npm ci on a fresh checkout takes a few seconds; the run itself about 15.
 TIMEOUT = 180
 
 
@@ -86,10 +86,11 @@ def test_quick_bench_delivers_every_push_once_in_order(tmp_path: Path) -> None:
             assert result["subscribers"] == 3
             send = result["send"]
             assert send["ackPaced"] is True
-            assert send["sends"] == 30
-            assert send["frames"] == 3 * 30
-            assert send["latency"]["samples"] == 3 * 30
-            assert send["loadgenCpuShare"] >= 0
+            assert send["sends"] > 0
+            assert send["frames"] == 3 * send["sends"]
+            assert send["latency"]["samples"] == 3 * send["sends"]
+            assert send["serverCpuPerFrameUs"] > 0
+            assert send["loadgenCpuShare"] > 0
         else:
             assert result["subscribers"] == 20
             assert result["broadcast"]["latency"]["samples"] == 20
