@@ -432,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json is not None:
         earlier = json.loads(args.from_json.read_text())
+        if args.write_docs and "--quick" in earlier["meta"]["argv"]:
+            parser.error("--write-docs takes the full run's figures, not --quick's")
         fields: Json = {k: tuple(v) if isinstance(v, list) else v
                         for k, v in earlier["meta"]["plan"].items()}
         return write_outputs(earlier["runs"], earlier.get("soak"), earlier["meta"],
@@ -565,7 +567,7 @@ def write_outputs(runs: list[Json], soak: Json | None, meta: Json, plan: Plan,
     print()
     print(f"**The targets** (medians of {plan.rounds} round{'s' * (plan.rounds != 1)};"
           " relay / asyncio websockets)" + (" -- QUICK: tiny scale, not the targets' sizes"
-                                            if getattr(args, "quick", False) else ""))
+                                            if "--quick" in meta["argv"] else ""))
     print()
     print(target_table(summary, plan, soak))
     print()

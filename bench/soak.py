@@ -52,6 +52,7 @@ RSS_RATIO_TARGET = 1.10
 #: How long to wait for the gauges to come back to idle (the relay keeps a chat's history
 #: for ``resume_grace``, 30 s by default, after its last subscriber leaves).
 IDLE_DEADLINE_SECONDS = 90.0
+KINDS = ("clean-close", "drop-before-auth", "drop-after-subscribe", "drop-mid-send")
 #: A fresh chat for ``drop-mid-send`` after this many of its cycles.
 ROTATE_EVERY = 100
 
@@ -64,6 +65,8 @@ class SoakPlan:
     max_seconds: float = 480.0
     settle: Json = field(default_factory=lambda: {"intervalMs": 200, "stableMs": 1000,
                                                   "maxMs": 5000})
+    #: The kinds of cycle, run in turn (all four unless told; to find which one costs).
+    kinds: tuple[str, ...] = KINDS
     #: Relay settings on top of bench/relay-bench.toml (``--quick`` shortens resume_grace so
     #: that kept histories need not be waited out for 30 s).
     settings: Json = field(default_factory=dict)
@@ -72,8 +75,8 @@ class SoakPlan:
         return {
             "scenario": "soak", "cycles": self.cycles, "warmupCycles": self.warmup,
             "concurrency": self.concurrency, "maxSeconds": self.max_seconds,
-            "rotateEvery": ROTATE_EVERY, "idleDeadlineSeconds": IDLE_DEADLINE_SECONDS,
-            "settle": self.settle,
+            "kinds": list(self.kinds), "rotateEvery": ROTATE_EVERY,
+            "idleDeadlineSeconds": IDLE_DEADLINE_SECONDS, "settle": self.settle,
             "deadlineSeconds": self.max_seconds + 2 * (IDLE_DEADLINE_SECONDS + 30) + 60,
         }
 
@@ -167,15 +170,23 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, help="cycles at a time (default 50)")
     parser.add_argument("--max-seconds", type=float,
                         help="stop the cycles after this long (default 480)")
+    parser.add_argument("--kinds", help="comma-separated kinds of cycle to run in turn"
+                        f" (default all: {','.join(KINDS)})")
     parser.add_argument("--relay-src", type=Path,
                         help="soak the trio_relay package of this directory instead")
     parser.add_argument("--json", type=Path, help="also write the result here as JSON")
     parser.add_argument("--verbose", action="store_true", help="show the loadgen's progress")
     args = parser.parse_args()
     plan = QUICK if args.quick else SoakPlan()
-    overrides = {k: v for k, v in (("cycles", args.cycles), ("warmup", args.warmup),
+    overrides: Json = {k: v for k, v in (("cycles", args.cycles), ("warmup", args.warmup),
                                    ("concurrency", args.concurrency),
                                    ("max_seconds", args.max_seconds)) if v is not None}
+    if args.kinds:
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not kinds:
+            parser.error(f"--kinds: choose from {', '.join(KINDS)}")
+        overrides["kinds"] = kinds
     plan = SoakPlan(**{**plan.__dict__, **overrides})
     try:
         node, npm = need_tools()

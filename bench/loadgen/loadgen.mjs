@@ -755,7 +755,7 @@ async function soakCycles(count, ctx, control, seconds) {
   const worker = async () => {
     while (next < count && now() < until) {
       const i = next++;
-      const kind = SOAK_KINDS[(ctx.cycles + i) % SOAK_KINDS.length];
+      const kind = ctx.order[(ctx.cycles + i) % ctx.order.length];
       await soakCycle(kind, ctx);
       ctx.kinds[kind] += 1;
       if (kind === 'drop-mid-send') {
@@ -787,7 +787,11 @@ async function runSoak() {
     subscribeChat: await control.createChat(), sendChat: await control.createChat(), chats: 2,
     sinceRotation: 0, cycles: 0, errors: 0, errorSamples: [],
     kinds: Object.fromEntries(SOAK_KINDS.map((k) => [k, 0])),
+    order: spec.kinds ?? SOAK_KINDS,
   };
+  for (const kind of ctx.order) {
+    if (!SOAK_KINDS.includes(kind)) throw new Abort(`unknown soak cycle kind ${kind}`);
+  }
   log(`soak: ${spec.warmupCycles} warm-up cycles, then ${spec.cycles}, ${spec.concurrency} at a time`);
   // The time bound is for the cycles; waiting for idle after them does not count.
   result.warmupRun = await soakCycles(spec.warmupCycles, ctx, control, spec.maxSeconds);
