@@ -1,6 +1,6 @@
 """Soak: connect/abort cycles against ``trio-relay serve``; memory must level off, nothing stay.
 
-    python bench/soak.py                   # 2,000 warm-up cycles, then 50,000 (a few minutes)
+    python bench/soak.py                   # 2,000 warm-up cycles, then 50,000 (about 4 minutes)
     python bench/soak.py --cycles 5000     # a shorter run
     python bench/soak.py --quick           # seconds: a smoke test
 
