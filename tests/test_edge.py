@@ -33,7 +33,7 @@ from _rawws import (
 )
 from loguru import logger
 from trio.testing import MockClock
-from wsproto.events import CloseConnection, TextMessage
+from wsproto.events import CloseConnection, Request, TextMessage
 
 from trio_relay import CloseCode, RelayConfig
 from trio_relay._edge import MAX_HEAD
@@ -417,3 +417,22 @@ async def test_frames_after_the_close_are_ignored(
     assert not [e for e in client.events if isinstance(e, TextMessage) and "late" in e.data]
     assert await memory.quiet_statistics() == baseline
     assert_no_traceback(records)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ServerWebSocket.read waits on stream.receive_some before it drains the events of the "
+    "bytes handed to wsproto with the upgrade request (Connection(trailing_data=...)): "
+    "frames that came in the same read as the request head sit unread until the client "
+    "sends more, here until the auth timeout closes the connection 1008"))
+async def test_frames_that_came_with_the_upgrade_request_are_read_at_once(
+    memory: MemoryRelay, autojump_clock: MockClock
+) -> None:
+    stream = await memory.listener.connect()
+    client = RawClient(stream)
+    head = client.ws.send(Request(host="relay.test", target="/ws"))
+    auth = b'{"id": "a", "type": "auth", "pin": "%s"}' % PIN.encode()
+    await stream.send_all(head + frame(TEXT, auth))  # in one write: one read for the relay
+    with trio.move_on_after(1):
+        await client.replies(2)
+    await stream.aclose()
+    assert [f["type"] for f in client.frames()] == ["auth_required", "auth_success"]
