@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -508,3 +509,34 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(
         await _settled(relay, baseline)
         assert relay.counters.handshakes_failed == 1
     assert [r for r in records if r["extra"].get("peer", "").startswith("127.0.0.1:")]
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+
+async def _seconds_to_read_fragments(limit: int, fragments: int) -> float:
+    """Real seconds from sending a text message of ``fragments`` one-byte frames (before
+    auth: anyone may) to its answer, on a relay whose max_message_size is ``limit``."""
+    data = b"".join(frame(TEXT if i == 0 else CONTINUATION, b" ", fin=i == fragments - 1)
+                    for i in range(fragments))
+    config = RelayConfig(max_message_size=limit)
+    async with open_memory_relay(MemoryBackend(), pin=PIN, config=config) as memory:
+        async with raw_client(memory) as client:
+            start = time.perf_counter()
+            await client.send_raw(data)
+            await client.replies(2)  # auth_required, then bad_request for " " * fragments
+            return time.perf_counter() - start
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ServerWebSocket._on_text counts a fragmented message's bytes with "
+    "len(''.join(self._parts).encode()) on every fragment once chars * 4 > "
+    "max_message_size: quadratic. With the default 64 KiB limit, 65536 one-byte "
+    "fragments (about 450 KB on the wire, no auth needed) hold the event loop for ~35 s"))
+async def test_a_message_in_many_tiny_fragments_costs_linear_time() -> None:
+    fragments = 16384
+    # The same message, read under a limit it is far from (no byte counting at all) ...
+    unbounded = await _seconds_to_read_fragments(1 << 24, fragments)
+    # ... and under a limit it just fits, where every fragment past a quarter is counted.
+    bounded = await _seconds_to_read_fragments(fragments, fragments)
+    assert bounded < 2.5 * unbounded + 0.2, (bounded, unbounded)
