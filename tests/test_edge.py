@@ -36,7 +36,7 @@ from _rawws import (
 )
 from loguru import logger
 from trio.testing import MockClock
-from wsproto.events import CloseConnection, Request, TextMessage
+from wsproto.events import CloseConnection, Pong, Request, TextMessage
 
 from trio_relay import CloseCode, RelayConfig, open_relay
 from trio_relay._edge import MAX_HEAD
@@ -540,3 +540,44 @@ async def test_a_message_in_many_tiny_fragments_costs_linear_time() -> None:
     # ... and under a limit it just fits, where every fragment past a quarter is counted.
     bounded = await _seconds_to_read_fragments(fragments, fragments)
     assert bounded < 2.5 * unbounded + 0.2, (bounded, unbounded)
+
+
+# --- valid but unusual ----------------------------------------------------------------------------
+
+
+async def test_control_frames_between_fragments_are_answered_and_the_message_read(
+    memory: MemoryRelay, autojump_clock: MockClock
+) -> None:
+    auth = b'{"id": "a", "type": "auth", "pin": "%s"}' % PIN.encode()
+    async with raw_client(memory) as client:
+        await client.send_raw(frame(TEXT, auth[:10], fin=False) + frame(PING, b"mid")
+                              + frame(CONTINUATION, auth[10:20], fin=False) + frame(PONG)
+                              + frame(CONTINUATION, auth[20:]))
+        frames = await client.replies(2)
+    assert [f["type"] for f in frames] == ["auth_required", "auth_success"]
+    assert [e.payload for e in client.events if isinstance(e, Pong)] == [b"mid"]
+
+
+async def test_a_ping_flood_from_a_client_that_reads_nothing_stays_bounded(
+    memory_backend: MemoryBackend, autojump_clock: MockClock, records: list[Any]
+) -> None:
+    config = RelayConfig(outbound_queue_size=8, close_timeout=5)
+    async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
+        baseline = await memory.quiet_statistics()
+        stream = await memory.listener.connect(buffer=256)
+        client = RawClient(stream)
+        await client.handshake()
+        (connection,) = memory.relay._connections
+        for _ in range(200):  # 20 KB of pongs owed, 256 bytes of buffer to put them in
+            await client.send_raw(frame(PING, b"p" * 100))
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection.socket.backlog <= config.outbound_queue_size
+        # It still gets a close, whole, after whatever pongs went out whole.
+        await client.send_raw(frame(CLOSE, close_payload(1000)))
+        close = await client.closed()
+        assert close.code == 1000
+        assert [f["type"] for f in client.frames()] == ["auth_required"]
+        assert all(isinstance(e, (TextMessage, Pong, CloseConnection)) for e in client.events)
+        await stream.aclose()
+        assert await memory.quiet_statistics() == baseline
+    assert_no_traceback(records)
