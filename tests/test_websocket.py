@@ -483,3 +483,31 @@ async def test_tls_connections_work_through_the_writer() -> None:
             assert [p["data"]["message"]["content"] for p in pushes[:20]] == [
                 f"{i}:{BIG}" for i in range(20)]
         await _wait_idle(relay)
+
+
+async def test_shutdown_during_a_half_sent_frame_finishes_it_then_closes_1001(
+    memory_backend: MemoryBackend, autojump_clock: MockClock
+) -> None:
+    memory_backend.add_chat("p1", "c1")
+    async with trio.open_nursery() as nursery:
+        async with open_memory_relay(memory_backend, pin=PIN) as memory:
+            stream = await memory.listener.connect(buffer=64)
+            client = RawClient(stream)
+            await client.handshake()
+            await client.request(id="a", type="auth", pin=PIN)
+            await client.request(id="s", type="subscribe", resource="chat", resourceId="c1")
+            await client.replies(3)
+            client.events.clear()
+            memory_backend.add_message("c1", "last " + BIG)
+            await trio.testing.wait_all_tasks_blocked()
+            assert connection_of(memory).socket.backlog == 1
+            closed: list[CloseConnection] = []
+
+            async def read() -> None:
+                closed.append(await client.closed())
+
+            nursery.start_soon(read)  # reads while the relay shuts down
+            start = trio.current_time()
+        assert trio.current_time() - start < 1  # the client answered: no timeout waited
+    assert contents(client.events) == ["last " + BIG]
+    assert closed[0].code == CloseCode.GOING_AWAY
