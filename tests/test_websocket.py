@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from _rawws import RawClient, raw_client
+from _rawws import BINARY, CLOSE, TEXT, RawClient, close_payload, frame, raw_client
 from trio.testing import MockClock
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
@@ -511,3 +511,65 @@ async def test_shutdown_during_a_half_sent_frame_finishes_it_then_closes_1001(
         assert trio.current_time() - start < 1  # the client answered: no timeout waited
     assert contents(client.events) == ["last " + BIG]
     assert closed[0].code == CloseCode.GOING_AWAY
+
+
+async def test_a_tls_client_that_stops_reading_is_closed_as_slow_and_freed() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    backend = MemoryBackend()
+    backend.add_chat("p1", "c1")
+    config = RelayConfig(outbound_queue_size=4, close_timeout=0.5)
+    async with open_relay_on_loopback(backend, config, server_context) as (relay, port):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SSLStream(trio.SocketStream(sock), client_context,
+                                server_hostname="127.0.0.1")
+        client = RawClient(stream)
+        await client.handshake()
+        await client.request(id="a", type="auth", pin=PIN)
+        await client.request(id="s", type="subscribe", resource="chat", resourceId="c1")
+        await client.replies(3)
+        with trio.fail_after(10):
+            for i in range(2000):
+                backend.add_message("c1", f"{i}:{BIG}")
+                await trio.lowlevel.checkpoint()
+                if relay.counters.slow_closes:
+                    break
+        assert relay.counters.slow_closes == 1
+        # It never reads again: the relay gives up on the close after close_timeout.
+        await _wait_idle(relay)
+        assert relay.statistics().subscriptions == 0
+        await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (frame(TEXT, b"{}", rsv=4), CloseCode.PROTOCOL_ERROR),
+    (frame(TEXT, b"\xff"), CloseCode.INVALID_PAYLOAD),
+    (frame(BINARY, b"\x00"), CloseCode.UNSUPPORTED_DATA),
+    (frame(CLOSE, close_payload(1000, b"bye")), 1000),
+], ids=["rsv", "utf8", "binary", "client-close"])
+async def test_a_bad_frame_over_tls_gets_its_close_through_the_writer(
+    data: bytes, code: int
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with open_relay_on_loopback(MemoryBackend(), RelayConfig(), server_context) as (
+            relay, port):
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port,
+                                                     ssl_context=client_context)
+        client = RawClient(stream)
+        await client.handshake()
+        await client.send_raw(data)
+        with trio.fail_after(10):
+            close = await client.closed()
+            await client.read_until(lambda events: False)
+        assert close.code == code and client.ended
+        await trio.aclose_forcefully(stream)
+        await _wait_idle(relay)
