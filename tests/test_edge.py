@@ -582,3 +582,18 @@ async def test_a_ping_flood_from_a_client_that_reads_nothing_stays_bounded(
         await stream.aclose()
         assert await memory.quiet_statistics() == baseline
     assert_no_traceback(records)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_edge._serve_http stops after MAX_REQUESTS_PER_CONNECTION answers and closes the "
+    "stream, but the last answer does not say `Connection: close` (RFC 9112 9.6), so a "
+    "client that pipelined more requests cannot tell they were dropped; suggested: pass "
+    "close=True to _send for the last request of the loop"))
+async def test_the_last_answer_on_a_kept_alive_connection_says_so(
+    memory: MemoryRelay, autojump_clock: MockClock
+) -> None:
+    stream = await memory.listener.connect()
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 101)
+    answers = (await read_to_end(stream)).split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 100
+    assert b"\r\nconnection: close\r\n" in answers[-1].lower()
