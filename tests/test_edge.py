@@ -39,6 +39,7 @@ from trio.testing import MockClock
 from wsproto.events import CloseConnection, Pong, Request, TextMessage
 
 from trio_relay import CloseCode, RelayConfig, open_relay
+from trio_relay._config import RelayStatistics
 from trio_relay._edge import MAX_HEAD
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
@@ -63,6 +64,13 @@ async def memory(memory_backend: MemoryBackend) -> AsyncIterator[MemoryRelay]:
     memory_backend.add_chat("p1", "c1")
     async with open_memory_relay(memory_backend, pin=PIN, config=CONFIG) as relay:
         yield relay
+
+
+async def assert_idle(memory: MemoryRelay, baseline: RelayStatistics) -> None:
+    """The relay holds what it held before: no connection, task or subscription left, and
+    no stream counted against its address (the per-address cap)."""
+    assert await memory.quiet_statistics() == baseline
+    assert memory.relay._edge.per_address == {}
 
 
 def assert_no_traceback(records: list[Any]) -> None:
@@ -162,7 +170,7 @@ async def test_a_bad_request_gets_its_status_a_log_line_and_a_close(
     assert int(headers["content-length"]) == len(answer.partition(b"\r\n\r\n")[2])
     if header is not None:
         assert headers[header[0]] == header[1]
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert_no_traceback(records)
     assert memory.relay.counters.handshakes_failed == failed + 1
     assert logged(records, str(status)), "no log line names the refusal"
@@ -210,7 +218,7 @@ async def test_a_plain_request_to_the_websocket_path_gets_426(
     assert (await client.replies(1))[0]["type"] == "auth_required"
     await client.send(CloseConnection(1000))
     assert (await client.closed()).code == 1000
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert_no_traceback(records)
 
 
@@ -255,7 +263,7 @@ async def test_slowloris_headers_are_dropped_after_the_handshake_timeout(
             await stream.send_all(piece)  # to a closed peer: taken, as TCP would
             await trio.sleep(1)
     assert answer == b""  # no answer at all
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert memory.relay.counters.handshakes_failed == failed + 1
     assert ended_at - start == pytest.approx(CONFIG.handshake_timeout)
     assert len(logged(records, "handshake timeout")) == 1
@@ -273,7 +281,7 @@ async def test_an_idle_socket_after_the_upgrade_is_closed_at_the_auth_timeout(
         close = await client.closed()
         assert close.code == CloseCode.POLICY_VIOLATION
         assert trio.current_time() - start == pytest.approx(CONFIG.auth_timeout)
-        assert await memory.quiet_statistics() == baseline
+        await assert_idle(memory, baseline)
     assert logged(records, "authentication timed out")
     assert_no_traceback(records)
 
@@ -338,7 +346,7 @@ async def test_a_bad_frame_closes_with_its_code_and_a_log_line(
         await client.read_until(lambda events: False)  # then the relay closes the stream
         assert client.ended
         assert trio.current_time() == start
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert logged(records, f"disconnected: {code}")
     assert_no_traceback(records)
 
@@ -354,7 +362,7 @@ async def test_a_valid_close_from_the_client_is_echoed(
         assert (close.code, close.reason) == (code, "ciao ✓")
         await client.read_until(lambda events: False)
         assert client.ended
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert logged(records, f"disconnected: {code} ciao ✓")
 
 
@@ -404,7 +412,7 @@ async def test_a_client_that_never_answers_the_close_is_dropped_after_close_time
         assert client.ended
         assert isinstance(events[-1], CloseConnection) and events[-1].code == 1003
         assert trio.current_time() - start == pytest.approx(CONFIG.close_timeout)
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert_no_traceback(records)
 
 
@@ -419,7 +427,7 @@ async def test_frames_after_the_close_are_ignored(
         await client.read_until(lambda events: False)
     assert close.code == 1000
     assert not [e for e in client.events if isinstance(e, TextMessage) and "late" in e.data]
-    assert await memory.quiet_statistics() == baseline
+    await assert_idle(memory, baseline)
     assert_no_traceback(records)
 
 
@@ -580,7 +588,7 @@ async def test_a_ping_flood_from_a_client_that_reads_nothing_stays_bounded(
         assert [f["type"] for f in client.frames()] == ["auth_required"]
         assert all(isinstance(e, (TextMessage, Pong, CloseConnection)) for e in client.events)
         await stream.aclose()
-        assert await memory.quiet_statistics() == baseline
+        await assert_idle(memory, baseline)
     assert_no_traceback(records)
 
 

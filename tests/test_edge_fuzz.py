@@ -328,6 +328,7 @@ def test_any_input_ends_in_a_proper_close_and_leaves_nothing(clients: list[Plan]
             # Histories are kept for resume_grace after their last subscriber left.
             await trio.sleep(CONFIG.resume_grace + 1)
             assert await memory.quiet_statistics() == idle
+            assert memory.relay._edge.per_address == {}  # nothing counts against the cap
 
     handler = logger.add(
         lambda message: errors.append(message.record["message"]), level="ERROR")
