@@ -271,7 +271,7 @@ async def test_slowloris_headers_are_dropped_after_the_handshake_timeout(
     await still_serves(memory)
 
 
-async def test_an_idle_socket_after_the_upgrade_is_closed_at_the_auth_timeout(
+async def test_a_frame_started_and_never_finished_is_closed_at_the_auth_timeout(
     memory: MemoryRelay, autojump_clock: MockClock, records: list[Any]
 ) -> None:
     baseline = await memory.quiet_statistics()
