@@ -524,17 +524,19 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(
 
 
 async def _seconds_to_read_fragments(limit: int, fragments: int) -> float:
-    """Real seconds from sending a text message of ``fragments`` one-byte frames (before
-    auth: anyone may) to its answer, on a relay whose max_message_size is ``limit``."""
+    """CPU seconds from sending a text message of ``fragments`` one-byte frames (before
+    auth: anyone may) to its answer, on a relay whose max_message_size is ``limit``.
+
+    Process time, not wall time: other processes on the machine do not count."""
     data = b"".join(frame(TEXT if i == 0 else CONTINUATION, b" ", fin=i == fragments - 1)
                     for i in range(fragments))
     config = RelayConfig(max_message_size=limit)
     async with open_memory_relay(MemoryBackend(), pin=PIN, config=config) as memory:
         async with raw_client(memory) as client:
-            start = time.perf_counter()
+            start = time.process_time()
             await client.send_raw(data)
             await client.replies(2)  # auth_required, then bad_request for " " * fragments
-            return time.perf_counter() - start
+            return time.process_time() - start
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -544,9 +546,11 @@ async def _seconds_to_read_fragments(limit: int, fragments: int) -> float:
     "fragments (about 450 KB on the wire, no auth needed) hold the event loop for ~35 s"))
 async def test_a_message_in_many_tiny_fragments_costs_linear_time() -> None:
     fragments = 16384
-    # The same message, read under a limit it is far from (no byte counting at all) ...
-    unbounded = await _seconds_to_read_fragments(1 << 24, fragments)
+    # The same message, read under a limit it is far from (no byte counting at all; the
+    # best of three, so that a collection of the garbage collector does not count) ...
+    unbounded = min([await _seconds_to_read_fragments(1 << 24, fragments) for _ in range(3)])
     # ... and under a limit it just fits, where every fragment past a quarter is counted.
+    # Today about 6 times as long; counting each fragment's bytes once, about the same.
     bounded = await _seconds_to_read_fragments(fragments, fragments)
     assert bounded < 2.5 * unbounded + 0.2, (bounded, unbounded)
 
