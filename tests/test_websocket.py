@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.connection import Connection as WSConnection
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from trio_relay import CloseCode, RelayConfig
@@ -50,7 +49,7 @@ BIG = "x" * 3000  # a push of about 3 KB: far more than the small buffers below
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 def test_a_push_is_framed_as_wsproto_frames_it(size: int) -> None:
     text = "é" * (size // 2) + "y" * (size % 2)
-    by_wsproto = WSConnection(ConnectionType.SERVER).send(TextMessage(text))
+    by_wsproto = Connection(ConnectionType.SERVER).send(TextMessage(text))
     assert frame_text(text.encode()) == by_wsproto
 
 
@@ -68,7 +67,7 @@ def test_which_streams_take_writes_at_once() -> None:
 
 def _server(stream: trio.abc.Stream, *, max_backlog: int = 8, write_at_once: bool = True,
             close_timeout: float = 5) -> ServerWebSocket:
-    return ServerWebSocket(stream, WSConnection(ConnectionType.SERVER),
+    return ServerWebSocket(stream, Connection(ConnectionType.SERVER),
                            max_message_size=1 << 16, max_backlog=max_backlog,
                            close_timeout=close_timeout, write_at_once=write_at_once)
 
