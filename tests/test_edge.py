@@ -148,6 +148,8 @@ REFUSALS = [
     pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), 400, None,
                  id="tls-client-hello"),
     pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, None, id="no-host"),
+    pytest.param(upgrade_request(extra=("Origin: http://evil.example",)), 403, None,
+                 id="foreign-origin"),
 ]
 
 
