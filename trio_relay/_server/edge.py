@@ -69,7 +69,8 @@ def check_upgrade(method: bytes, http_version: bytes, headers: Mapping[str, str]
     if len(key) != 16:
         return text_response(400, "bad request: Sec-WebSocket-Key must be 16 bytes in base64\n")
     if headers.get("sec-websocket-version", "").strip() != "13":
-        return text_response(426, "WebSocket version 13 only\n", ("Sec-WebSocket-Version", "13"))
+        return text_response(426, "WebSocket version 13 only\n",
+                             ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
     return None
 
 
@@ -181,8 +182,6 @@ class Edge:
         if upgrade is None:
             return None
         answer = refusal(upgrade.headers, self._config, self.per_address[address])
-        if answer is None and self._closing:
-            answer = text_response(503, "the relay is shutting down")
         if answer is not None:
             self._counters.handshakes_failed += 1
             log.warning("handshake refused: {} {}", answer.status, answer.body.decode().strip())
@@ -219,7 +218,7 @@ class Edge:
         ahead after every answer, so an idle kept-alive connection is dropped.
         """
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        for _ in range(MAX_REQUESTS_PER_CONNECTION):
+        for answered in range(MAX_REQUESTS_PER_CONNECTION):
             received = 0  # bytes of this request's head
             try:
                 event = conn.next_event()
@@ -227,27 +226,30 @@ class Edge:
                     # Fed as it arrives, so h11 refuses garbage (a TLS hello, binary) at once.
                     try:
                         data = await stream.receive_some(MAX_HEAD)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        if not answered and not received:
+                            # Nothing was read: on TLS, a failed handshake (plain HTTP or
+                            # garbage on the TLS port); else a reset before the first byte.
+                            self._counters.handshakes_failed += 1
+                            log.info("dropped before a request: {}", exc.__cause__ or exc)
                         return None
                     received += len(data)
                     conn.receive_data(bytes(data))  # b"": the client closed
                     event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                self._counters.handshakes_failed += 1
-                log.info("bad HTTP request: {} {}", status, exc)
-                await _send_error(stream, status, "request head too large\n" if status == 431
-                                  else "bad request\n")
+                await self._refuse(stream, log, status, "request head too large\n"
+                                   if status == 431 else "bad request\n", exc)
                 return None
             if not isinstance(event, h11.Request):  # the client closed between requests
                 return None
             # h11 bounds only a head still incomplete; one that arrived whole in one read
             # may be longer.
             if received - len(conn.trailing_data[0]) > MAX_HEAD:
-                await _send_error(stream, 431, "request head too large\n")
+                await self._refuse(stream, log, 431, "request head too large\n")
                 return None
             if event.http_version not in (b"1.0", b"1.1"):
-                await _send_error(stream, 505, "HTTP/1.1 only\n")
+                await self._refuse(stream, log, 505, "HTTP/1.1 only\n")
                 return None
             headers = {name.decode("latin-1"): value.decode("latin-1")
                        for name, value in event.headers}
@@ -265,21 +267,32 @@ class Edge:
                 return None
             try:
                 has_body = not isinstance(conn.next_event(), h11.EndOfMessage)
-            except h11.RemoteProtocolError:  # a body that does not even parse
-                await _send_error(stream, 400, "bad request\n")
+            except h11.RemoteProtocolError as exc:  # a body that does not even parse
+                await self._refuse(stream, log, 400, "bad request\n", exc)
                 return None
             response = (
                 text_response(413, "request bodies are not accepted\n") if has_body
                 else route(method, target, headers, web=self._web, metrics=self._metrics)
             )
             log.debug("HTTP {} {} {}", method, target.partition("?")[0], response.status)
-            if not await _send(stream, conn, method, response, close=has_body):
+            # The last answer on this connection says so, for a client that pipelined more.
+            last = has_body or answered == MAX_REQUESTS_PER_CONNECTION - 1
+            if not await _send(stream, conn, method, response, close=last):
                 return None
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return None  # the client asked to close, or sent a body we did not read
             conn.start_next_cycle()
             deadline.deadline = trio.current_time() + self._config.handshake_timeout
         return None
+
+    async def _refuse(
+        self, stream: trio.abc.Stream, log: Logger, status: int, text: str,
+        why: Exception | None = None,
+    ) -> None:
+        """Answer a request that could not be read (counted and logged), then close."""
+        self._counters.handshakes_failed += 1
+        log.info("bad HTTP request: {} {}", status, why if why is not None else text.strip())
+        await _send_error(stream, status, text)
 
 
 async def _send(

@@ -92,7 +92,7 @@ class ServerWebSocket:
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()
         self._parts: list[str] = []
-        self._chars = 0
+        self._size = 0  # bytes of the message so far
         self._ignoring = False  # the rest of a refused message (binary, too big)
         # A frame broke the protocol: the close code and reason to close with once settled,
         # and whether to stop reading at once (wsproto cannot parse any further).
@@ -138,11 +138,7 @@ class ServerWebSocket:
         handlers = _HANDLERS
         with self._read_scope:
             while True:
-                try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                ws.receive_data(bytes(data) if data else None)
+                # Events first: frames may have come in the same read as the request head.
                 for event in ws.events():
                     if type(event) is TextMessage:
                         text = self._on_text(event)
@@ -157,6 +153,11 @@ class ServerWebSocket:
                         self.close(code, reason)
                         if self._stop_after_violation:
                             return
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                ws.receive_data(bytes(data) if data else None)
 
     def _on_text(self, event: TextMessage) -> str | None:
         """A whole text message, or None while it is incomplete or refused."""
@@ -168,15 +169,13 @@ class ServerWebSocket:
             len(chunk) * 4 <= self._max_message_size
         ):
             return chunk  # the common case: one frame, surely within the limit
-        self._chars += len(chunk)
+        # Each fragment counted once, as it comes: a message sent in many tiny fragments costs
+        # time in proportion to its size.
+        self._size += len(chunk) if chunk.isascii() else len(chunk.encode())
         self._parts.append(chunk)
-        limit = self._max_message_size
-        # A character is 1 to 4 bytes: count bytes only when characters cannot decide.
-        if self._chars > limit or (
-            self._chars * 4 > limit and len("".join(self._parts).encode()) > limit
-        ):
+        if self._size > self._max_message_size:
             self._parts.clear()
-            self._chars = 0
+            self._size = 0
             self._ignoring = not event.message_finished
             self._violation = (CloseCode.MESSAGE_TOO_BIG, "message too big")
             return None
@@ -184,7 +183,7 @@ class ServerWebSocket:
             return None
         text = "".join(self._parts)
         self._parts.clear()
-        self._chars = 0
+        self._size = 0
         return text
 
     def _on_bytes(self, event: BytesMessage) -> bool:
@@ -250,8 +249,9 @@ class ServerWebSocket:
         self.closed = (code, reason)
         backlog = self._backlog
         if drop_backlog and backlog:
-            # Only the frame being written may stay: cutting it short would tear the stream.
-            first = backlog[0] if self._writing else None
+            # Only a frame partly written may stay (the writer's, or the rest of one written
+            # at once in part, held as a memoryview): cutting it short would tear the stream.
+            first = backlog[0] if self._writing or isinstance(backlog[0], memoryview) else None
             backlog.clear()
             if first is not None:
                 backlog.append(first)
@@ -274,6 +274,7 @@ class ServerWebSocket:
             return True
         view = memoryview(data)
         write_now = self._write_now
+        sent = 0
         if write_now is not None:
             try:
                 sent = write_now(view)
@@ -282,10 +283,10 @@ class ServerWebSocket:
                 return True
             if sent == len(data):
                 return True
-            view = view[sent:]
         if backlog is None:
             backlog = self._backlog = deque()
-        backlog.append(view)
+        # A frame partly written stays a memoryview of its rest; one not begun, bytes.
+        backlog.append(view[sent:] if sent else data)
         self._start_writer()
         return True
 
