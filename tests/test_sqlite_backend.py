@@ -16,11 +16,11 @@ import trio
 from loguru import logger
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from trio_relay import _sqlite_backend as sqlite_backend
-from trio_relay._agents import SilentAgent
-from trio_relay._backend import Backend, BackendError, Change, NotFound
-from trio_relay._echo_agent import EchoAgent
-from trio_relay._sqlite_backend import (
+from trio_relay._agents.command import SilentAgent
+from trio_relay._agents.echo import EchoAgent
+from trio_relay._store import sqlite as sqlite_backend
+from trio_relay._store.backend import Backend, BackendError, Change, NotFound
+from trio_relay._store.sqlite import (
     DATABASE_NAME,
     SEED_MODEL_PROFILES,
     SqliteBackend,

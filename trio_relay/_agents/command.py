@@ -3,7 +3,7 @@
 An agent has one method, ``async def reply(content, emit) -> str``: it streams its answer to
 ``content`` through ``emit`` (a synchronous callable taking one piece of text) as it goes, and
 returns the whole answer, which the backend stores as the chat's next message. `EchoAgent`
-(``_echo_agent.py``) is the demo one; `CommandAgent` starts a command for every message and
+(``echo.py``) is the demo one; `CommandAgent` starts a command for every message and
 streams its standard output.
 
 An agent that fails in a way worth telling the chat about raises `AgentError`: its message is

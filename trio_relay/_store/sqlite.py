@@ -34,11 +34,11 @@ import outcome
 import trio
 from loguru import logger
 
-from ._agents import Agent, AgentError, CommandAgent, SilentAgent
-from ._backend import BackendError, Feed, NotFound, Snapshot
-from ._echo_agent import EchoAgent
-from ._hub import ChangeHub
-from ._wire.protocol import JSON, ResourceKey
+from .._agents.command import Agent, AgentError, CommandAgent, SilentAgent
+from .._agents.echo import EchoAgent
+from .._wire.protocol import JSON, ResourceKey
+from .backend import BackendError, Feed, NotFound, Snapshot
+from .hub import ChangeHub
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

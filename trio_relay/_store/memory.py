@@ -15,9 +15,9 @@ from typing import Any, Final
 
 import trio
 
-from ._backend import BackendError, Change, NotFound, Snapshot
-from ._hub import ChangeHub
-from ._wire.protocol import JSON, ResourceKey
+from .._wire.protocol import JSON, ResourceKey
+from .backend import BackendError, Change, NotFound, Snapshot
+from .hub import ChangeHub
 
 __all__ = ["HANG", "MemoryBackend"]
 
