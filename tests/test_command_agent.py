@@ -19,7 +19,8 @@ import trio
 from _processes import alive, wait_gone
 from loguru import logger
 
-from trio_relay._agents.command import Agent, AgentError, CommandAgent
+from trio_relay._agents.agent import Agent, AgentError
+from trio_relay._agents.command import CommandAgent
 from trio_relay._agents.echo import EchoAgent
 from trio_relay._store.backend import Change
 from trio_relay._store.sqlite import SqliteBackend, open_sqlite_backend

@@ -5,8 +5,8 @@ The public API is re-exported here; every module whose name starts with ``_`` is
 
 from loguru import logger as _logger
 
-from ._agents.command import Agent as Agent
-from ._agents.command import AgentError as AgentError
+from ._agents.agent import Agent as Agent
+from ._agents.agent import AgentError as AgentError
 from ._agents.command import CommandAgent as CommandAgent
 from ._agents.echo import EchoAgent as EchoAgent
 from ._config import CloseCode as CloseCode
