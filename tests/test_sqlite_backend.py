@@ -373,7 +373,7 @@ async def test_two_sends_reply_in_order_without_interleaving(
     for user, reply in zip(user_changes, replies, strict=True):
         assert positions[id(user)] < positions[id(reply[0])]
     # Nothing is kept for an idle chat.
-    assert not backend.replies.active_chats
+    assert not backend._replies.active_chats
 
 
 @attrs.frozen
@@ -451,7 +451,7 @@ async def test_a_silent_profiles_chats_get_no_reply(
         for text in ("one", "two", "three"):
             await backend.send_message(chat["id"], text)
         # Every send is exactly one push, and no reply is even queued.
-        assert not backend.replies.active_chats
+        assert not backend._replies.active_chats
         changes = [await feed.__anext__() for _ in range(3)]
     assert types(changes) == ["message"] * 3
     assert [c.data["message"]["content"] for c in changes] == ["one", "two", "three"]
@@ -531,7 +531,7 @@ async def test_deleting_a_chat_stops_its_replies(
         assert sorted(types(seen)) == ["chunk", "message", "message", "reply_started"]
 
         await backend.delete_chat(chat["id"])
-        assert not backend.replies.active_chats
+        assert not backend._replies.active_chats
         for _ in range(10):
             mock_clock.jump(1.0)
             await wait_all_tasks_blocked()
@@ -590,7 +590,7 @@ async def test_leaving_cancels_a_reply_and_leaves_no_task(
                 if change.data["type"] == "chunk":
                     break
         assert len(all_tasks()) > tasks_before
-        assert backend.replies.active_chats
+        assert backend._replies.active_chats
     assert len(all_tasks()) == tasks_before
     assert trio.lowlevel.current_task().child_nurseries == nurseries_before
     async with open_sqlite_backend(tmp_path) as backend:

@@ -135,7 +135,7 @@ class SqliteBackend:
     """
 
     #: The runner of this backend's replies, set by `open_sqlite_backend`.
-    replies: Replies
+    _replies: Replies
 
     def __init__(
         self,
@@ -222,7 +222,7 @@ class SqliteBackend:
             message, chat = result
             self.hub.publish(_chat_key(chat_id), {"type": "message", "message": message})
             # Queued under the lock, so replies run in the order the messages were stored.
-            self.replies.queue(ReplyJob(chat_id, content, chat["modelProfileId"], message["id"]))
+            self._replies.queue(ReplyJob(chat_id, content, chat["modelProfileId"], message["id"]))
 
         await self._write_batched(
             partial(sql.insert_message, chat_id, sql.new_id(), "user", content, sender=sender_text),
@@ -352,7 +352,7 @@ class SqliteBackend:
     async def cancel_reply(self, chat_id: str) -> bool:
         """Stop the reply running in a chat (queued ones still run); push ``cancelled``."""
         await self._run(partial(sql.select_chat, chat_id=chat_id))  # NotFound if unknown
-        return self.replies.cancel(chat_id)
+        return self._replies.cancel(chat_id)
 
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
@@ -364,7 +364,7 @@ class SqliteBackend:
             # The chat's own watchers are done: their feeds complete, so subscribers get the
             # final {"completed": true} and a later subscribe finds the chat gone.
             self.hub.end(_chat_key(chat_id))
-            self.replies.forget(chat_id)
+            self._replies.forget(chat_id)
         logger.info("deleted chat {}", chat_id)
 
     async def set_model_profiles(
@@ -413,20 +413,30 @@ class SqliteBackend:
             return self.agent
         return attrs.evolve(self.agent, chunk_delay=delay)
 
-    # --- the reply runner's store (`ChatStore`) ---
 
-    def publish_to_chat(self, chat_id: str, data: JSON) -> None:
-        """Publish an event that changes no rows (streamed agent output) to a chat's feed."""
-        self.hub.publish(_chat_key(chat_id), data)
+@attrs.frozen
+class _ChatStore:
+    """What the reply runner needs of a `SqliteBackend` (`replies.ChatStore`), kept off the
+    backend's own surface."""
+
+    backend: SqliteBackend
+
+    def agent_for(self, model_profile_id: str) -> Agent:
+        return self.backend.agent_for(model_profile_id)
+
+    def publish(self, chat_id: str, data: JSON) -> None:
+        """Streamed agent output changes no rows: published without the lock."""
+        self.backend.hub.publish(_chat_key(chat_id), data)
 
     async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
-        return await self._run(partial(sql.select_earlier, chat_id, message_id))
+        return await self.backend._run(partial(sql.select_earlier, chat_id, message_id))
 
     async def store_reply(self, chat_id: str, message_id: str, content: str) -> None:
+        backend = self.backend
         write = partial(sql.insert_message, chat_id, message_id, "assistant", content)
-        async with self._lock:
-            stored, _ = await self._run(write)
-            self.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
+        async with backend._lock:
+            stored, _ = await backend._run(write)
+            backend.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
 
 
 @asynccontextmanager
@@ -448,8 +458,9 @@ async def open_sqlite_backend(
                     conn, limiter=limiter, nursery=nursery, agent=agent or EchoAgent(), path=path
                 )
                 try:
-                    async with open_replies(backend, backend.publish_to_chat) as replies:
-                        backend.replies = replies
+                    store = _ChatStore(backend)
+                    async with open_replies(store, store.publish) as replies:
+                        backend._replies = replies
                         try:
                             yield backend
                         finally:
