@@ -33,8 +33,8 @@ from loguru import logger
 
 from .._agents.agent import Agent, AgentError, HistoryItem, answers, run_reply
 from .._errors import raise_single
-from .._wire.protocol import JSON, ResourceKey
-from .backend import NotFound
+from .._wire.protocol import JSON
+from .backend import NotFound, chat_key
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -126,7 +126,7 @@ class Replies:
         if queue is None or queue.running is None:
             return False
         queue.running.cancel()
-        logger.bind(resource=str(_chat_key(chat_id))).info("reply cancelled")
+        logger.bind(resource=str(chat_key(chat_id))).info("reply cancelled")
         return True
 
     def forget(self, chat_id: str) -> None:
@@ -169,13 +169,13 @@ class Replies:
         except NotFound:
             pass  # the chat was deleted meanwhile
         except Exception:
-            logger.bind(resource=str(_chat_key(chat_id))).exception(
+            logger.bind(resource=str(chat_key(chat_id))).exception(
                 "could not store the stopped reply"
             )
 
     async def _reply(self, job: ReplyJob, queue: _ChatQueue) -> None:
         chat_id = job.chat_id
-        resource = str(_chat_key(chat_id))
+        resource = str(chat_key(chat_id))
         log = logger.bind(resource=resource)
         message_id = queue.message_id = uuid.uuid4().hex
 
@@ -215,10 +215,6 @@ class Replies:
             self._publish(
                 chat_id, {"type": "error", "messageId": message_id, "error": "reply not saved"}
             )
-
-
-def _chat_key(chat_id: str) -> ResourceKey:
-    return ResourceKey("chat", chat_id)
 
 
 @asynccontextmanager

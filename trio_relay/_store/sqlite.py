@@ -37,7 +37,14 @@ from .._agents.echo import EchoAgent
 from .._errors import raise_single
 from .._wire.protocol import JSON, ResourceKey
 from . import sqlite_sql as sql
-from .backend import BackendError, Feed, Snapshot
+from .backend import (
+    MODEL_PROFILES_KEY,
+    BackendError,
+    Feed,
+    Snapshot,
+    chat_key,
+    project_key,
+)
 from .hub import ChangeHub
 from .replies import Replies, ReplyJob, open_replies
 from .sqlite_schema import SEED_MODEL_PROFILES, WELCOME_TEXT, connect
@@ -47,7 +54,6 @@ if sys.version_info < (3, 11):
 
 __all__ = [
     "DATABASE_NAME",
-    "MODEL_PROFILES_KEY",
     "SEED_MODEL_PROFILES",
     "WELCOME_TEXT",
     "SqliteBackend",
@@ -56,7 +62,6 @@ __all__ = [
 
 DATABASE_NAME: Final = "trio-relay.sqlite3"
 DEFAULT_CHAT_TITLE: Final = "New chat"
-MODEL_PROFILES_KEY: Final = ResourceKey("modelProfiles", "")
 #: Messages stored between two checkpoints of the write-ahead log (SQLite's own default
 #: is 1000 pages, about 4 MiB; a message is usually far smaller than a page).
 CHECKPOINT_EVERY: Final = 1000
@@ -66,14 +71,6 @@ _PROFILE_CHUNK_DELAYS: Final = {"echo-fast": 0.01, "echo-slow": 0.3}
 _MESSAGE_FIELDS: Final = ("text", "content", "message")
 
 _T = TypeVar("_T")
-
-
-def _chat_key(chat_id: str) -> ResourceKey:
-    return ResourceKey("chat", chat_id)
-
-
-def _project_key(project_id: str) -> ResourceKey:
-    return ResourceKey("project", project_id)
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -200,10 +197,10 @@ class SqliteBackend:
         return Snapshot([dict(profile) for profile in cached.items], cached.version)
 
     async def list_chats(self, project_id: str) -> Snapshot:
-        return await self._snapshot(_project_key(project_id), partial(sql.select_chats, project_id))
+        return await self._snapshot(project_key(project_id), partial(sql.select_chats, project_id))
 
     async def get_history(self, chat_id: str) -> Snapshot:
-        return await self._snapshot(_chat_key(chat_id), partial(sql.select_history, chat_id))
+        return await self._snapshot(chat_key(chat_id), partial(sql.select_history, chat_id))
 
     # --- writes ---
 
@@ -220,7 +217,7 @@ class SqliteBackend:
 
         def stored(result: tuple[sql.Row, sql.Row]) -> None:
             message, chat = result
-            self.hub.publish(_chat_key(chat_id), {"type": "message", "message": message})
+            self.hub.publish(chat_key(chat_id), {"type": "message", "message": message})
             # Queued under the lock, so replies run in the order the messages were stored.
             self._replies.queue(ReplyJob(chat_id, content, chat["modelProfileId"], message["id"]))
 
@@ -228,7 +225,7 @@ class SqliteBackend:
             partial(sql.insert_message, chat_id, sql.new_id(), "user", content, sender=sender_text),
             stored,
         )
-        logger.bind(resource=f"chat:{chat_id}").debug("message of {} characters", len(content))
+        logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
 
     async def _write_batched(
         self, write: Callable[[sqlite3.Connection], _T], then: Callable[[_T], None]
@@ -333,7 +330,7 @@ class SqliteBackend:
         write = partial(sql.insert_chat, project_id, title, model_profile_id)
         async with self._lock:
             chat = await self._run(write)
-            self.hub.publish(_project_key(project_id), {"type": "chat_created", "chat": chat})
+            self.hub.publish(project_key(project_id), {"type": "chat_created", "chat": chat})
         logger.info("created chat {} in project {}", chat["id"], project_id)
         return chat
 
@@ -345,7 +342,7 @@ class SqliteBackend:
         async with self._lock:
             chat = await self._run(write)
             self.hub.publish(
-                _project_key(chat["projectId"]), {"type": "chat_renamed", "chat": chat}
+                project_key(chat["projectId"]), {"type": "chat_renamed", "chat": chat}
             )
         return chat
 
@@ -359,11 +356,11 @@ class SqliteBackend:
         async with self._lock:
             chat = await self._run(partial(sql.delete_chat, chat_id))
             self.hub.publish(
-                _project_key(chat["projectId"]), {"type": "chat_deleted", "chatId": chat_id}
+                project_key(chat["projectId"]), {"type": "chat_deleted", "chatId": chat_id}
             )
             # The chat's own watchers are done: their feeds complete, so subscribers get the
             # final {"completed": true} and a later subscribe finds the chat gone.
-            self.hub.end(_chat_key(chat_id))
+            self.hub.end(chat_key(chat_id))
             self._replies.forget(chat_id)
         logger.info("deleted chat {}", chat_id)
 
@@ -393,10 +390,10 @@ class SqliteBackend:
     # --- feeds ---
 
     def watch_project(self, project_id: str) -> Feed:
-        return self.hub.open_feed(_project_key(project_id))
+        return self.hub.open_feed(project_key(project_id))
 
     def watch_chat(self, chat_id: str) -> Feed:
-        return self.hub.open_feed(_chat_key(chat_id))
+        return self.hub.open_feed(chat_key(chat_id))
 
     def watch_model_profiles(self) -> Feed:
         return self.hub.open_feed(MODEL_PROFILES_KEY)
@@ -426,7 +423,7 @@ class _ChatStore:
 
     def publish(self, chat_id: str, data: JSON) -> None:
         """Streamed agent output changes no rows: published without the lock."""
-        self.backend.hub.publish(_chat_key(chat_id), data)
+        self.backend.hub.publish(chat_key(chat_id), data)
 
     async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
         return await self.backend._run(partial(sql.select_earlier, chat_id, message_id))
@@ -436,7 +433,7 @@ class _ChatStore:
         write = partial(sql.insert_message, chat_id, message_id, "assistant", content)
         async with backend._lock:
             stored, _ = await backend._run(write)
-            backend.hub.publish(_chat_key(chat_id), {"type": "message", "message": stored})
+            backend.hub.publish(chat_key(chat_id), {"type": "message", "message": stored})
 
 
 @asynccontextmanager
