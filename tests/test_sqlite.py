@@ -22,7 +22,6 @@ from trio_relay._store import sqlite, sqlite_schema, sqlite_sql
 from trio_relay._store.backend import Backend, BackendError, Change, NotFound
 from trio_relay._store.sqlite import (
     DATABASE_NAME,
-    SEED_MODEL_PROFILES,
     SqliteBackend,
     open_sqlite_backend,
 )
@@ -116,7 +115,7 @@ async def test_fresh_database_is_seeded(tmp_path: Path, autojump_clock: MockCloc
         assert history[0]["role"] == "assistant"
         assert "Welcome" in history[0]["content"] and "type" in history[0]["content"].lower()
         profiles = await backend.get_model_profiles()
-        assert profiles.items == SEEDED_PROFILES == list(SEED_MODEL_PROFILES)
+        assert profiles.items == SEEDED_PROFILES == list(sqlite_schema.SEED_MODEL_PROFILES)
         assert profiles.version == 0
     path = data_dir / DATABASE_NAME
     assert path.is_file()

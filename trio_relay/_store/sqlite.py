@@ -47,15 +47,13 @@ from .backend import (
 )
 from .hub import ChangeHub
 from .replies import Replies, ReplyJob, open_replies
-from .sqlite_schema import SEED_MODEL_PROFILES, WELCOME_TEXT, connect
+from .sqlite_schema import connect
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "DATABASE_NAME",
-    "SEED_MODEL_PROFILES",
-    "WELCOME_TEXT",
     "SqliteBackend",
     "open_sqlite_backend",
 ]
