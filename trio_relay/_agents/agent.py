@@ -34,6 +34,9 @@ class Agent(Protocol):
       its chats is stored and pushed, and that is all: no reply starts, no event follows.
     - ``wants_history`` (default False): True for an agent whose ``reply`` takes
       ``history=``, the chat's earlier messages (`HistoryItem`), oldest first.
+
+    They are not members of the protocol: an agent with ``reply`` alone, as the protocol
+    asked before they existed, must stay an agent to a type checker too.
     """
 
     async def reply(self, content: str, emit: Emit) -> str:
