@@ -10,9 +10,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from trio_relay._agents import CommandAgent, SilentAgent
+from trio_relay._agents.command import CommandAgent
+from trio_relay._agents.echo import EchoAgent
+from trio_relay._agents.silent import SilentAgent
 from trio_relay._cli import main
-from trio_relay._echo_agent import EchoAgent
 from trio_relay._settings import (
     CommandProfile,
     EchoProfile,

@@ -9,8 +9,9 @@ from typing import Any
 import attrs
 import trio
 
-from trio_relay._echo_agent import EchoAgent
-from trio_relay._sqlite_backend import STOPPED_NOTE, open_sqlite_backend
+from trio_relay._agents.echo import EchoAgent
+from trio_relay._store.replies import STOPPED_NOTE
+from trio_relay._store.sqlite import open_sqlite_backend
 from trio_relay.testing import MemoryBackend, open_memory_relay
 
 PIN = "1234"

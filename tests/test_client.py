@@ -23,7 +23,7 @@ import trio.testing
 import trustme
 
 from trio_relay import RelayConfig, open_relay
-from trio_relay._sqlite_backend import open_sqlite_backend
+from trio_relay._store.sqlite import open_sqlite_backend
 from trio_relay.client import (
     AgentError,
     AuthFailed,

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from trio_relay import open_relay, open_sqlite_backend
-from trio_relay._sqlite_backend import WELCOME_TEXT
+from trio_relay._store.sqlite_schema import WELCOME_TEXT
 from trio_relay.client import (
     AuthFailed,
     ConnectionLost,

@@ -19,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from trio_relay import open_relay
-from trio_relay._sqlite_backend import open_sqlite_backend
+from trio_relay._store.sqlite import open_sqlite_backend
 from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e

@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_relay._backend import Change
-from trio_relay._hub import ChangeHub, FeedOverflow
+from trio_relay._store.backend import Change
+from trio_relay._store.hub import ChangeHub, FeedOverflow
 from trio_relay._wire.protocol import ResourceKey
 
 KEY = ResourceKey("chat", "c1")

@@ -399,7 +399,7 @@ async def test_sqlite_stores_senders_and_migrates_old_databases(tmp_path: Path) 
         PRAGMA user_version = 1;
     """)
     old.close()
-    from trio_relay._agents import SilentAgent
+    from trio_relay._agents.silent import SilentAgent
 
     async with open_sqlite_backend(tmp_path) as backend:
         await backend.set_model_profiles([{"id": "quiet", "name": "Quiet", "agent": "silent"}],

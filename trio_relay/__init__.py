@@ -5,21 +5,13 @@ The public API is re-exported here; every module whose name starts with ``_`` is
 
 from loguru import logger as _logger
 
-from ._agents import Agent as Agent
-from ._agents import AgentError as AgentError
-from ._agents import CommandAgent as CommandAgent
-from ._backend import Backend as Backend
-from ._backend import BackendError as BackendError
-from ._backend import Change as Change
-from ._backend import Feed as Feed
-from ._backend import NotFound as NotFound
-from ._backend import Snapshot as Snapshot
+from ._agents.agent import Agent as Agent
+from ._agents.agent import AgentError as AgentError
+from ._agents.command import CommandAgent as CommandAgent
+from ._agents.echo import EchoAgent as EchoAgent
 from ._config import CloseCode as CloseCode
 from ._config import RelayConfig as RelayConfig
 from ._config import RelayStatistics as RelayStatistics
-from ._echo_agent import EchoAgent as EchoAgent
-from ._hub import ChangeHub as ChangeHub
-from ._hub import FeedOverflow as FeedOverflow
 from ._server.counters import RelayCounters as RelayCounters
 from ._server.pairing import Device as Device
 from ._server.pairing import DeviceStore as DeviceStore
@@ -32,8 +24,16 @@ from ._server.relay import SubscriptionError as SubscriptionError
 from ._server.relay import Update as Update
 from ._server.relay import UpstreamError as UpstreamError
 from ._server.relay import open_relay as open_relay
-from ._sqlite_backend import SqliteBackend as SqliteBackend
-from ._sqlite_backend import open_sqlite_backend as open_sqlite_backend
+from ._store.backend import Backend as Backend
+from ._store.backend import BackendError as BackendError
+from ._store.backend import Change as Change
+from ._store.backend import Feed as Feed
+from ._store.backend import NotFound as NotFound
+from ._store.backend import Snapshot as Snapshot
+from ._store.hub import ChangeHub as ChangeHub
+from ._store.hub import FeedOverflow as FeedOverflow
+from ._store.sqlite import SqliteBackend as SqliteBackend
+from ._store.sqlite import open_sqlite_backend as open_sqlite_backend
 from ._wire.protocol import ErrorCode as ErrorCode
 
 __version__ = "0.1.0"

@@ -237,7 +237,7 @@ async def open_listeners(
 async def serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
-    from ._sqlite_backend import open_sqlite_backend
+    from ._store.sqlite import open_sqlite_backend
 
     # Bound before anything is written: a start that fails on a busy port leaves no data dir.
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)

@@ -47,11 +47,18 @@ def single_error(exc: BaseException) -> BaseException:
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise the one real error of ``group`` as itself, keeping its cause; else the group."""
+    """Raise the one real error of ``group`` as itself, keeping its cause and context (not
+    chained to the group); else the group."""
     error = single_error(group)
     if error is group:
         raise group
-    raise error from error.__cause__
+    context, cause = error.__context__, error.__cause__
+    try:
+        raise error
+    finally:
+        # Raised inside `except group`, it would get the group as its context; undo that.
+        error.__context__, error.__cause__ = context, cause
+        del error
 
 
 def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:

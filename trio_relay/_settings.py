@@ -45,9 +45,11 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
+from ._agents.agent import Agent
+from ._agents.command import PROMPT_MODES, CommandAgent
+from ._agents.echo import EchoAgent
+from ._agents.silent import SilentAgent
 from ._config import RelayConfig
-from ._echo_agent import EchoAgent
 from ._wire.protocol import JSON
 
 if sys.version_info >= (3, 11):

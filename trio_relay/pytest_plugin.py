@@ -33,8 +33,8 @@ from typing import Any
 import attrs
 import pytest
 
-from ._backend import Backend
 from ._config import RelayConfig
+from ._store.backend import Backend
 from .testing import DEFAULT_PIN, MemoryBackend, MemoryRelay, TestClient, open_memory_relay
 
 __all__ = [

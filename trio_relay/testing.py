@@ -36,13 +36,13 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
-from ._backend import Backend
 from ._config import RelayConfig, RelayStatistics
 from ._errors import raise_single
-from ._memory_backend import HANG, MemoryBackend
 from ._memory_streams import MemoryListener
 from ._server.pairing import DeviceStore
 from ._server.relay import Listener, Relay, Update, open_relay
+from ._store.backend import Backend
+from ._store.memory import HANG, MemoryBackend
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -27,9 +27,9 @@ import attrs
 import trio
 from loguru import logger
 
-from .._backend import Backend, BackendError, NotFound
 from .._config import CloseCode, RelayConfig
 from .._errors import CodedError
+from .._store.backend import Backend, BackendError, NotFound
 from .._stream.broadcaster import Push, SubscribeFailed
 from .._stream.registry import BroadcasterRegistry
 from .._wire.framing import frame_text

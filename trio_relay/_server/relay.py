@@ -27,9 +27,9 @@ import attrs
 import trio
 from loguru import logger
 
-from .._backend import Backend
 from .._config import CloseCode, RelayConfig, RelayStatistics
 from .._errors import CodedError, raise_single
+from .._store.backend import Backend
 from .._stream.broadcaster import Push, SubscribeFailed, Synced
 from .._stream.registry import BroadcasterRegistry
 from .._wire.protocol import JSON, RESOURCES, ResourceKey

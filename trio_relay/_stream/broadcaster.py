@@ -9,7 +9,7 @@ channel, and either closes itself when full. So a slow subscriber can never hold
 When the last subscriber leaves, the scope is cancelled: leaving the feed's ``async with``
 closes the upstream, and nothing else holds the broadcaster, so its buffers go with it.
 
-Joining a live broadcaster is exact thanks to versions (see `trio_relay._backend`). A joiner is
+Joining a live broadcaster is exact thanks to versions (`_store.backend`). A joiner is
 registered first, so it sees every change from then on in a pending list; then it reads a
 snapshot; once the feed has caught up with the snapshot's version, the pending changes the
 snapshot already holds are dropped and the reply carries the ``seq`` the snapshot is current to.
@@ -35,8 +35,8 @@ import attrs
 import trio
 from loguru import logger
 
-from .._backend import BackendError, Change, Feed, NotFound, Snapshot
 from .._errors import CodedError
+from .._store.backend import BackendError, Change, Feed, NotFound, Snapshot
 from .._wire.framing import frame_text
 from .._wire.protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 

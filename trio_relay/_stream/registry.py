@@ -16,8 +16,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .._backend import Backend, Feed, Snapshot
 from .._config import RelayConfig
+from .._store.backend import Backend, Feed, Snapshot
 from .._wire.protocol import ErrorCode, ResourceKey
 from .broadcaster import Broadcaster, StreamHistory, SubscribeFailed, Subscriber, Synced
 

@@ -1,32 +1,29 @@
-"""Agents: what answers a chat's messages. `Agent` is the interface, `CommandAgent` runs a program.
+"""`CommandAgent`: answers each message by running a program and streaming its stdout.
 
-An agent has one method, ``async def reply(content, emit) -> str``: it streams its answer to
-``content`` through ``emit`` (a synchronous callable taking one piece of text) as it goes, and
-returns the whole answer, which the backend stores as the chat's next message. `EchoAgent`
-(``_echo_agent.py``) is the demo one; `CommandAgent` starts a command for every message and
-streams its standard output.
-
-An agent that fails in a way worth telling the chat about raises `AgentError`: its message is
-what the chat's subscribers see, its ``detail`` what the log line says.
+Every message starts the command once, in a process group of its own, so that stopping a run
+(a timeout, a cancel, a shutdown) stops everything it started. What it prints is emitted as it
+is read; a failure is an `AgentError` that says what happened (docs/agents.md).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import math
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Final
 
 import attrs
 import trio
 from loguru import logger
 
-__all__ = ["PROMPT_MODES", "Agent", "AgentError", "CommandAgent", "HistoryItem", "SilentAgent"]
+from .._errors import positive
+from .agent import AgentError, Emit, HistoryItem
+
+__all__ = ["PROMPT_MODES", "CommandAgent"]
 
 #: Where a `CommandAgent` puts the message it answers: on its stdin, or as its last argument.
 PROMPT_MODES: Final = ("stdin", "argument")
@@ -34,41 +31,6 @@ PROMPT_MODES: Final = ("stdin", "argument")
 STDERR_TAIL: Final = 2000
 #: Seconds to wait for a killed command's process to be reaped before giving up on it.
 _REAP_TIMEOUT: Final = 5.0
-
-#: One earlier message of a chat as a command with ``history`` gets it.
-HistoryItem = Mapping[str, str]
-
-
-@runtime_checkable
-class Agent(Protocol):
-    """What answers a chat's messages."""
-
-    async def reply(self, content: str, emit: Callable[[str], None]) -> str:
-        """Stream the answer to ``content`` through ``emit``, piece by piece; return it whole."""
-        ...
-
-
-@attrs.frozen
-class SilentAgent:
-    """An agent that never answers: a message sent to its chats is stored and pushed, and
-    that is all. For chats that only people write in, and for benchmarks, where every
-    ``send`` must be exactly one push."""
-
-    async def reply(self, content: str, emit: Callable[[str], None]) -> str:
-        raise AssertionError("a silent agent is never asked to reply")  # pragma: no cover
-
-
-class AgentError(Exception):
-    """A run of an agent failed: ``str(error)`` is for the chat, ``detail`` for the log."""
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.detail = detail or message
-
-
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
 def _argv(instance: object, attribute: attrs.Attribute[tuple[str, ...]],
@@ -107,13 +69,18 @@ class CommandAgent:
     #: Whether the chat's earlier messages are written to stdin first, as JSON lines.
     history: bool = False
     #: Seconds a run may take before it is stopped and reported as timed out.
-    timeout: float = attrs.field(default=600.0, validator=_positive)
+    timeout: float = attrs.field(default=600.0, validator=positive)
     #: Bytes of output a run may print before it is stopped and reported.
-    max_output: int = attrs.field(default=1 << 20, validator=_positive)
+    max_output: int = attrs.field(default=1 << 20, validator=positive)
     #: Seconds between SIGTERM and SIGKILL when a run is stopped.
-    stop_grace: float = attrs.field(default=2.0, validator=_positive)
+    stop_grace: float = attrs.field(default=2.0, validator=positive)
     #: What log lines call it (the model profile's id).
     label: str = "command"
+
+    @property
+    def wants_history(self) -> bool:
+        """The `Agent` protocol's switch: ``reply`` gets the chat's history with ``history``."""
+        return self.history
 
     def environment(self) -> dict[str, str]:
         """The command's environment. The relay's own settings (``TRIO_RELAY_*``, the PIN
@@ -138,7 +105,7 @@ class CommandAgent:
         return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode()
 
     async def reply(
-        self, content: str, emit: Callable[[str], None], history: Sequence[HistoryItem] = ()
+        self, content: str, emit: Emit, history: Sequence[HistoryItem] = ()
     ) -> str:
         """Run the command once for ``content``; stream its stdout through ``emit``.
 
@@ -237,7 +204,7 @@ def _signal_name(signum: int) -> str:
 class _Run:
     """The streams of one running command: stdin fed, stdout streamed, stderr's tail kept."""
 
-    def __init__(self, process: trio.Process, emit: Callable[[str], None], limit: int) -> None:
+    def __init__(self, process: trio.Process, emit: Emit, limit: int) -> None:
         self.process = process
         self.emit = emit
         self.limit = limit

@@ -17,13 +17,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import attrs
 
-from ._wire.protocol import JSON
+from .._wire.protocol import JSON, ResourceKey
 
-__all__ = ["Backend", "BackendError", "Change", "Feed", "NotFound", "Snapshot"]
+__all__ = [
+    "MODEL_PROFILES_KEY", "Backend", "BackendError", "Change", "Feed", "NotFound", "Snapshot",
+    "chat_key", "project_key",
+]
+
+#: The key of the one ``modelProfiles`` resource, which a store publishes its changes under.
+MODEL_PROFILES_KEY: Final = ResourceKey("modelProfiles", "")
+
+
+def chat_key(chat_id: str) -> ResourceKey:
+    """The key a store publishes a chat's changes under (`Backend.watch_chat`)."""
+    return ResourceKey("chat", chat_id)
+
+
+def project_key(project_id: str) -> ResourceKey:
+    """The key a store publishes a project's changes under (`Backend.watch_project`)."""
+    return ResourceKey("project", project_id)
 
 
 @attrs.frozen

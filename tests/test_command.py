@@ -19,10 +19,11 @@ import trio
 from _processes import alive, wait_gone
 from loguru import logger
 
-from trio_relay._agents import Agent, AgentError, CommandAgent
-from trio_relay._backend import Change
-from trio_relay._echo_agent import EchoAgent
-from trio_relay._sqlite_backend import SqliteBackend, open_sqlite_backend
+from trio_relay._agents.agent import Agent, AgentError
+from trio_relay._agents.command import CommandAgent
+from trio_relay._agents.echo import EchoAgent
+from trio_relay._store.backend import Change
+from trio_relay._store.sqlite import SqliteBackend, open_sqlite_backend
 
 WAIT = 10.0  # bound on any single wait; the tests take a fraction of it
 PY = sys.executable

@@ -16,13 +16,12 @@ import trio
 from loguru import logger
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from trio_relay import _sqlite_backend as sqlite_backend
-from trio_relay._agents import SilentAgent
-from trio_relay._backend import Backend, BackendError, Change, NotFound
-from trio_relay._echo_agent import EchoAgent
-from trio_relay._sqlite_backend import (
+from trio_relay._agents.echo import EchoAgent
+from trio_relay._agents.silent import SilentAgent
+from trio_relay._store import sqlite, sqlite_schema, sqlite_sql
+from trio_relay._store.backend import Backend, BackendError, Change, NotFound
+from trio_relay._store.sqlite import (
     DATABASE_NAME,
-    SEED_MODEL_PROFILES,
     SqliteBackend,
     open_sqlite_backend,
 )
@@ -116,7 +115,7 @@ async def test_fresh_database_is_seeded(tmp_path: Path, autojump_clock: MockCloc
         assert history[0]["role"] == "assistant"
         assert "Welcome" in history[0]["content"] and "type" in history[0]["content"].lower()
         profiles = await backend.get_model_profiles()
-        assert profiles.items == SEEDED_PROFILES == list(SEED_MODEL_PROFILES)
+        assert profiles.items == SEEDED_PROFILES == list(sqlite_schema.SEED_MODEL_PROFILES)
         assert profiles.version == 0
     path = data_dir / DATABASE_NAME
     assert path.is_file()
@@ -373,7 +372,7 @@ async def test_two_sends_reply_in_order_without_interleaving(
     for user, reply in zip(user_changes, replies, strict=True):
         assert positions[id(user)] < positions[id(reply[0])]
     # Nothing is kept for an idle chat.
-    assert backend._queues == {}
+    assert not backend._replies.active_chats
 
 
 @attrs.frozen
@@ -451,7 +450,7 @@ async def test_a_silent_profiles_chats_get_no_reply(
         for text in ("one", "two", "three"):
             await backend.send_message(chat["id"], text)
         # Every send is exactly one push, and no reply is even queued.
-        assert not backend._queues
+        assert not backend._replies.active_chats
         changes = [await feed.__anext__() for _ in range(3)]
     assert types(changes) == ["message"] * 3
     assert [c.data["message"]["content"] for c in changes] == ["one", "two", "three"]
@@ -531,7 +530,7 @@ async def test_deleting_a_chat_stops_its_replies(
         assert sorted(types(seen)) == ["chunk", "message", "message", "reply_started"]
 
         await backend.delete_chat(chat["id"])
-        assert backend._queues == {}
+        assert not backend._replies.active_chats
         for _ in range(10):
             mock_clock.jump(1.0)
             await wait_all_tasks_blocked()
@@ -590,7 +589,7 @@ async def test_leaving_cancels_a_reply_and_leaves_no_task(
                 if change.data["type"] == "chunk":
                     break
         assert len(all_tasks()) > tasks_before
-        assert backend._queues
+        assert backend._replies.active_chats
     assert len(all_tasks()) == tasks_before
     assert trio.lowlevel.current_task().child_nurseries == nurseries_before
     async with open_sqlite_backend(tmp_path) as backend:
@@ -628,13 +627,13 @@ async def test_concurrent_sends_are_stored_in_one_batch(
     backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
-    run_batch = sqlite_backend._run_batch
+    run_batch = sqlite_sql.run_batch
 
     def counting(writes: list[Any], conn: sqlite3.Connection) -> Any:
         batches.append(len(writes))
         return run_batch(writes, conn)
 
-    monkeypatch.setattr(sqlite_backend, "_run_batch", counting)
+    monkeypatch.setattr(sqlite_sql, "run_batch", counting)
     failures: list[BaseException] = []
 
     async def send(chat_id: str, text: str) -> None:
@@ -688,15 +687,15 @@ async def test_writes_waiting_for_a_closing_backend_fail_cleanly(tmp_path: Path)
 async def test_the_log_is_checkpointed_in_the_worker_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(sqlite, "CHECKPOINT_EVERY", 5)
     threads: list[bool] = []
-    checkpoint = sqlite_backend._wal_checkpoint
+    checkpoint = sqlite_sql.wal_checkpoint
 
     def recording(conn: sqlite3.Connection) -> None:
         threads.append(threading.current_thread() is threading.main_thread())
         checkpoint(conn)
 
-    monkeypatch.setattr(sqlite_backend, "_wal_checkpoint", recording)
+    monkeypatch.setattr(sqlite_sql, "wal_checkpoint", recording)
     with trio.fail_after(10):
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(12):
@@ -729,22 +728,22 @@ async def test_a_locked_database_is_waited_for_in_the_worker_thread(tmp_path: Pa
 
 
 def test_a_batch_that_sqlite_rolls_back_stores_nothing(tmp_path: Path) -> None:
-    conn = sqlite_backend._connect(tmp_path / DATABASE_NAME)
+    conn = sqlite_schema.connect(tmp_path / DATABASE_NAME)
 
     def insert(text: str) -> Any:
-        return partial(sqlite_backend._insert_message, "welcome", text, "user", text)
+        return partial(sqlite_sql.insert_message, "welcome", text, "user", text)
 
     def disk_full(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL or an I/O error
         raise sqlite3.OperationalError("database or disk is full")
 
     with pytest.raises(BackendError, match="rolled the transaction back"):
-        sqlite_backend._run_batch([insert("one"), disk_full, insert("three")], conn)
+        sqlite_sql.run_batch([insert("one"), disk_full, insert("three")], conn)
     assert not conn.in_transaction
     contents = [row[0] for row in conn.execute("SELECT content FROM messages")]
     assert "one" not in contents and "three" not in contents
     # The connection is usable, and a write outside a batch still commits on its own.
-    sqlite_backend._insert_message("welcome", "four", "user", "four", conn)
+    sqlite_sql.insert_message("welcome", "four", "user", "four", conn)
     assert not conn.in_transaction
     conn.close()
 
@@ -752,12 +751,12 @@ def test_a_batch_that_sqlite_rolls_back_stores_nothing(tmp_path: Path) -> None:
 async def test_a_failing_checkpoint_is_logged_and_the_backend_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
 ) -> None:
-    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(sqlite, "CHECKPOINT_EVERY", 2)
 
     def failing(conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(sqlite_backend, "_wal_checkpoint", failing)
+    monkeypatch.setattr(sqlite_sql, "wal_checkpoint", failing)
     with trio.fail_after(10):
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(3):

@@ -9,7 +9,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_relay._echo_agent import EchoAgent, split_text
+from trio_relay._agents.echo import EchoAgent, split_text
 
 
 async def test_reply_streams_the_echo_in_pieces(autojump_clock: trio.abc.Clock) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
 from typing import Final
 
 import attrs
 import trio
+
+from .agent import Emit
 
 __all__ = ["EchoAgent", "split_text"]
 
@@ -28,7 +29,7 @@ class EchoAgent:
     chunk_delay: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
     chunks: int = attrs.field(default=5, validator=attrs.validators.ge(1))
 
-    async def reply(self, content: str, emit: Callable[[str], None]) -> str:
+    async def reply(self, content: str, emit: Emit) -> str:
         """Stream the reply through ``emit``, one piece per ``chunk_delay``; return it whole."""
         text = f"Echo: {content}"
         for piece in split_text(text, self.chunks):

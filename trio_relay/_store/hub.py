@@ -18,8 +18,8 @@ from typing import Final
 import attrs
 import trio
 
-from ._backend import Change
-from ._wire.protocol import JSON
+from .._wire.protocol import JSON
+from .backend import Change
 
 __all__ = ["ChangeHub", "FeedOverflow"]
 

@@ -15,16 +15,22 @@ from typing import Any, Final
 
 import trio
 
-from ._backend import BackendError, Change, NotFound, Snapshot
-from ._hub import ChangeHub
-from ._wire.protocol import JSON, ResourceKey
+from .._wire.protocol import JSON, ResourceKey
+from .backend import (
+    MODEL_PROFILES_KEY,
+    BackendError,
+    Change,
+    NotFound,
+    Snapshot,
+    chat_key,
+    project_key,
+)
+from .hub import ChangeHub
 
 __all__ = ["HANG", "MemoryBackend"]
 
 #: Put into `MemoryBackend.faults` to make a call hang until cancelled.
 HANG: Final = "hang"
-
-_MODEL_PROFILES: Final = ResourceKey("modelProfiles", "")
 
 
 class MemoryBackend:
@@ -67,7 +73,7 @@ class MemoryBackend:
         chat: dict[str, JSON] = {"id": chat_id, "projectId": project_id, "title": title}
         self.chats[chat_id] = chat
         self.messages[chat_id] = []
-        self.hub.publish(ResourceKey("project", project_id), {"type": "chat_created", "chat": chat})
+        self.hub.publish(project_key(project_id), {"type": "chat_created", "chat": chat})
         return chat
 
     def add_message(
@@ -81,12 +87,12 @@ class MemoryBackend:
         if sender is not None:
             message["sender"] = sender
         self.messages[chat_id].append(message)
-        self.hub.publish(ResourceKey("chat", chat_id), {"type": "message", "message": message})
+        self.hub.publish(chat_key(chat_id), {"type": "message", "message": message})
         return message
 
     def set_model_profiles(self, profiles: list[JSON]) -> None:
         self.model_profiles = list(profiles)
-        self.hub.publish(_MODEL_PROFILES, {"modelProfiles": self.model_profiles})
+        self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": self.model_profiles})
 
     def emit(self, resource: str, resource_id: str, data: JSON) -> Change:
         """Publish a raw upstream event that changes no stored state (streamed output)."""
@@ -114,20 +120,20 @@ class MemoryBackend:
 
     async def get_model_profiles(self) -> Snapshot:
         await self._fault("get_model_profiles")
-        return Snapshot(list(self.model_profiles), self.hub.version(_MODEL_PROFILES))
+        return Snapshot(list(self.model_profiles), self.hub.version(MODEL_PROFILES_KEY))
 
     async def list_chats(self, project_id: str) -> Snapshot:
         await self._fault("list_chats")
         if project_id not in self.projects:
             raise NotFound(f"project {project_id!r} not found")
         chats = [c for c in self.chats.values() if c["projectId"] == project_id]
-        return Snapshot(chats, self.hub.version(ResourceKey("project", project_id)))
+        return Snapshot(chats, self.hub.version(project_key(project_id)))
 
     async def get_history(self, chat_id: str) -> Snapshot:
         await self._fault("get_history")
         if chat_id not in self.chats:
             raise NotFound(f"chat {chat_id!r} not found")
-        version = self.hub.version(ResourceKey("chat", chat_id))
+        version = self.hub.version(chat_key(chat_id))
         return Snapshot(list(self.messages[chat_id]), version)
 
     async def send_message(
@@ -165,17 +171,17 @@ class MemoryBackend:
         if chat_id not in self.replying:
             return False
         self.replying.discard(chat_id)
-        self.hub.publish(ResourceKey("chat", chat_id), {"type": "cancelled"})
+        self.hub.publish(chat_key(chat_id), {"type": "cancelled"})
         return True
 
     def watch_project(self, project_id: str) -> Any:
-        return self._feed("watch_project", ResourceKey("project", project_id))
+        return self._feed("watch_project", project_key(project_id))
 
     def watch_chat(self, chat_id: str) -> Any:
-        return self._feed("watch_chat", ResourceKey("chat", chat_id))
+        return self._feed("watch_chat", chat_key(chat_id))
 
     def watch_model_profiles(self) -> Any:
-        return self._feed("watch_model_profiles", _MODEL_PROFILES)
+        return self._feed("watch_model_profiles", MODEL_PROFILES_KEY)
 
     @asynccontextmanager
     async def _feed(self, method: str, key: ResourceKey) -> AsyncIterator[AsyncIterator[Change]]:

@@ -1,0 +1,474 @@
+"""`SqliteBackend`: a complete `Backend` on the standard library's sqlite3.
+
+It is the relay's default backend and its reference: projects, chats, messages and model
+profiles live in ``<data_dir>/trio-relay.sqlite3`` (``sqlite_schema``; the SQL itself is in
+``sqlite_sql``) and every change is published through a `ChangeHub`, so subscriptions are
+exact. Agents answer through the shared reply runner (``replies``), to which this backend is
+the `ChatStore`.
+
+The consistency rule: a write and its ``hub.publish`` happen under ``self._lock``, with no
+``await`` between the write returning and the publish, and a snapshot reads ``hub.version``
+and its rows under the same lock. A snapshot therefore holds exactly the writes of the changes
+up to its version. Streamed agent output (``reply_started``, ``chunk``, ``error``) changes no
+rows, so it is published without the lock (the agent's ``emit`` is synchronous); a snapshot
+takes its version before it reads its rows, so such an event published during the read gets a
+later version and still reaches the subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Final, TypeVar, cast
+
+import attrs
+import outcome
+import trio
+from loguru import logger
+
+from .._agents.agent import Agent, HistoryItem
+from .._agents.echo import EchoAgent
+from .._errors import raise_single
+from .._wire.protocol import JSON, ResourceKey
+from . import sqlite_sql as sql
+from .backend import (
+    MODEL_PROFILES_KEY,
+    BackendError,
+    Feed,
+    Snapshot,
+    chat_key,
+    project_key,
+)
+from .hub import ChangeHub
+from .replies import Replies, ReplyJob, open_replies
+from .sqlite_schema import connect
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "DATABASE_NAME",
+    "SqliteBackend",
+    "open_sqlite_backend",
+]
+
+DATABASE_NAME: Final = "trio-relay.sqlite3"
+DEFAULT_CHAT_TITLE: Final = "New chat"
+#: Messages stored between two checkpoints of the write-ahead log (SQLite's own default
+#: is 1000 pages, about 4 MiB; a message is usually far smaller than a page).
+CHECKPOINT_EVERY: Final = 1000
+# The seeded profiles that pace the echo agent differently from the backend's own agent.
+_PROFILE_CHUNK_DELAYS: Final = {"echo-fast": 0.01, "echo-slow": 0.3}
+
+_MESSAGE_FIELDS: Final = ("text", "content", "message")
+
+_T = TypeVar("_T")
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _message_text(message: JSON) -> str:
+    """The text of a client's ``message``: a string, or an object's text/content/message."""
+    if isinstance(message, str) and message:
+        return message
+    if isinstance(message, dict):
+        for field in _MESSAGE_FIELDS:
+            value = message.get(field)
+            if isinstance(value, str) and value:
+                return value
+    raise BackendError(
+        "message must be a non-empty string or an object with a non-empty string"
+        " under 'text', 'content' or 'message'"
+    )
+
+
+def _checked_profiles(profiles: list[JSON]) -> list[sql.Row]:
+    checked: list[sql.Row] = []
+    seen: set[str] = set()
+    for i, profile in enumerate(profiles):
+        if not isinstance(profile, dict):
+            raise ValueError(f"model profile {i} must be a dict")
+        for field in ("id", "name", "agent"):
+            if not isinstance(profile.get(field), str) or not profile[field]:
+                raise ValueError(f"model profile {i} needs a non-empty string {field!r}")
+        if profile["id"] in seen:
+            raise ValueError(f"model profile id {profile['id']!r} appears twice")
+        seen.add(profile["id"])
+        checked.append({"id": profile["id"], "name": profile["name"], "agent": profile["agent"]})
+    return checked
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _BatchedWrite:
+    """A write waiting for its batch (`SqliteBackend._write_batched`)."""
+
+    write: Callable[[sqlite3.Connection], object]
+    then: Callable[[object], None]
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: outcome.Outcome[object] | None = None
+
+
+class SqliteBackend:
+    """The `Backend` over one sqlite file. Get one from `open_sqlite_backend`.
+
+    Besides the protocol's methods it offers the host's side: `rename_chat`, `delete_chat`
+    and `set_model_profiles`, each pushed to the relevant feed.
+
+    A chat is answered by the agent of its model profile: ``agents[profile id]`` when
+    `set_model_profiles` was given one for it, else ``agent``, the echo agent (paced
+    differently for the seeded ``echo-fast`` and ``echo-slow``).
+    """
+
+    #: The runner of this backend's replies, set by `open_sqlite_backend`.
+    _replies: Replies
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        limiter: trio.CapacityLimiter,
+        nursery: trio.Nursery,
+        agent: EchoAgent,
+        path: Path,
+    ) -> None:
+        self.hub = ChangeHub()
+        self.agent = agent
+        self.agents: dict[str, Agent] = {}
+        self.path = path
+        self._conn = conn
+        self._limiter = limiter
+        self._nursery = nursery
+        self._lock = trio.Lock()
+        self._closed = False
+        # Every client's auth reads the projects and the model profiles: they are kept in
+        # memory, since only this backend writes them (the database is one relay's own).
+        # Projects are only ever seeded; the profiles' cache is dropped when they change.
+        self._projects: list[JSON] | None = None
+        self._profiles: Snapshot | None = None
+        # Messages waiting to be stored by the next batch (`_write_batched`).
+        self._batch: list[_BatchedWrite] = []
+        self._batching = False
+        self._uncheckpointed = 0  # messages stored since the last checkpoint
+        self._checkpointing = False
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise BackendError("backend is closed")
+        return await trio.to_thread.run_sync(
+            sql.patiently, fn, self._conn, limiter=self._limiter
+        )
+
+    async def _snapshot(
+        self, key: ResourceKey, read: Callable[[sqlite3.Connection], list[JSON]]
+    ) -> Snapshot:
+        async with self._lock:
+            # Writes wait for the lock, so the version taken first still matches the rows.
+            version = self.hub.version(key)
+            items = await self._run(read)
+        return Snapshot(items, version)
+
+    # --- reads ---
+
+    async def list_projects(self) -> list[JSON]:
+        if self._projects is None:
+            self._projects = await self._run(sql.select_projects)
+        else:
+            await trio.lowlevel.checkpoint()
+        return [dict(project) for project in self._projects]  # rows of strings
+
+    async def get_model_profiles(self) -> Snapshot:
+        cached = self._profiles
+        if cached is not None and cached.version == self.hub.version(MODEL_PROFILES_KEY):
+            await trio.lowlevel.checkpoint()
+        else:
+            cached = self._profiles = await self._snapshot(MODEL_PROFILES_KEY, sql.select_profiles)
+        return Snapshot([dict(profile) for profile in cached.items], cached.version)
+
+    async def list_chats(self, project_id: str) -> Snapshot:
+        return await self._snapshot(project_key(project_id), partial(sql.select_chats, project_id))
+
+    async def get_history(self, chat_id: str) -> Snapshot:
+        return await self._snapshot(chat_key(chat_id), partial(sql.select_history, chat_id))
+
+    # --- writes ---
+
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+    ) -> None:
+        """Store a user message, with ``sender`` (any JSON, stored as it is), and queue the
+        chat's agent to answer it."""
+        content = _message_text(message)
+        try:
+            sender_text = None if sender is None else json.dumps(sender, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raise BackendError("sender must be JSON") from None
+
+        def stored(result: tuple[sql.Row, sql.Row]) -> None:
+            message, chat = result
+            self.hub.publish(chat_key(chat_id), {"type": "message", "message": message})
+            # Queued under the lock, so replies run in the order the messages were stored.
+            self._replies.queue(ReplyJob(chat_id, content, chat["modelProfileId"], message["id"]))
+
+        await self._write_batched(
+            partial(sql.insert_message, chat_id, sql.new_id(), "user", content, sender=sender_text),
+            stored,
+        )
+        logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
+
+    async def _write_batched(
+        self, write: Callable[[sqlite3.Connection], _T], then: Callable[[_T], None]
+    ) -> _T:
+        """Store a message, with the others sent meanwhile: one transaction and one commit for
+        all of them (group commit). ``then`` runs once the batch is committed, under the lock
+        and in the order the writes were made (it publishes the change).
+
+        These small inserts run on the event loop, not in the worker thread, whose round trip
+        costs several times the insert: in WAL mode with ``synchronous=NORMAL`` a commit only
+        appends to the log in the page cache, and the log is checkpointed (the part that
+        syncs to disk) in the worker thread (`_checkpoint`). The first writer commits for
+        everyone waiting; like a write of its own, it is not undone by cancelling the caller.
+        """
+        if self._closed:
+            raise BackendError("backend is closed")
+        pending = _BatchedWrite(write, then)  # type: ignore[arg-type]
+        self._batch.append(pending)
+        with trio.CancelScope(shield=True):
+            if self._batching:
+                await pending.done.wait()
+            else:
+                await self._commit_batches()
+        assert pending.result is not None
+        return cast(_T, pending.result.unwrap())
+
+    async def _commit_batches(self) -> None:
+        self._batching = True
+        batch: list[_BatchedWrite] = []
+        try:
+            while self._batch and not self._closed:
+                async with self._lock:
+                    if self._closed:
+                        break
+                    # What queued up while the last batch was committed (or while the lock was
+                    # held) goes in this one.
+                    batch, self._batch = self._batch, []
+                    results = await self._store(batch)
+                    for pending, result in zip(batch, results, strict=True):
+                        if isinstance(result, outcome.Value):
+                            pending.then(result.value)
+                        pending.result = result
+                        pending.done.set()
+                self._uncheckpointed += len(batch)
+                if self._uncheckpointed >= CHECKPOINT_EVERY and not self._checkpointing:
+                    self._checkpointing = True
+                    self._nursery.start_soon(self._checkpoint)
+                batch = []
+        finally:
+            self._batching = False
+            # Closed (or failed) with writes still waiting: they will never be stored.
+            for pending in (*batch, *self._batch):
+                if not pending.done.is_set():
+                    pending.result = outcome.Error(BackendError("backend is closed"))
+                    pending.done.set()
+            self._batch = []
+
+    async def _store(self, batch: list[_BatchedWrite]) -> list[outcome.Outcome[object]]:
+        writes = [pending.write for pending in batch]
+        try:
+            try:
+                async with self._limiter:  # no worker thread is using the connection
+                    return sql.run_batch(writes, self._conn)
+            except sql.Busy:
+                # Another connection to the file (a backup, an operator's shell) holds its
+                # write lock: wait for it in the worker thread, never on the event loop.
+                return await self._run(partial(sql.run_batch, writes))
+        except Exception as exc:
+            logger.opt(exception=exc).error("could not store {} messages", len(batch))
+            error = BackendError(f"the message could not be stored: {exc}")
+            return [outcome.Error(error) for _ in batch]
+
+    async def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, in the worker thread: the part of
+        storing that waits for the disk (automatic checkpoints are off, see `_connect`). A
+        failure is logged, not raised: the log keeps growing until a checkpoint succeeds."""
+        try:
+            self._uncheckpointed = 0
+            if not self._closed:
+                await self._run(sql.wal_checkpoint)
+        except Exception as exc:
+            logger.opt(exception=exc).error("checkpoint of the write-ahead log failed")
+        finally:
+            self._checkpointing = False
+
+    async def create_chat(
+        self,
+        project_id: str,
+        title: str | None = None,
+        model_profile_id: str | None = None,
+    ) -> JSON:
+        if title is not None and not isinstance(title, str):
+            raise BackendError("title must be a string")
+        profiles = [p["id"] for p in (await self.get_model_profiles()).items]
+        if not profiles:
+            raise BackendError("there are no model profiles to create a chat with")
+        # No profile named: the first one (`echo` in a new database).
+        model_profile_id = model_profile_id or profiles[0]
+        if model_profile_id not in profiles:
+            raise BackendError(f"unknown model profile {model_profile_id!r}")
+        title = (title or "").strip() or DEFAULT_CHAT_TITLE
+        write = partial(sql.insert_chat, project_id, title, model_profile_id)
+        async with self._lock:
+            chat = await self._run(write)
+            self.hub.publish(project_key(project_id), {"type": "chat_created", "chat": chat})
+        logger.info("created chat {} in project {}", chat["id"], project_id)
+        return chat
+
+    async def rename_chat(self, chat_id: str, title: str) -> JSON:
+        """Retitle a chat and return it; pushes ``chat_renamed`` to its project's feed."""
+        if not isinstance(title, str) or not title.strip():
+            raise BackendError("title must be a non-empty string")
+        write = partial(sql.update_chat_title, chat_id, title.strip())
+        async with self._lock:
+            chat = await self._run(write)
+            self.hub.publish(
+                project_key(chat["projectId"]), {"type": "chat_renamed", "chat": chat}
+            )
+        return chat
+
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the reply running in a chat (queued ones still run); push ``cancelled``."""
+        await self._run(partial(sql.select_chat, chat_id=chat_id))  # NotFound if unknown
+        return self._replies.cancel(chat_id)
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
+        async with self._lock:
+            chat = await self._run(partial(sql.delete_chat, chat_id))
+            self.hub.publish(
+                project_key(chat["projectId"]), {"type": "chat_deleted", "chatId": chat_id}
+            )
+            # The chat's own watchers are done: their feeds complete, so subscribers get the
+            # final {"completed": true} and a later subscribe finds the chat gone.
+            self.hub.end(chat_key(chat_id))
+            self._replies.forget(chat_id)
+        logger.info("deleted chat {}", chat_id)
+
+    async def set_model_profiles(
+        self, profiles: list[JSON], agents: Mapping[str, Agent] | None = None
+    ) -> None:
+        """Replace all model profiles (each ``{"id", "name", "agent"}``) and push the list.
+
+        ``agents`` maps profile ids to the agent that answers in their chats, replacing the
+        ones given before (None: keep them); a profile without one gets the echo agent. A
+        reply already running keeps its agent. Raises `ValueError` for a malformed list or an
+        agent for no profile: this is the host's call, not a client's.
+        """
+        checked = _checked_profiles(profiles)
+        if agents is not None:
+            strays = sorted(set(agents) - {p["id"] for p in checked})
+            if strays:
+                raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
+        async with self._lock:
+            await self._run(partial(sql.store_profiles, checked))
+            self._profiles = None
+            if agents is not None:
+                self.agents = dict(agents)
+            self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": checked})
+        logger.info("model profiles replaced ({} profiles)", len(checked))
+
+    # --- feeds ---
+
+    def watch_project(self, project_id: str) -> Feed:
+        return self.hub.open_feed(project_key(project_id))
+
+    def watch_chat(self, chat_id: str) -> Feed:
+        return self.hub.open_feed(chat_key(chat_id))
+
+    def watch_model_profiles(self) -> Feed:
+        return self.hub.open_feed(MODEL_PROFILES_KEY)
+
+    # --- replies ---
+
+    def agent_for(self, model_profile_id: str) -> Agent:
+        """The agent that answers in a chat of the given model profile."""
+        configured = self.agents.get(model_profile_id)
+        if configured is not None:
+            return configured
+        delay = _PROFILE_CHUNK_DELAYS.get(model_profile_id)
+        if delay is None:
+            return self.agent
+        return attrs.evolve(self.agent, chunk_delay=delay)
+
+
+@attrs.frozen
+class _ChatStore:
+    """What the reply runner needs of a `SqliteBackend` (`replies.ChatStore`), kept off the
+    backend's own surface."""
+
+    backend: SqliteBackend
+
+    def agent_for(self, model_profile_id: str) -> Agent:
+        return self.backend.agent_for(model_profile_id)
+
+    def publish(self, chat_id: str, data: JSON) -> None:
+        """Streamed agent output changes no rows: published without the lock."""
+        self.backend.hub.publish(chat_key(chat_id), data)
+
+    async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
+        return await self.backend._run(partial(sql.select_earlier, chat_id, message_id))
+
+    async def store_reply(self, chat_id: str, message_id: str, content: str) -> None:
+        backend = self.backend
+        write = partial(sql.insert_message, chat_id, message_id, "assistant", content)
+        async with backend._lock:
+            stored, _ = await backend._run(write)
+            backend.hub.publish(chat_key(chat_id), {"type": "message", "message": stored})
+
+
+@asynccontextmanager
+async def open_sqlite_backend(
+    data_dir: str | os.PathLike[str], *, agent: EchoAgent | None = None
+) -> AsyncIterator[SqliteBackend]:
+    """Open (creating and seeding if new) the database in ``data_dir`` and run its replies.
+
+    Leaving the context cancels the replies still running and closes the database.
+    """
+    path = Path(data_dir) / DATABASE_NAME
+    limiter = trio.CapacityLimiter(1)
+    conn = await trio.to_thread.run_sync(connect, path, limiter=limiter)
+    logger.info("sqlite backend opened at {}", path)
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                backend = SqliteBackend(
+                    conn, limiter=limiter, nursery=nursery, agent=agent or EchoAgent(), path=path
+                )
+                try:
+                    store = _ChatStore(backend)
+                    async with open_replies(store, store.publish) as replies:
+                        backend._replies = replies
+                        try:
+                            yield backend
+                        finally:
+                            # Refuse new calls; leaving the block stops the replies: none
+                            # outlives the backend.
+                            backend._closed = True
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps whatever the caller's block raised; hand it back unwrapped so
+            # `async with open_sqlite_backend(...)` raises what its body raised.
+            raise_single(group)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(conn.close, limiter=limiter)
+        logger.info("sqlite backend at {} closed", path)
