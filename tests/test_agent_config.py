@@ -11,9 +11,9 @@ import attrs
 import pytest
 
 from trio_relay._agents import CommandAgent, SilentAgent
-from trio_relay._cli import main
 from trio_relay._echo_agent import EchoAgent
-from trio_relay._settings import (
+from trio_relay._settings.cli import main
+from trio_relay._settings.settings import (
     CommandProfile,
     EchoProfile,
     ServeSettings,

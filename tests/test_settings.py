@@ -12,8 +12,8 @@ import attrs
 import pytest
 
 from trio_relay import RelayConfig
-from trio_relay._cli import _parser, main
-from trio_relay._settings import (
+from trio_relay._settings.cli import _parser, main
+from trio_relay._settings.settings import (
     ServeSettings,
     Setting,
     SettingsError,

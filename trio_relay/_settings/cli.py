@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from loguru import logger
 
-from ._chat_cli import add_chat_command, run_chat
-from ._pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
-from ._relay import open_relay
-from ._settings import (
+from .._chat_cli import add_chat_command, run_chat
+from .._pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
+from .._relay import open_relay
+from .settings import (
     ServeSettings,
     SettingsError,
     add_arguments,
@@ -57,7 +57,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("trio-relay")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -237,7 +237,7 @@ async def open_listeners(
 async def serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
-    from ._sqlite_backend import open_sqlite_backend
+    from .._sqlite_backend import open_sqlite_backend
 
     # Bound before anything is written: a start that fails on a busy port leaves no data dir.
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)

@@ -45,10 +45,10 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from ._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
-from ._config import RelayConfig
-from ._echo_agent import EchoAgent
-from ._protocol import JSON
+from .._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
+from .._config import RelayConfig
+from .._echo_agent import EchoAgent
+from .._protocol import JSON
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -866,8 +866,3 @@ def markdown_table(table: tuple[str, ...] = ()) -> str:
                         f" {setting.doc} |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":  # pragma: no cover - a helper for keeping the docs in step
-    for prefix in sorted({s.path[:-1] for s in all_settings()}):
-        print(f"[{'.'.join(prefix)}]" if prefix else "(top level)")
-        print(markdown_table(prefix), end="\n\n")

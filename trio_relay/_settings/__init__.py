@@ -1,0 +1,1 @@
+"""Settings of ``trio-relay serve`` (`settings`) and the ``trio-relay`` command (`cli`)."""
