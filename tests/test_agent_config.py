@@ -13,6 +13,7 @@ import pytest
 from trio_relay._agents import CommandAgent, SilentAgent
 from trio_relay._echo_agent import EchoAgent
 from trio_relay._settings.cli import main
+from trio_relay._settings.load import load_settings
 from trio_relay._settings.settings import (
     CommandProfile,
     EchoProfile,
@@ -21,7 +22,6 @@ from trio_relay._settings.settings import (
     SilentProfile,
     all_settings,
     check_programs,
-    load_settings,
 )
 
 DOCS = Path(__file__).parent.parent / "docs"

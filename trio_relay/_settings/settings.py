@@ -1,7 +1,7 @@
-"""Settings of ``trio-relay serve``: defaults < config file < environment < command line.
+"""The settings of ``trio-relay serve``, declared once as attrs classes.
 
-One attrs class tree (`ServeSettings`, holding a `RelayConfig` as its ``relay`` table) and one
-private cattrs converter define everything. Every leaf field of the tree is, automatically:
+One class tree, `ServeSettings` holding a `RelayConfig` as its ``relay`` table, defines every
+setting. typed-settings lists its leaves (`all_settings`), and each leaf is, automatically:
 
 - a key of the TOML config file: top-level fields at the top, ``RelayConfig`` fields in the
   ``[relay]`` table (``relay.max_message_size``);
@@ -9,55 +9,42 @@ private cattrs converter define everything. Every leaf field of the tree is, aut
 - a command-line flag ``--<name-with-dashes>`` (``--max-message-size``),
 
 documented by the field's ``#:`` comment (or a ``metadata={"help": ...}`` on the field), so a
-new field gets all three, with help text, without touching this module. Fields of types with
+new field gets all three, with help text, without touching this package. Fields of types with
 no text form are config-file keys only: ``model_profiles``, an array of tables, each a
 `EchoProfile`, a `CommandProfile` or a `SilentProfile` according to its ``agent`` key.
 
-Every problem, whatever its source, is raised as one `SettingsError` whose message names
-where the value came from and the key: ``relay.toml: relay.max_message_size: must be
-positive, got -1``, ``TRIO_RELAY_PORT: expected an integer, got 'x'``, ``--port: ...``,
-``relay.toml: model_profiles[1].timeout: must be positive, got 0``. Messages never contain
-the PIN.
+`load.load_settings` reads them, in increasing precedence: defaults, config file, environment,
+command line. Every problem is one `SettingsError` naming where the value came from and the
+key (``relay.toml: relay.max_message_size: must be positive, got -1``); never the PIN.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import functools
 import inspect
-import math
 import os
 import re
 import shutil
-import sys
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeAlias, Union, get_args, get_origin
 
 import attrs
-import cattrs
-from cattrs.errors import (
-    AttributeValidationNote,
-    ClassValidationError,
-    ForbiddenExtraKeysError,
-)
-from cattrs.gen import make_dict_structure_fn, override
+from typed_settings.cls_utils import deep_options
 
 from .._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
 from .._config import RelayConfig
 from .._echo_agent import EchoAgent
+from .._errors import positive
 from .._protocol import JSON
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 __all__ = [
     "ENV_PREFIX",
-    "unknown_variables",
+    "PROFILE_KINDS",
+    "is_str_tuple",
+    "Invalid",
+    "InvalidBelow",
     "LOG_LEVELS",
     "CommandProfile",
     "EchoProfile",
@@ -66,11 +53,8 @@ __all__ = [
     "ServeSettings",
     "Setting",
     "SettingsError",
-    "add_arguments",
     "all_settings",
     "check_programs",
-    "flag_values",
-    "load_settings",
     "markdown_table",
 ]
 
@@ -86,11 +70,11 @@ class SettingsError(Exception):
         super().__init__("; ".join(self.problems))
 
 
-class _Invalid(ValueError):
+class Invalid(ValueError):
     """A value our hooks refuse; its message is shown as is, after the source and key."""
 
 
-class _InvalidBelow(_Invalid):
+class InvalidBelow(Invalid):
     """Problems found below the key being structured: (key path under it, message) each."""
 
     def __init__(self, problems: Sequence[tuple[tuple[str, ...], str]]) -> None:
@@ -103,49 +87,39 @@ class _InvalidBelow(_Invalid):
 
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
-        raise _Invalid(f"must be between 0 and 65535, got {value}")
+        raise Invalid(f"must be between 0 and 65535, got {value}")
 
 
 def _log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value not in LOG_LEVELS:
-        raise _Invalid(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        raise Invalid(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
 def _not_empty(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     # Never shows the value: this guards the PIN.
     if value is not None and not value:
-        raise _Invalid("must not be empty")
-
-
-def _profile_id(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not value:
-        raise _Invalid("must not be empty")
+        raise Invalid("must not be empty")
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
-        raise _Invalid(f"must not be negative, got {value}")
-
-
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise _Invalid(f"must be positive, got {value}")
+        raise Invalid(f"must not be negative, got {value}")
 
 
 def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[Any], str], None]:
     def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
             names = " or ".join(f'"{choice}"' for choice in choices)
-            raise _Invalid(f"must be {names}, got {value!r}")
+            raise Invalid(f"must be {names}, got {value!r}")
 
     return check
 
 
 def _argv(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     if not value:
-        raise _Invalid("must name a program: expected at least one item")
+        raise Invalid("must name a program: expected at least one item")
     if not value[0]:
-        raise _Invalid("item 0: the program must not be empty")
+        raise Invalid("item 0: the program must not be empty")
 
 
 _COMMAND_DEFAULTS: Final = {field.name: field.default for field in attrs.fields(CommandAgent)}
@@ -156,7 +130,7 @@ class EchoProfile:
     """A ``[[model_profiles]]`` entry with ``agent = "echo"``: the demo agent."""
 
     #: The profile's id, unique among the profiles: what a chat's ``modelProfileId`` names.
-    id: str = attrs.field(validator=_profile_id)
+    id: str = attrs.field(validator=_not_empty)
     #: The name clients show; the id if not given.
     name: str | None = attrs.field(default=None, validator=_not_empty)
     agent: str = attrs.field(default="echo", validator=_one_of("echo"))
@@ -175,7 +149,7 @@ class EchoProfile:
 class CommandProfile:
     """A ``[[model_profiles]]`` entry with ``agent = "command"``: a `CommandAgent`."""
 
-    id: str = attrs.field(validator=_profile_id)
+    id: str = attrs.field(validator=_not_empty)
     name: str | None = attrs.field(default=None, validator=_not_empty)
     agent: str = attrs.field(default="command", validator=_one_of("command"))
     #: The program and its arguments.
@@ -191,12 +165,12 @@ class CommandProfile:
     #: Whether earlier messages of the chat are written to stdin, as JSON lines.
     history: bool = False
     #: Seconds a run may take.
-    timeout: float = attrs.field(default=_COMMAND_DEFAULTS["timeout"], validator=_positive)
+    timeout: float = attrs.field(default=_COMMAND_DEFAULTS["timeout"], validator=positive)
     #: Bytes of output a run may print.
-    max_output: int = attrs.field(default=_COMMAND_DEFAULTS["max_output"], validator=_positive)
+    max_output: int = attrs.field(default=_COMMAND_DEFAULTS["max_output"], validator=positive)
     #: Seconds between SIGTERM and SIGKILL when a run is stopped.
     stop_grace: float = attrs.field(default=_COMMAND_DEFAULTS["stop_grace"],
-                                    validator=_positive)
+                                    validator=positive)
 
     def wire(self) -> dict[str, JSON]:
         """The profile as clients see it: never its command or environment."""
@@ -214,7 +188,7 @@ class CommandProfile:
 class SilentProfile:
     """A ``[[model_profiles]]`` entry with ``agent = "silent"``: messages get no answer."""
 
-    id: str = attrs.field(validator=_profile_id)
+    id: str = attrs.field(validator=_not_empty)
     name: str | None = attrs.field(default=None, validator=_not_empty)
     agent: str = attrs.field(default="silent", validator=_one_of("silent"))
 
@@ -228,7 +202,7 @@ class SilentProfile:
 
 #: One ``[[model_profiles]]`` table; its ``agent`` key says which.
 ModelProfile: TypeAlias = EchoProfile | CommandProfile | SilentProfile
-_PROFILE_KINDS: Final[dict[str, type[ModelProfile]]] = {
+PROFILE_KINDS: Final[dict[str, type[ModelProfile]]] = {
     "echo": EchoProfile, "command": CommandProfile, "silent": SilentProfile,
 }
 
@@ -312,13 +286,13 @@ class Setting:
 
     @property
     def is_list(self) -> bool:
-        return _is_str_tuple(self.type)
+        return is_str_tuple(self.type)
 
 
 @functools.cache
 def all_settings() -> tuple[Setting, ...]:
     """Every leaf of `ServeSettings` that has a text form, in declaration order."""
-    found = tuple(_leaves(ServeSettings, ()))
+    found = tuple(_leaves())
     names = [setting.name for setting in found]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:  # flags and variables use the bare name, so it must be unique
@@ -326,30 +300,30 @@ def all_settings() -> tuple[Setting, ...]:
     return found
 
 
-def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[Setting]:
-    attrs.resolve_types(cls)
-    docs = _field_docs(cls)
-    for field in attrs.fields(cls):
-        path = (*prefix, field.name)
-        if isinstance(field.type, type) and attrs.has(field.type):
-            yield from _leaves(field.type, path)
-            continue
-        value_type = _without_none(field.type)
-        if value_type not in _TEXT_PARSERS and not _is_str_tuple(value_type):
+#: Types a value can be written as text, in a variable or a flag (and tuples of strings).
+_TEXT_TYPES: Final = (int, float, bool, str, Path)
+
+
+def _leaves() -> Iterator[Setting]:
+    for option in deep_options(ServeSettings):  # typed-settings walks the nested classes
+        value_type = _without_none(option.cls)
+        if value_type not in _TEXT_TYPES and not is_str_tuple(value_type):
             continue  # no text form: a config-file key only
-        default = field.default
+        field = attrs.fields_dict(option.parent_cls)[option.name]
+        default = option.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()
-        doc = str(field.metadata.get("help") or docs.get(field.name, ""))
+        doc = field.metadata.get("help") or _field_docs(option.parent_cls).get(option.name, "")
         yield Setting(
-            path=path,
+            path=tuple(option.path.split(".")),
             type=value_type,
             default=default,
-            doc=doc,
+            doc=str(doc),
             default_text=str(field.metadata.get("default_text") or _show(default)),
         )
 
 
+@functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
     """The ``#:`` comment above each field of ``cls``, joined into one line of markdown."""
     try:
@@ -388,400 +362,11 @@ def _without_none(tp: Any) -> Any:
     return tp
 
 
-def _is_str_tuple(tp: Any) -> bool:
+def is_str_tuple(tp: Any) -> bool:
     return get_origin(tp) is tuple and get_args(tp) == (str, ...)
 
 
-# --- text (environment variables and flags) to the values a TOML file would hold --------------
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise _Invalid(f"expected an integer, got {text!r}") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise _Invalid(f"expected a number, got {text!r}") from None
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise _Invalid(f"expected true or false, got {text!r}")
-
-
-def _parse_text(text: str) -> str:
-    return text
-
-
-_TEXT_PARSERS: Final[dict[Any, Callable[[str], object]]] = {
-    int: _parse_int,
-    float: _parse_float,
-    bool: _parse_bool,
-    str: _parse_text,
-    Path: _parse_text,
-}
-
-
-def _split_list(items: Sequence[str]) -> list[str]:
-    """``["a,b", "c"]`` (a repeated flag, or a comma-separated variable): ``["a", "b", "c"]``."""
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-# --- the converter ---------------------------------------------------------------------------
-
-_KINDS: Final = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
-                 (list, "an array"), (dict, "a table"))
-
-
-def _kind(value: object) -> str:
-    """A value's TOML type, for messages; never the value itself (it could be the PIN)."""
-    for tp, kind in _KINDS:
-        if isinstance(value, tp):
-            return kind
-    return "a date or time" if hasattr(value, "isoformat") else type(value).__name__
-
-
-def _structure_int(value: object, _: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"expected an integer, got {_kind(value)}")
-    return value
-
-
-def _structure_float(value: object, _: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Invalid(f"expected a number, got {_kind(value)}")
-    if not math.isfinite(value):
-        raise _Invalid(f"expected a finite number, got {value}")
-    return float(value)
-
-
-def _structure_bool(value: object, _: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {_kind(value)}")
-    return value
-
-
-def _structure_str(value: object, _: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {_kind(value)}")
-    return value
-
-
-def _structure_path(value: object, _: object) -> Path:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a path (a string), got {_kind(value)}")
-    if not value:
-        raise _Invalid("expected a path, got an empty string")
-    return Path(value).expanduser()
-
-
-def _structure_str_tuple(value: object, _: object) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise _Invalid(f"expected an array of strings, got {_kind(value)}")
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _Invalid(f"item {index}: expected a string, got {_kind(item)}")
-    return tuple(value)
-
-
-def _structure_str_dict(value: object, _: object) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise _Invalid(f"expected a table of strings, got {_kind(value)}")
-    problems = [((str(key),), "not a variable name") for key in value
-                if not key or "=" in key]
-    problems += [((str(key),), f"expected a string, got {_kind(item)}")
-                 for key, item in value.items() if not isinstance(item, str)]
-    if problems:
-        raise _InvalidBelow(problems)
-    return dict(value)
-
-
-def _structure_profile(value: object) -> ModelProfile:
-    if not isinstance(value, dict):
-        raise _Invalid(f"expected a table, got {_kind(value)}")
-    kind = value.get("agent")
-    cls = _PROFILE_KINDS.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        *first, last = (f'"{name}"' for name in _PROFILE_KINDS)
-        names = f"{', '.join(first)} or {last}"
-        got = "it is missing" if kind is None else f"got {_shown(kind)}"
-        raise _InvalidBelow([(("agent",), f"must be {names}; {got}")])
-    profile: ModelProfile = _converter.structure(value, cls)
-    return profile
-
-
-def _shown(value: object) -> str:
-    return repr(value) if isinstance(value, str) else _kind(value)
-
-
-def _structure_profiles(value: object, _: object) -> tuple[ModelProfile, ...]:
-    if not isinstance(value, list):
-        raise _Invalid(f"expected an array of tables ([[model_profiles]]), got {_kind(value)}")
-    if not value:
-        raise _Invalid("expected at least one profile")
-    problems: list[tuple[_Path, str]] = []
-    profiles: list[ModelProfile] = []
-    first: dict[str, int] = {}
-    for index, item in enumerate(value):
-        try:
-            profile = _structure_profile(item)
-        except Exception as exc:
-            problems.extend(_problems(exc, (f"[{index}]",)))
-            continue
-        profiles.append(profile)
-        if profile.id in first:
-            problems.append(((f"[{index}]", "id"), f"{profile.id!r} is already the id of"
-                             f" model_profiles[{first[profile.id]}]"))
-        first.setdefault(profile.id, index)
-    if problems:
-        raise _InvalidBelow(problems)
-    return tuple(profiles)
-
-
-def _validated(field: attrs.Attribute[Any]) -> Callable[[object, object], object]:
-    """Structures one field and runs its attrs validator, so that an invalid value is
-    reported under its own key rather than as a failure of the whole class."""
-    validator, field_type = field.validator, field.type
-    assert validator is not None and field_type is not None
-
-    def structure(value: object, _: object) -> object:
-        result = _converter.structure(value, field_type)
-        try:
-            validator(None, field, result)
-        except _Invalid:
-            raise
-        except (TypeError, ValueError) as exc:
-            # RelayConfig's messages start with the field's name, which the key already shows.
-            raise _Invalid(str(exc).removeprefix(f"{field.name} ")) from None
-        return result
-
-    return structure
-
-
-def _structure_attrs_factory(cls: type) -> Callable[[object, object], object]:
-    attrs.resolve_types(cls)
-    overrides = {
-        field.name: override(struct_hook=_validated(field))
-        for field in attrs.fields(cls)
-        if field.validator is not None
-    }
-    generated: Callable[[Mapping[str, Any], Any], object]
-    generated = make_dict_structure_fn(cls, _converter, **overrides)  # type: ignore[arg-type]
-
-    def structure(value: object, tp: object) -> object:
-        if not isinstance(value, Mapping):
-            raise _Invalid(f"expected a table, got {_kind(value)}")
-        return generated(value, tp)
-
-    return structure
-
-
-# Strict: a config file that says `port = "8765"` or `max_message_size = 1.5` is wrong, not
-# silently converted. Environment variables and flags are parsed to these types first.
-_converter: Final = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-_converter.register_structure_hook(int, _structure_int)
-_converter.register_structure_hook(float, _structure_float)
-_converter.register_structure_hook(bool, _structure_bool)
-_converter.register_structure_hook(str, _structure_str)
-_converter.register_structure_hook(Path, _structure_path)
-_converter.register_structure_hook_func(_is_str_tuple, _structure_str_tuple)
-_converter.register_structure_hook_func(lambda tp: tp == dict[str, str], _structure_str_dict)
-_converter.register_structure_hook_func(
-    lambda tp: tp == tuple[ModelProfile, ...], _structure_profiles
-)
-_converter.register_structure_hook_factory(attrs.has, _structure_attrs_factory)
-
-
-# --- loading ---------------------------------------------------------------------------------
-
-_Path = tuple[str, ...]
-
-
-def _dotted(path: _Path) -> str:
-    """A key path as the messages show it: ``relay.max_message_size``, ``model_profiles[1].id``."""
-    return "".join(part if part.startswith("[") or i == 0 else f".{part}"
-                   for i, part in enumerate(path))
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """``TRIO_RELAY_*`` variables that name no setting: most likely typos, which would
-    otherwise be ignored without a word. Names only; a value may be a secret."""
-    known = {setting.env for setting in all_settings()}
-    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
-
-
-def load_settings(
-    *,
-    config_file: str | os.PathLike[str] | None = None,
-    environ: Mapping[str, str] | None = None,
-    flags: Mapping[str, str | Sequence[str]] | None = None,
-) -> ServeSettings:
-    """Settings from defaults, then ``config_file`` (TOML), then ``environ``, then ``flags``.
-
-    ``environ`` is read for ``TRIO_RELAY_<NAME>`` variables (pass ``os.environ``); ``flags``
-    maps setting keys (``"port"``, ``"relay.max_message_size"``) to the text given on the
-    command line, a sequence of texts for a list (`flag_values` builds it from argparse). An
-    empty variable or flag counts as unset. Relative paths in the config file are relative to
-    the file's directory. Raises `SettingsError`.
-    """
-    raw: dict[str, Any] = {}
-    where: dict[_Path, str] = {}  # where each overridden value came from, for messages
-    file_label = os.fspath(config_file) if config_file is not None else None
-    if config_file is not None:
-        raw = _read_toml(Path(config_file))
-
-    problems: list[str] = []
-    layers: list[tuple[Callable[[Setting], str | Sequence[str] | None], Callable[[Setting], str]]]
-    layers = [
-        (lambda s: (environ or {}).get(s.env), lambda s: s.env),
-        (lambda s: (flags or {}).get(s.key), lambda s: s.flag),
-    ]
-    for lookup, label in layers:
-        for setting in all_settings():
-            given = lookup(setting)
-            if given is None:
-                continue
-            texts = [given] if isinstance(given, str) else list(given)
-            try:
-                value = _from_text(setting, texts)
-            except _Invalid as exc:
-                problems.append(f"{label(setting)}: {exc}")
-                continue
-            if value is not None and _put(raw, setting.path, value):
-                where[setting.path] = label(setting)
-    if problems:
-        raise SettingsError(problems)
-
-    def describe(path: _Path) -> str:
-        for length in range(len(path), 0, -1):
-            if path[:length] in where:
-                return where[path[:length]] + _dotted(("", *path[length:]))
-        key = _dotted(path) or "settings"
-        return f"{file_label}: {key}" if file_label is not None else key
-
-    if ("tls_cert" in raw) != ("tls_key" in raw):
-        given, missing = ("tls_cert", "tls_key") if "tls_cert" in raw else ("tls_key", "tls_cert")
-        raise SettingsError(
-            [f"{describe((given,))}: needs {missing} as well; give both or neither"]
-        )
-    try:
-        settings: ServeSettings = _converter.structure(raw, ServeSettings)
-    except Exception as exc:  # cattrs reports every problem at once, in a tree
-        raise SettingsError(
-            [f"{describe(path)}: {message}" for path, message in _problems(exc, ())]
-        ) from None
-    return settings
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise SettingsError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise SettingsError([f"{path}: invalid TOML: not UTF-8"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError([f"{path}: invalid TOML: {exc}"]) from None
-    _anchor_paths(data, path.parent)
-    _anchor_profile_paths(data, path.parent)
-    return data
-
-
-def _anchor_paths(data: dict[str, Any], base: Path) -> None:
-    """Relative paths in a config file are relative to the file, wherever it is run from."""
-    for setting in all_settings():
-        if setting.type is not Path:
-            continue
-        table: Any = data
-        for part in setting.path[:-1]:
-            table = table.get(part) if isinstance(table, dict) else None
-        value = table.get(setting.name) if isinstance(table, dict) else None
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            table[setting.name] = str(base / value)
-
-
-def _anchor_profile_paths(data: dict[str, Any], base: Path) -> None:
-    """A profile's ``cwd``, and its program when given as a relative path (``bin/agent``,
-    not a bare name, which is looked up on PATH), are relative to the config file."""
-    profiles = data.get("model_profiles")
-    for profile in profiles if isinstance(profiles, list) else ():
-        if not isinstance(profile, dict):
-            continue
-        cwd = profile.get("cwd")
-        if isinstance(cwd, str) and cwd and not Path(cwd).expanduser().is_absolute():
-            profile["cwd"] = str(base / cwd)
-        argv = profile.get("argv")
-        if isinstance(argv, list) and argv and isinstance(argv[0], str) and "/" in argv[0]:
-            program = Path(argv[0]).expanduser()
-            argv[0] = str(program if program.is_absolute() else base / program)
-
-
-def _from_text(setting: Setting, texts: list[str]) -> object:
-    """What a config file would hold for these texts, or None if they count as unset."""
-    if setting.is_list:
-        items = _split_list(texts)
-        return items or None
-    text = texts[-1]
-    if not text:
-        return None
-    return _TEXT_PARSERS[setting.type](text)
-
-
-def _put(raw: dict[str, Any], path: _Path, value: object) -> bool:
-    table = raw
-    for part in path[:-1]:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            return False  # the file has a non-table here; structuring reports that
-    table[path[-1]] = value
-    return True
-
-
-def _problems(exc: BaseException, path: _Path) -> Iterator[tuple[_Path, str]]:
-    """(key path, message) for every leaf of a cattrs error tree."""
-    if isinstance(exc, ForbiddenExtraKeysError) and exc.cl in _PROFILE_KINDS.values():
-        known = [field.name for field in attrs.fields(exc.cl)]
-        for key in sorted(exc.extra_fields):
-            others = [kind for kind, cls in _PROFILE_KINDS.items()
-                      if key in attrs.fields_dict(cls)]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = (f' (only agent = "{others[0]}" takes it)' if others
-                    else f" (did you mean {close[0]}?)" if close else "")
-            yield (*path, key), f"unknown key{hint}"
-    elif isinstance(exc, ForbiddenExtraKeysError):
-        # A key one table off (`max_message_size` at the top) is a likely slip: name its place.
-        known = [".".join(s.path[len(path):]) for s in all_settings() if s.path[:len(path)] == path]
-        if path == ():
-            known.append("model_profiles")
-        for key in sorted(exc.extra_fields):
-            nested = [name for name in known if name.rpartition(".")[2] == key]
-            close = nested or difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            yield (*path, key), f"unknown key{hint}"
-    elif isinstance(exc, ClassValidationError):
-        for sub in exc.exceptions:
-            names = [note.name for note in getattr(sub, "__notes__", ())
-                     if isinstance(note, AttributeValidationNote)]
-            yield from _problems(sub, (*path, *names[-1:]))
-    elif isinstance(exc, _InvalidBelow):
-        for below, message in exc.problems:
-            yield (*path, *below), message
-    elif isinstance(exc, _Invalid):
-        yield path, str(exc)
-    elif isinstance(exc, KeyError):  # cattrs: a required key is missing
-        yield path, "required, but missing"
-    else:
-        yield path, str(exc) or type(exc).__name__
+# --- checks and documentation -----------------------------------------------------------------
 
 
 def check_programs(settings: ServeSettings) -> list[tuple[str, str]]:
@@ -805,50 +390,6 @@ def check_programs(settings: ServeSettings) -> list[tuple[str, str]]:
         if shutil.which(program, path=search) is None:
             found.append((f"{key}.argv", f"program {program!r} not found on PATH"))
     return found
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE`` and a flag for every setting; `flag_values` reads them back."""
-    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
-                        help="read settings from this TOML file (docs/operations.md)")
-    groups: dict[_Path, Any] = {}
-    for setting in all_settings():
-        table = setting.path[:-1]
-        if table not in groups:
-            title = f"[{'.'.join(table)}] settings" if table else "settings"
-            groups[table] = parser.add_argument_group(title) if table else parser
-        help_text = (setting.doc.replace("`", "") + f" (${setting.env}; default "
-                     + setting.default_text.replace("`", "") + ")").replace("%", "%%")
-        if setting.is_list:
-            help_text += "; repeat the flag or separate with commas"
-        groups[table].add_argument(
-            setting.flag, dest=setting.key, default=None, help=help_text,
-            metavar=_metavar(setting), action="append" if setting.is_list else "store",
-        )
-
-
-def _metavar(setting: Setting) -> str:
-    if setting.is_list:
-        return "ITEM[,ITEM...]"
-    return {int: "INT", float: "NUMBER",
-            bool: "BOOL", Path: "PATH"}.get(setting.type, setting.name.upper())
-
-
-def flag_values(namespace: argparse.Namespace) -> dict[str, str | Sequence[str]]:
-    """The flags given on the command line, keyed by setting key, for `load_settings`."""
-    values = vars(namespace)
-    given: dict[str, str | Sequence[str]] = {}
-    for setting in all_settings():
-        value = values.get(setting.key)
-        if value is not None:
-            given[setting.key] = value
-    return given
-
-
-# --- documentation ---------------------------------------------------------------------------
 
 
 def markdown_table(table: tuple[str, ...] = ()) -> str:
