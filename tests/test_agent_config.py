@@ -13,8 +13,9 @@ import pytest
 from trio_relay._agents.command import CommandAgent
 from trio_relay._agents.echo import EchoAgent
 from trio_relay._agents.silent import SilentAgent
-from trio_relay._cli import main
-from trio_relay._settings import (
+from trio_relay._settings.cli import main
+from trio_relay._settings.load import load_settings
+from trio_relay._settings.settings import (
     CommandProfile,
     EchoProfile,
     ServeSettings,
@@ -22,7 +23,6 @@ from trio_relay._settings import (
     SilentProfile,
     all_settings,
     check_programs,
-    load_settings,
 )
 
 DOCS = Path(__file__).parent.parent / "docs"

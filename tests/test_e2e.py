@@ -236,7 +236,7 @@ async def test_sqlite_backend_in_process_over_loopback(tmp_path: Path) -> None:
 def test_serve_tunes_the_garbage_collector() -> None:
     import gc
 
-    from trio_relay._cli import GC_THRESHOLDS, tune_garbage_collector
+    from trio_relay._settings.cli import GC_THRESHOLDS, tune_garbage_collector
 
     before = gc.get_threshold()
     try:

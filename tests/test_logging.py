@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from loguru import logger
 
-from trio_relay._cli import _log_format
+from trio_relay._settings.cli import _log_format
 from trio_relay.testing import MemoryBackend, open_memory_relay
 
 PIN = "731904"

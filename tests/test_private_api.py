@@ -40,6 +40,7 @@ DEPENDENCIES = ("trio", "trio_websocket", "wsproto", "h11")
 PRIVATE_MODULES = frozenset({"wsproto.frame_protocol"})
 
 _TABLE = "the class's dispatch table of its methods"
+_OWN_STORE = "the SQLite backend's private ChatStore adapter, in the backend's own module"
 _OWN_CLIENT = "the client library's own classes, in the one module they cooperate in"
 
 #: (file under trio_relay/, expression) -> why it is not a dependency's private attribute.
@@ -66,8 +67,13 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_server/relay.py", "relay._begin_shutdown"): "open_relay shuts down the Relay it made",
     ("_server/relay.py", "relay._watch_devices"):
         "open_relay starts the tasks of the Relay it made",
-    ("_sqlite_backend.py", "backend._closed"):
+    ("_store/sqlite.py", "backend._closed"):
         "the backend's own context manager marks the backend it made closed",
+    ("_store/sqlite.py", "backend._replies"):
+        "the backend's own context manager runs the reply runner of the backend it made",
+    ("_store/sqlite.py", "backend._lock"): _OWN_STORE,
+    ("_store/sqlite.py", "backend._run"): _OWN_STORE,
+    ("_store/sqlite.py", "self.backend._run"): _OWN_STORE,
     ("_server/websocket.py", "ServerWebSocket._on_bytes"): _TABLE,
     ("_server/websocket.py", "ServerWebSocket._on_ping"): _TABLE,
     ("_server/websocket.py", "ServerWebSocket._on_pong"): _TABLE,

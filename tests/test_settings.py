@@ -12,16 +12,9 @@ import attrs
 import pytest
 
 from trio_relay import RelayConfig
-from trio_relay._cli import _parser, main
-from trio_relay._settings import (
-    ServeSettings,
-    Setting,
-    SettingsError,
-    all_settings,
-    flag_values,
-    load_settings,
-    unknown_variables,
-)
+from trio_relay._settings.cli import _parser, flag_values, main
+from trio_relay._settings.load import load_settings, unknown_variables
+from trio_relay._settings.settings import ServeSettings, Setting, SettingsError, all_settings
 
 DOCS = Path(__file__).parent.parent / "docs" / "operations.md"
 
@@ -284,6 +277,15 @@ def test_every_problem_in_a_file_is_reported_at_once(tmp_path: Path) -> None:
         _load(tmp_path, "port = 'x'\nbogus = 1\n[relay]\nmax_strikes = 0\n")
     assert sorted(p.split(": ")[1] for p in raised.value.problems) == [
         "bogus", "port", "relay.max_strikes"]
+
+
+def test_a_relay_key_that_is_not_a_table_hides_no_other_problem(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as raised:
+        _load(tmp_path, "relay = 5\n", {"TRIO_RELAY_MAX_STRIKES": "0"})
+    assert sorted(raised.value.problems) == sorted([
+        "TRIO_RELAY_MAX_STRIKES: must be positive, got 0",
+        f"{tmp_path / 'trio-relay.toml'}: relay: expected a table, got an integer",
+    ])
 
 
 @pytest.mark.parametrize(("toml", "line"), [("port = \n", 1), ("[relay]\n[relay]\n", 2)])

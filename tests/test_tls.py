@@ -23,7 +23,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from trio_relay import Relay, RelayConfig, RelayStatistics, open_relay
-from trio_relay._cli import main, server_ssl_context
+from trio_relay._settings.cli import main, server_ssl_context
 from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
@@ -181,7 +181,7 @@ async def test_plain_tcp_to_the_tls_port_is_dropped_and_the_relay_keeps_serving(
 @pytest.fixture
 def in_process_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     """`main` in this process, without it reconfiguring loguru for the tests that follow."""
-    monkeypatch.setattr("trio_relay._cli.configure_logging", lambda level: None)
+    monkeypatch.setattr("trio_relay._settings.cli.configure_logging", lambda level: None)
 
 
 @pytest.mark.usefixtures("in_process_cli")

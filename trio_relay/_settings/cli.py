@@ -20,18 +20,11 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from loguru import logger
 
-from ._chat_cli import add_chat_command, run_chat
-from ._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
-from ._server.relay import open_relay
-from ._settings import (
-    ServeSettings,
-    SettingsError,
-    add_arguments,
-    check_programs,
-    flag_values,
-    load_settings,
-    unknown_variables,
-)
+from .._chat_cli import add_chat_command, run_chat
+from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
+from .._server.relay import open_relay
+from .load import load_settings, unknown_variables
+from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -57,7 +50,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("trio-relay")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -118,6 +111,44 @@ def _add_data_dir_arguments(parser: argparse.ArgumentParser) -> None:
                         " $XDG_DATA_HOME/trio-relay, else ~/.local/share/trio-relay)")
     parser.add_argument("--config", metavar="FILE", type=Path, default=None,
                         help="take data_dir from this config file, as serve would")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and a flag for every setting; `flag_values` reads them back."""
+    parser.add_argument("--config", metavar="FILE", type=Path, default=None,
+                        help="read settings from this TOML file (docs/operations.md)")
+    groups: dict[tuple[str, ...], Any] = {}
+    for setting in all_settings():
+        table = setting.path[:-1]
+        if table not in groups:
+            title = f"[{'.'.join(table)}] settings" if table else "settings"
+            groups[table] = parser.add_argument_group(title) if table else parser
+        help_text = (setting.doc.replace("`", "") + f" (${setting.env}; default "
+                     + setting.default_text.replace("`", "") + ")").replace("%", "%%")
+        if setting.is_list:
+            help_text += "; repeat the flag or separate with commas"
+        groups[table].add_argument(
+            setting.flag, dest=setting.key, default=None, help=help_text,
+            metavar=_metavar(setting), action="append" if setting.is_list else "store",
+        )
+
+
+def _metavar(setting: Setting) -> str:
+    if setting.is_list:
+        return "ITEM[,ITEM...]"
+    return {int: "INT", float: "NUMBER",
+            bool: "BOOL", Path: "PATH"}.get(setting.type, setting.name.upper())
+
+
+def flag_values(namespace: argparse.Namespace) -> dict[str, str | Sequence[str]]:
+    """The flags given on the command line, keyed by setting key, for `load_settings`."""
+    values = vars(namespace)
+    given: dict[str, str | Sequence[str]] = {}
+    for setting in all_settings():
+        value = values.get(setting.key)
+        if value is not None:
+            given[setting.key] = value
+    return given
 
 
 def _pairing_path(args: argparse.Namespace) -> Path:
@@ -237,7 +268,7 @@ async def open_listeners(
 async def serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
-    from ._store.sqlite import open_sqlite_backend
+    from .._store.sqlite import open_sqlite_backend
 
     # Bound before anything is written: a start that fails on a busy port leaves no data dir.
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)
