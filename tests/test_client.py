@@ -161,7 +161,7 @@ def test_the_public_module_exports_the_whole_api() -> None:
     import trio_relay.client
 
     exported = set(trio_relay.client.__all__)
-    assert exported >= set(trio_relay._client.__all__)
+    assert exported == set(trio_relay._client.__all__)
     for name in exported:
         assert getattr(trio_relay.client, name) is getattr(trio_relay._client, name)
 
