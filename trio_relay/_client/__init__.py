@@ -1,43 +1,50 @@
-"""The client library's private package; `trio_relay.client` is its public face."""
+"""The client library, private: `trio_relay.client` is its public face.
 
-from .client import (
-    DEFAULT_BUFFER as DEFAULT_BUFFER,
-    TERMINAL_CLOSE_CODES as TERMINAL_CLOSE_CODES,
-    AgentError as AgentError,
-    AuthFailed as AuthFailed,
-    Backoff as Backoff,
-    ChatCreated as ChatCreated,
-    ChatDeleted as ChatDeleted,
-    ChatRenamed as ChatRenamed,
-    Chunk as Chunk,
-    ClientStatistics as ClientStatistics,
-    CloseInfo as CloseInfo,
-    Completed as Completed,
-    Connect as Connect,
-    ConnectionLost as ConnectionLost,
-    ConnectionState as ConnectionState,
-    Device as Device,
-    Event as Event,
-    LockedOut as LockedOut,
-    MessageAdded as MessageAdded,
-    ModelProfilesChanged as ModelProfilesChanged,
-    Other as Other,
-    RelayClient as RelayClient,
-    RelayClientError as RelayClientError,
-    ReplyCancelled as ReplyCancelled,
-    ReplyStarted as ReplyStarted,
-    RequestRejected as RequestRejected,
-    RequestTimeout as RequestTimeout,
-    Reset as Reset,
-    Subscription as Subscription,
-    SubscriptionFailed as SubscriptionFailed,
-    SyncedMirror as SyncedMirror,
-    TokenInvalid as TokenInvalid,
-    open_mirror as open_mirror,
-    open_relay_client as open_relay_client,
-    parse_event as parse_event,
+- `session`: what the client knows (subscriptions, their seq and epoch, pending requests,
+  what to resubscribe after a reconnect, how to sign in), sans-IO;
+- `inbox`: one consumer's bounded queue of events, sans-IO;
+- `events`, `errors`: what a subscription yields, and what the client raises;
+- `transport`: one WebSocket connection (trio-websocket) feeding the session;
+- `client`: `RelayClient` and its reconnect loop; `state`: its state, backoff, statistics;
+- `subscription`: the ``async for`` side of an inbox; `mirror`: `SyncedMirror`.
+"""
+
+from .._errors import raise_single
+from .client import DEFAULT_BUFFER, TERMINAL_CLOSE_CODES, Connect, RelayClient, open_relay_client
+from .errors import (
+    AuthFailed,
+    ConnectionLost,
+    LockedOut,
+    RelayClientError,
+    RequestRejected,
+    RequestTimeout,
+    SubscriptionFailed,
+    TokenInvalid,
 )
-from .client import _raise_single as _raise_single  # the terminal client uses it
+from .events import (
+    AgentError,
+    ChatCreated,
+    ChatDeleted,
+    ChatRenamed,
+    Chunk,
+    Completed,
+    Event,
+    MessageAdded,
+    ModelProfilesChanged,
+    Other,
+    ReplyCancelled,
+    ReplyStarted,
+    Reset,
+    parse_event,
+)
+from .mirror import SyncedMirror, open_mirror
+from .session import Device
+from .state import Backoff, ClientStatistics, ConnectionState
+from .subscription import Subscription
+from .transport import CloseInfo
+
+# The terminal client imports the shared helper under its old name.
+_raise_single = raise_single
 
 __all__ = [
     "DEFAULT_BUFFER",
