@@ -5,6 +5,7 @@
 - `inbox`: one consumer's bounded queue of events, sans-IO;
 - `events`, `errors`: what a subscription yields, and what the client raises;
 - `transport`: one WebSocket connection (trio-websocket) feeding the session;
+- `connector`: one connection's life (stream, handshake, sign in, resubscribe);
 - `client`: `RelayClient` and its reconnect loop; `state`: its state, backoff, statistics;
 - `subscription`: the ``async for`` side of an inbox; `mirror`: `SyncedMirror`.
 """
