@@ -71,10 +71,6 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _nothing() -> None:
-    pass
-
-
 @attrs.frozen
 class Device:
     """This client as a paired device (`RelayClient.device`).
@@ -136,11 +132,11 @@ Purpose: TypeAlias = Join | Resnapshot | Resubscribe | None
 
 @attrs.define(eq=False)
 class Pending:
-    """A request waiting for its reply; ``wake`` is called once it is ``done``."""
+    """A request waiting for its reply; ``wake`` (if any) is called once it is ``done``."""
 
     id: str
     purpose: Purpose
-    wake: Callable[[], None] = _nothing
+    wake: Callable[[], object] | None = None
     #: The reply (an ``error`` reply too); None once done means the connection was lost.
     reply: Frame | None = None
     done: bool = False
@@ -219,7 +215,8 @@ class ClientSession:
         pending, self.pending = list(self.pending.values()), {}
         for request in pending:
             request.done = True
-            request.wake()
+            if request.wake is not None:
+                request.wake()
 
     def auth_fields(self) -> Frame:
         """The ``auth`` request: once paired, the token (it outlives a change of PIN)."""
@@ -256,7 +253,7 @@ class ClientSession:
     # --- requests ---------------------------------------------------------------------------
 
     def request(
-        self, fields: Frame, purpose: Purpose = None, wake: Callable[[], None] = _nothing
+        self, fields: Frame, purpose: Purpose = None, wake: Callable[[], object] | None = None
     ) -> Pending:
         """Send a request on the live connection; its `Pending` is done on reply or loss."""
         if self.connection is None:
@@ -388,7 +385,8 @@ class ClientSession:
             purpose.retry = self._on_resubscribe_reply(purpose.wire, frame)
         pending.reply = frame
         pending.done = True
-        pending.wake()
+        if pending.wake is not None:
+            pending.wake()
 
     def _on_join_reply(self, inbox: Inbox, reply: Frame) -> None:
         if reply.get("type") != "subscribed":
