@@ -31,8 +31,14 @@ import trio
 
 from .._errors import raise_single
 from .connector import Connect, Connector
-from .errors import AuthFailed, ConnectionLost, RelayClientError, RequestRejected, RequestTimeout
-from .errors import rejection as _rejection
+from .errors import (
+    AuthFailed,
+    ConnectionLost,
+    RelayClientError,
+    RequestRejected,
+    RequestTimeout,
+    rejection,
+)
 from .events import JSON, key_of
 from .session import (
     ClientSession,
@@ -243,7 +249,7 @@ class RelayClient:
     def _expect_data(reply: Frame) -> JSON:
         if reply.get("type") == "data":
             return reply.get("data")
-        raise _rejection(reply)
+        raise rejection(reply)
 
     async def _request(
         self, fields: Frame, *, retry: bool, purpose: Purpose = None
@@ -319,7 +325,7 @@ class RelayClient:
             finally:
                 self._session.opened(inbox)
             if reply.get("type") != "subscribed":
-                raise _rejection(reply)
+                raise rejection(reply)
         except BaseException:
             self._detach(subscription)
             raise
@@ -347,7 +353,7 @@ class RelayClient:
             purpose=Resnapshot(inbox),
         )
         if reply.get("type") != "subscribed":
-            raise _rejection(reply)
+            raise rejection(reply)
 
     # --- connecting -------------------------------------------------------------------------
 
