@@ -1,172 +1,219 @@
-"""Soak: many connect, subscribe and abort cycles against a running relay; nothing may stay.
+"""Soak: connect/abort cycles against ``trio-relay serve``; memory must level off, nothing stay.
 
-    python bench/soak.py --cycles 10000
+    python bench/soak.py                   # 2,000 warm-up cycles, then 50,000 (about 4 minutes)
+    python bench/soak.py --cycles 5000     # a shorter run
+    python bench/soak.py --quick           # seconds: a smoke test
 
-Starts a relay in this process on loopback (with a MemoryBackend holding a few chats and an
-event stream flowing), then runs the cycles with bounded concurrency, each ending at a
-different point: right after the TCP connect, after the WebSocket handshake, after auth,
-after subscribing, and in the middle of a stream of pushes. Every client leaves without a
-closing handshake (the socket is closed under it, as a vanished client would). Before and
-after, it prints the relay's statistics, the process's resident memory, traced Python memory
-and open file descriptors, and exits non-zero if connections, subscriptions, broadcasters or
-tasks did not return to where they started, or file descriptors grew.
+bench/fanout.py runs it after its fan-out measurements; this command runs it alone. It starts
+the relay as bench/fanout.py does (``trio-relay serve``, the default SQLite backend,
+``bench/relay-bench.toml``, on loopback) and drives it with the Node load generator
+(``bench/loadgen``), ``--concurrency`` cycles at a time, the four kinds in turn:
 
-This is a script, not a unit test: the numbers go into docs/security.md.
+- ``clean-close``: auth, subscribe, then a closing handshake (1000);
+- ``drop-before-auth``: the socket is closed as ``auth_required`` arrives;
+- ``drop-after-subscribe``: auth, subscribe, then the socket is closed under the relay;
+- ``drop-mid-send``: auth, subscribe, ``send`` a message to that chat and close the socket
+  at once, while the relay stores the message, pushes it (to this client too) and answers.
+
+A control connection stays open throughout; the chat that ``drop-mid-send`` writes to is
+replaced with a fresh one every 100 of its cycles, so that snapshots stay the same size from
+the first cycle to the last. After the warm-up and again after the last cycle, the soak
+waits until every gauge of ``/metrics`` (connections, subscriptions, broadcasters, kept
+histories, ...) is back at its idle value (read before the first cycle, with only the
+control connection open; kept histories wait out the relay's ``resume_grace``) and the
+relay's RSS has stopped moving, then reads RSS. Targets: RSS after the last cycle at most
+1.10 times RSS after the warm-up, and every gauge back at its idle value. The cycles stop
+after ``--max-seconds`` even if not all ran; that is reported and fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import os
+import shlex
 import sys
-import time
-import tracemalloc
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import attrs
-import trio
-from trio_websocket import ConnectionClosed, wrap_client_stream
+from harness import (
+    BenchError,
+    Json,
+    Server,
+    ensure_loadgen,
+    need_tools,
+    raise_fd_limit,
+    relay_source,
+    run_loadgen,
+)
 
-from trio_relay import RelayConfig, RelayStatistics, open_relay
-from trio_relay.testing import MemoryBackend
-
-PIN = "soak-pin"
-CHATS = [f"c{i}" for i in range(4)]
-ENDINGS = ("connect", "handshake", "auth", "subscribe", "mid-stream")
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+#: RSS after the last cycle over RSS after the warm-up: at most this.
+RSS_RATIO_TARGET = 1.10
+#: How long to wait for the gauges to come back to idle (the relay keeps a chat's history
+#: for ``resume_grace``, 30 s by default, after its last subscriber leaves).
+IDLE_DEADLINE_SECONDS = 90.0
+KINDS = ("clean-close", "drop-before-auth", "drop-after-subscribe", "drop-mid-send")
+#: A fresh chat for ``drop-mid-send`` after this many of its cycles.
+ROTATE_EVERY = 100
 
 
-@attrs.frozen
-class Sample:
-    stats: RelayStatistics
-    rss_kib: int
-    traced_kib: int
-    fds: int
+@dataclass(frozen=True)
+class SoakPlan:
+    cycles: int = 50_000
+    warmup: int = 2_000
+    concurrency: int = 50
+    max_seconds: float = 480.0
+    settle: Json = field(default_factory=lambda: {"intervalMs": 200, "stableMs": 1000,
+                                                  "maxMs": 5000})
+    #: The kinds of cycle, run in turn (all four unless told; to find which one costs).
+    kinds: tuple[str, ...] = KINDS
+    #: Relay settings on top of bench/relay-bench.toml (``--quick`` shortens resume_grace so
+    #: that kept histories need not be waited out for 30 s).
+    settings: Json = field(default_factory=dict)
 
-    def show(self, label: str) -> str:
-        s = self.stats
-        return (f"{label:>6}: connections={s.connections} subscriptions={s.subscriptions}"
-                f" broadcasters={s.broadcasters} kept_histories={s.kept_histories}"
-                f" tasks={s.tasks} rss={self.rss_kib} KiB traced={self.traced_kib} KiB"
-                f" fds={self.fds}")
+    def spec(self) -> Json:
+        return {
+            "scenario": "soak", "cycles": self.cycles, "warmupCycles": self.warmup,
+            "concurrency": self.concurrency, "maxSeconds": self.max_seconds,
+            "kinds": list(self.kinds), "rotateEvery": ROTATE_EVERY,
+            "idleDeadlineSeconds": IDLE_DEADLINE_SECONDS, "settle": self.settle,
+            "deadlineSeconds": self.max_seconds + 2 * (IDLE_DEADLINE_SECONDS + 30) + 60,
+        }
 
 
-async def sample(relay: Any) -> Sample:
-    gc.collect()
-    current, _ = tracemalloc.get_traced_memory()
-    return Sample(relay.statistics(), rss_kib(), current // 1024, open_fds())
+QUICK = SoakPlan(cycles=200, warmup=40, concurrency=8, max_seconds=30.0,
+                 settle={"intervalMs": 50, "stableMs": 150, "maxMs": 600},
+                 settings={"resume_grace": "1"})
 
 
-async def cycle(port: int, ending: str, counts: dict[str, int]) -> None:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+def run_soak(node: str, plan: SoakPlan, server_cpus: set[int] | None,
+             loadgen_cpus: set[int] | None, relay_src: Path | None, quiet: bool) -> Json:
+    """Start a relay, soak it, stop it: the loadgen's result plus the relay's problems."""
     try:
-        if ending == "connect":
-            return
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
-            if ending != "handshake":
-                await ws.get_message()  # auth_required
-                await ws.send_message(json.dumps({"id": 1, "type": "auth", "pin": PIN}))
-                reply = json.loads(await ws.get_message())
-                assert reply["type"] == "auth_success", reply
-                if ending != "auth":
-                    chat = CHATS[counts[ending] % len(CHATS)]
-                    await ws.send_message(json.dumps(
-                        {"id": 2, "type": "subscribe", "resource": "chat", "resourceId": chat}))
-                    while json.loads(await ws.get_message()).get("id") != 2:
-                        pass
-                    if ending == "mid-stream":
-                        await ws.get_message()  # at least one push under way
-            nursery.cancel_scope.cancel()
-    except ConnectionClosed:
-        counts["closed early"] += 1
+        server = Server("relay", server_cpus, relay_src, plan.settings)
+    except BenchError as exc:
+        return {"error": str(exc), "plan": plan.__dict__, "serverProblems": []}
+    try:
+        result = run_loadgen(node, server, plan.spec(), loadgen_cpus, quiet)
     finally:
-        counts[ending] += 1
-        await trio.aclose_forcefully(stream)  # no closing handshake: the client vanishes
+        server_problems = server.stop()
+    return {**result, "plan": plan.__dict__, "serverProblems": server_problems}
 
 
-async def pump_events(backend: MemoryBackend, stop: trio.Event) -> None:
-    for n in itertools.count():
-        if stop.is_set():
-            return
-        for chat in CHATS:
-            backend.emit("chat", chat, {"type": "chunk", "text": f"tick {n}"})
-        await trio.sleep(0.001)
+def soak_problems(soak: Json) -> list[str]:
+    """What fails the soak: an error, too few cycles, a client error, a gauge not idle, a
+    backend error, an fd left open, a server problem. (The RSS ratio is a target, shown as
+    met or not, not a failure.)"""
+    if soak.get("error"):
+        return [f"{soak['error']}", *soak.get("serverProblems", [])]
+    problems = list(soak.get("serverProblems", []))
+    plan = soak["plan"]
+    done = soak["warmupRun"]["cycles"] + soak["run"]["cycles"]
+    if soak.get("timedOut"):
+        problems.append(f"only {done:,} of {plan['warmup'] + plan['cycles']:,} cycles ran"
+                        f" within {plan['max_seconds']:.0f} s (--soak-max-seconds)")
+    if soak.get("errors"):
+        problems.append(f"{soak['errors']} cycles failed: {soak['errorSamples']}")
+    for point in ("warmup", "final"):
+        if soak[point]["notIdle"]:
+            problems.append(f"{point}: not back to idle after {soak[point]['idleAfterS']:.0f} s:"
+                            f" {_gauge_diff(soak, point)}")
+    errors = soak["final"]["counters"].get("backend_errors_total", 0)
+    if errors:
+        problems.append(f"{errors:.0f} backend errors")
+    idle_fds, fds = soak["idle"].get("fds"), soak["final"].get("fds")
+    if idle_fds is not None and fds is not None and fds > idle_fds:
+        problems.append(f"{fds - idle_fds} more file descriptors open than when idle")
+    return problems
 
 
-async def soak(cycles: int, concurrency: int) -> int:
-    backend = MemoryBackend()
-    for chat in CHATS:
-        backend.add_chat("p1", chat)
-    # Loopback clients all share one address: lift the per-address cap above the concurrency.
-    config = RelayConfig(max_connections_per_address=concurrency * 2, request_rate=1000,
-                         request_burst=1000, resume_grace=1.0)
-    tracemalloc.start()
-    async with open_relay(backend, pin=PIN, config=config) as relay:
-        port = await relay.start_serving("127.0.0.1", 0)
-        await trio.testing.wait_all_tasks_blocked()
-        before = await sample(relay)
-        print(before.show("before"), flush=True)
-        counts: dict[str, int] = dict.fromkeys((*ENDINGS, "closed early"), 0)
-        limiter = trio.CapacityLimiter(concurrency)
-        stop = trio.Event()
-        started = time.perf_counter()
+def _gauge_diff(soak: Json, point: str) -> str:
+    idle, now = soak["idle"]["gauges"], soak[point]["gauges"]
+    return ", ".join(f"{k} {now.get(k)} (idle {v})" for k, v in idle.items()
+                     if now.get(k) != v)
 
-        async def one(i: int) -> None:
-            async with limiter:
-                await cycle(port, ENDINGS[i % len(ENDINGS)], counts)
 
-        async with trio.open_nursery() as events:
-            events.start_soon(pump_events, backend, stop)
-            async with trio.open_nursery() as nursery:
-                for i in range(cycles):
-                    await limiter.acquire_on_behalf_of(i)  # bounded: start no faster than done
-                    limiter.release_on_behalf_of(i)
-                    nursery.start_soon(one, i)
-            stop.set()
-        elapsed = time.perf_counter() - started
-        # Let the relay notice the last resets, then wait out the resume grace period.
-        with trio.fail_after(30):
-            while relay.statistics().connections:  # noqa: ASYNC110 - polls the relay
-                await trio.sleep(0.05)
-        await trio.sleep(config.resume_grace + 0.5)
-        after = await sample(relay)
-        print(after.show("after"), flush=True)
-        print(f"cycles={cycles} in {elapsed:.1f} s ({cycles / elapsed:.0f}/s), concurrency"
-              f" {concurrency}, endings: {counts}", flush=True)
-        leaked = (
-            attrs.evolve(after.stats, authenticated_connections=0)
-            != attrs.evolve(before.stats, authenticated_connections=0)
-            or after.fds > before.fds
-            or dict(backend.open_feeds)
-        )
-        if leaked:
-            print("LEAK: the relay did not return to where it started", file=sys.stderr)
-            return 1
-        print("ok: back to where it started", flush=True)
-        return 0
+def soak_lines(soak: Json) -> list[str]:
+    """The soak's rows of the targets table (5 columns: target, relay, -, -, verdict)."""
+    if soak.get("error"):
+        return [f"| soak | {soak['error']} | - | - | not measured |"]
+    plan = soak["plan"]
+    warm, final = soak["warmup"], soak["final"]
+    ratio = soak["rssRatio"]
+    cycles = soak["run"]["cycles"]
+    verdict = "met" if ratio <= RSS_RATIO_TARGET else "**not met**"
+    if soak.get("timedOut"):
+        verdict = "**incomplete**"
+    idle = "every gauge back at idle" if not (warm["notIdle"] or final["notIdle"]) else (
+        _gauge_diff(soak, "final") or _gauge_diff(soak, "warmup"))
+    return [
+        f"| soak: RSS after {cycles:,} more cycles / after a {plan['warmup']:,}-cycle warm-up"
+        f" | {ratio:.3f} ({warm['rssKiB'] / 1024:.1f} → {final['rssKiB'] / 1024:.1f} MiB)"
+        f" | - | - | {verdict} (≤ {RSS_RATIO_TARGET:.2f}) |",
+        f"| soak: /metrics gauges after the last cycle | {idle}"
+        f" (after {final['idleAfterS']:.0f} s); fds {soak['idle'].get('fds')} →"
+        f" {final.get('fds')} | - | - |"
+        f" {'met' if not (warm['notIdle'] or final['notIdle']) else '**not met**'} |",
+        f"| soak: cycles | {cycles:,} in {soak['run']['seconds']:.0f} s"
+        f" ({soak['run']['ratePerS']:,.0f}/s, {plan['concurrency']} at a time; loadgen"
+        f" {soak['run']['loadgenCpuShare']:.0%}, relay {soak['run']['serverCpuShare']:.0%} of"
+        f" a core); kinds {', '.join(f'{k} {v:,}' for k, v in soak['kinds'].items())};"
+        f" failed {soak['errors']} | - | - | - |",
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cycles", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="a few hundred cycles")
+    parser.add_argument("--cycles", type=int, help="cycles after the warm-up (default 50,000)")
+    parser.add_argument("--warmup", type=int, help="warm-up cycles (default 2,000)")
+    parser.add_argument("--concurrency", type=int, help="cycles at a time (default 50)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop the cycles after this long (default 480)")
+    parser.add_argument("--kinds", help="comma-separated kinds of cycle to run in turn"
+                        f" (default all: {','.join(KINDS)})")
+    parser.add_argument("--relay-src", type=Path,
+                        help="soak the trio_relay package of this directory instead")
+    parser.add_argument("--json", type=Path, help="also write the result here as JSON")
+    parser.add_argument("--verbose", action="store_true", help="show the loadgen's progress")
     args = parser.parse_args()
-    return trio.run(soak, args.cycles, args.concurrency)
+    plan = QUICK if args.quick else SoakPlan()
+    overrides: Json = {k: v for k, v in (("cycles", args.cycles), ("warmup", args.warmup),
+                                   ("concurrency", args.concurrency),
+                                   ("max_seconds", args.max_seconds)) if v is not None}
+    if args.kinds:
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not kinds:
+            parser.error(f"--kinds: choose from {', '.join(KINDS)}")
+        overrides["kinds"] = kinds
+    plan = SoakPlan(**{**plan.__dict__, **overrides})
+    try:
+        node, npm = need_tools()
+        ensure_loadgen(npm)
+        raise_fd_limit()
+    except BenchError as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, loadgen_cpus = ({cpus[0]}, {cpus[-1]}) if len(cpus) >= 2 else (None, None)
+    relay_src = args.relay_src.resolve() if args.relay_src else None
+    soak = run_soak(node, plan, server_cpus, loadgen_cpus, relay_src, not args.verbose)
+    if args.json is not None:
+        args.json.write_text(json.dumps(soak, indent=1) + "\n")
+    print(f"command: {shlex.join(['python', 'bench/soak.py', *sys.argv[1:]])}")
+    print(f"relay: {relay_source(relay_src)}")
+    print("| target | relay | - | - | verdict |")
+    print("|---|---|---|---|---|")
+    if not soak.get("error"):
+        print("\n".join(soak_lines(soak)))
+    problems = soak_problems(soak)
+    if problems:
+        print(f"\nFAILED: {len(problems)} problems:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

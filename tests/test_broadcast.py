@@ -29,7 +29,7 @@ from trio_relay import (
     SubscriptionError,
     UpstreamError,
 )
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
     DEFAULT_PIN,
     HANG,

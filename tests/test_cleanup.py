@@ -20,7 +20,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from trio_relay import CloseCode, RelayConfig, RelayStatistics
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
     DEFAULT_PIN,
     HANG,

@@ -20,7 +20,14 @@ import attrs
 import pytest
 
 from trio_relay import RelayConfig, RelayStatistics
-from trio_relay._protocol import _REQUEST_TYPES, _WIRE_NAMES, ProtocolError, Reply, decode, encode
+from trio_relay._wire.protocol import (
+    _REQUEST_TYPES,
+    _WIRE_NAMES,
+    ProtocolError,
+    Reply,
+    decode,
+    encode,
+)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PROTOCOL = DOCS / "protocol.md"

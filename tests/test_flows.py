@@ -17,7 +17,7 @@ import trio.testing
 
 from trio_relay import CloseCode, RelayConfig, Snapshot, Update
 from trio_relay._backend import BackendError
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
     DEFAULT_PIN,
     HANG,

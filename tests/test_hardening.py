@@ -19,7 +19,7 @@ from trio_websocket import ConnectionRejected, wrap_client_stream
 from wsproto.frame_protocol import Opcode
 
 from trio_relay import CloseCode, RelayConfig, open_relay
-from trio_relay._connection import Connection
+from trio_relay._server.connection import Connection
 from trio_relay.testing import (
     DEFAULT_PIN,
     MemoryBackend,

@@ -16,8 +16,8 @@ from trio.testing import MockClock
 
 from trio_relay import RelayConfig
 from trio_relay._config import RelayStatistics
-from trio_relay._counters import RelayCounters
-from trio_relay._http import HttpResponse, MetricsView, WebFiles, render_metrics, route
+from trio_relay._server.counters import RelayCounters
+from trio_relay._server.http import HttpResponse, MetricsView, WebFiles, render_metrics, route
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
 IDLE = RelayStatistics(

@@ -10,7 +10,7 @@ import trio.testing
 
 from trio_relay._backend import Change
 from trio_relay._hub import ChangeHub, FeedOverflow
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 
 KEY = ResourceKey("chat", "c1")
 

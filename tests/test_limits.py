@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_relay._config import RelayConfig
-from trio_relay._limits import PinCheck, PinGuard, TokenBucket, pin_matches
+from trio_relay._server.limits import PinCheck, PinGuard, TokenBucket, pin_matches
 
 # --- TokenBucket ------------------------------------------------------------------------------
 

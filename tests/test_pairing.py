@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from trio_relay import RelayConfig
-from trio_relay._pairing import (
+from trio_relay._server.pairing import (
     PAIRING_FILE,
     DeviceStore,
     FileDeviceStore,
@@ -134,9 +134,9 @@ def test_last_seen_reaches_the_file_throttled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("trio_relay._pairing.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("trio_relay._server.pairing.time.monotonic", lambda: now[0])
     times = iter(["2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z", "2026-01-01T00:01:30Z"])
-    monkeypatch.setattr("trio_relay._pairing._now", lambda: next(times))
+    monkeypatch.setattr("trio_relay._server.pairing._now", lambda: next(times))
     path = tmp_path / PAIRING_FILE
     store = FileDeviceStore(path)
     device, token = store.pair("Phone")  # written at once
@@ -241,7 +241,7 @@ async def test_a_revoke_in_the_pairing_file_closes_connections(
 async def test_the_relay_follows_the_stores_pin(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
-    from trio_relay._relay import open_relay
+    from trio_relay._server.relay import open_relay
 
     store = FileDeviceStore(tmp_path / PAIRING_FILE)
     async with open_relay(_backend(), devices=store) as relay:
@@ -433,7 +433,7 @@ async def test_a_pairing_that_cannot_be_stored_is_refused(
     def full_disk(path: Path, text: str) -> None:
         raise PairingFileError(f"{path}: cannot write: No space left on device")
 
-    monkeypatch.setattr("trio_relay._pairing._write_private", full_disk)
+    monkeypatch.setattr("trio_relay._server.pairing._write_private", full_disk)
     async with open_memory_relay(_backend(), pin=PIN, devices=store) as relay:
         client = await relay.connect()
         reply = await client.request("auth", pin=PIN, deviceName="Phone")

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from trio_relay._cli import main
-from trio_relay._pairing import PAIRING_FILE, FileDeviceStore
+from trio_relay._server.pairing import PAIRING_FILE, FileDeviceStore
 from trio_relay.testing import open_loopback_client
 
 WAIT = 20.0

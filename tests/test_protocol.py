@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_relay._protocol import (
+from trio_relay._wire.protocol import (
     MAX_ID_LENGTH,
     RESOURCES,
     AuthFailed,

@@ -58,7 +58,7 @@ from hypothesis.stateful import (
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_relay import BackendError, RelayConfig, RelayStatistics, Snapshot
-from trio_relay._protocol import ResourceKey
+from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
 PIN = "1234"

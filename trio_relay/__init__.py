@@ -17,24 +17,24 @@ from ._backend import Snapshot as Snapshot
 from ._config import CloseCode as CloseCode
 from ._config import RelayConfig as RelayConfig
 from ._config import RelayStatistics as RelayStatistics
-from ._counters import RelayCounters as RelayCounters
 from ._echo_agent import EchoAgent as EchoAgent
 from ._hub import ChangeHub as ChangeHub
 from ._hub import FeedOverflow as FeedOverflow
-from ._pairing import Device as Device
-from ._pairing import DeviceStore as DeviceStore
-from ._pairing import FileDeviceStore as FileDeviceStore
-from ._protocol import ErrorCode as ErrorCode
-from ._relay import Listener as Listener
-from ._relay import ListenerOverflow as ListenerOverflow
-from ._relay import Relay as Relay
-from ._relay import RelayError as RelayError
-from ._relay import SubscriptionError as SubscriptionError
-from ._relay import Update as Update
-from ._relay import UpstreamError as UpstreamError
-from ._relay import open_relay as open_relay
+from ._server.counters import RelayCounters as RelayCounters
+from ._server.pairing import Device as Device
+from ._server.pairing import DeviceStore as DeviceStore
+from ._server.pairing import FileDeviceStore as FileDeviceStore
+from ._server.relay import Listener as Listener
+from ._server.relay import ListenerOverflow as ListenerOverflow
+from ._server.relay import Relay as Relay
+from ._server.relay import RelayError as RelayError
+from ._server.relay import SubscriptionError as SubscriptionError
+from ._server.relay import Update as Update
+from ._server.relay import UpstreamError as UpstreamError
+from ._server.relay import open_relay as open_relay
 from ._sqlite_backend import SqliteBackend as SqliteBackend
 from ._sqlite_backend import open_sqlite_backend as open_sqlite_backend
+from ._wire.protocol import ErrorCode as ErrorCode
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._protocol import JSON
+from ._wire.protocol import JSON
 
 __all__ = ["Backend", "BackendError", "Change", "Feed", "NotFound", "Snapshot"]
 

@@ -21,8 +21,8 @@ import trio
 from loguru import logger
 
 from ._chat_cli import add_chat_command, run_chat
-from ._pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
-from ._relay import open_relay
+from ._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
+from ._server.relay import open_relay
 from ._settings import (
     ServeSettings,
     SettingsError,

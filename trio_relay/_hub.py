@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from ._backend import Change
-from ._protocol import JSON
+from ._wire.protocol import JSON
 
 __all__ = ["ChangeHub", "FeedOverflow"]
 

@@ -17,7 +17,7 @@ import trio
 
 from ._backend import BackendError, Change, NotFound, Snapshot
 from ._hub import ChangeHub
-from ._protocol import JSON, ResourceKey
+from ._wire.protocol import JSON, ResourceKey
 
 __all__ = ["HANG", "MemoryBackend"]
 

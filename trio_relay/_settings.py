@@ -48,7 +48,7 @@ from cattrs.gen import make_dict_structure_fn, override
 from ._agents import PROMPT_MODES, Agent, CommandAgent, SilentAgent
 from ._config import RelayConfig
 from ._echo_agent import EchoAgent
-from ._protocol import JSON
+from ._wire.protocol import JSON
 
 if sys.version_info >= (3, 11):
     import tomllib

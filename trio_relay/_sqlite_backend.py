@@ -38,7 +38,7 @@ from ._agents import Agent, AgentError, CommandAgent, SilentAgent
 from ._backend import BackendError, Feed, NotFound, Snapshot
 from ._echo_agent import EchoAgent
 from ._hub import ChangeHub
-from ._protocol import JSON, ResourceKey
+from ._wire.protocol import JSON, ResourceKey
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

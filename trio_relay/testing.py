@@ -39,10 +39,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from ._backend import Backend
 from ._config import RelayConfig, RelayStatistics
 from ._errors import raise_single
-from ._memory import MemoryListener
 from ._memory_backend import HANG, MemoryBackend
-from ._pairing import DeviceStore
-from ._relay import Listener, Relay, Update, open_relay
+from ._memory_streams import MemoryListener
+from ._server.pairing import DeviceStore
+from ._server.relay import Listener, Relay, Update, open_relay
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -97,6 +97,15 @@ function serverMemory() {
   return { rssKiB, pssKiB };
 }
 
+/** Open file descriptors of the server process (not its children). */
+function serverFds() {
+  try {
+    return fs.readdirSync(`/proc/${spec.serverPid}/fd`).length;
+  } catch {
+    return null;
+  }
+}
+
 /** Seconds of CPU the whole machine has been busy (every CPU, everything but idle). */
 function machineBusySeconds() {
   const line = (readProc('/proc/stat') ?? '').split('\n', 1)[0];
@@ -183,7 +192,8 @@ function open() {
 function connectSubscriber(index) {
   return new Promise((resolve, reject) => {
     const c = {
-      index, ws: open(), expectSeq: -1, expectIndex: 0, subscribed: false,
+      // The messages sent before it subscribed are in its snapshot, not pushed.
+      index, ws: open(), expectSeq: -1, expectIndex: sendsIssued, subscribed: false,
       checkedFastPath: false,
     };
     clients.push(c);
@@ -355,29 +365,54 @@ function readPush(buf) {
   return [seq, sendIndex, stamp];
 }
 
-/** The control connection: auth, create the chat; it then sends and is never subscribed. */
+// Replies to the control connection's sends, by send index: what to do when one comes.
+const ackWaiters = new Map();
+
+/**
+ * The control connection: auth, then `create` chats (control.createChat()) and every `send`;
+ * it is never subscribed. Resolves once authenticated.
+ */
 function connectControl() {
   return new Promise((resolve, reject) => {
     const ws = open();
-    const control = { ws };
+    const creating = new Map(); // request id -> [resolve, reject]
+    let nextCreate = 0;
+    const control = {
+      ws,
+      /** Create a chat with the benchmark's model profile; resolves to its id. */
+      createChat() {
+        const id = `c${nextCreate++}`;
+        const modelProfileId = spec.modelProfileId;
+        ws.send(JSON.stringify({
+          id, type: 'create', resource: 'chat', resourceId: spec.projectId,
+          message: modelProfileId ? { title: 'bench', modelProfileId } : { title: 'bench' },
+        }));
+        return new Promise((res, rej) => creating.set(id, [res, rej]));
+      },
+    };
     ws.on('message', (raw) => {
       const frame = JSON.parse(raw.toString());
       if (frame.type === 'auth_required') {
         ws.send(JSON.stringify({ id: 'a', type: 'auth', pin: spec.pin }));
       } else if (frame.type === 'auth_success') {
-        const modelProfileId = spec.modelProfileId;
-        ws.send(JSON.stringify({
-          id: 'c', type: 'create', resource: 'chat', resourceId: spec.projectId,
-          message: modelProfileId ? { title: 'bench', modelProfileId } : { title: 'bench' },
-        }));
-      } else if (frame.id === 'c' && frame.type === 'data') {
-        chatId = frame.resourceId;
         resolve(control);
+      } else if (creating.has(frame.id) && frame.type === 'data' && frame.resourceId) {
+        const [res] = creating.get(frame.id);
+        creating.delete(frame.id);
+        res(frame.resourceId);
       } else if (typeof frame.id === 'number' && frame.type === 'data' && frame.data?.sent) {
         sendsAcked += 1;
+        const waiter = ackWaiters.get(frame.id);
+        if (waiter !== undefined) {
+          ackWaiters.delete(frame.id);
+          waiter();
+        }
       } else {
         violation(`control: unexpected frame ${raw.toString().slice(0, 300)}`);
-        reject(new Abort(`control connection got ${raw.toString().slice(0, 300)}`));
+        const failure = new Abort(`control connection got ${raw.toString().slice(0, 300)}`);
+        for (const [, rej] of creating.values()) rej(failure);
+        creating.clear();
+        reject(failure);
       }
     });
     ws.on('unexpected-response', (req, res) => {
@@ -414,35 +449,65 @@ async function connectAll(count, concurrency) {
 // --- sending ------------------------------------------------------------------------------
 
 /**
- * Send pushes with at most `window` not yet received by every subscriber, until `more()` says
- * stop; resolves when the last one has reached everyone. With no subscriber, nothing is sent.
+ * Send messages to the chat until `more()` says stop; resolves when every subscriber has the
+ * last one and every send is acknowledged. Paced one of two ways:
+ * - `ackPaced`: the next message goes out when the server has answered the last `send`
+ *   (its `sent` reply), as a user's client does; `maxUndelivered` is a safety net only: the
+ *   sender also waits while that many messages have not reached every subscriber yet (a
+ *   load generator falling behind would otherwise make the server close subscribers as slow
+ *   consumers); `heldBack` counts the times it did, which marks the figure as capped;
+ * - otherwise at most `window` messages not yet received by every subscriber.
+ * With no subscriber, a message counts as delivered as soon as it is acknowledged.
  */
-function sendPhase(control, subscriberCount, window, more) {
+function sendPhase(control, subscriberCount, mode, more) {
   return new Promise((resolve) => {
-    let inflight = 0;
+    let unacked = 0;
+    let undelivered = 0;
     let stopped = false;
+    let heldBack = 0;
+    let holding = false;
+    const free = () => {
+      if (mode.ackPaced) {
+        if (unacked > 0) return false;
+        if (undelivered >= mode.maxUndelivered) {
+          if (!holding) heldBack += 1;
+          holding = true;
+          return false;
+        }
+        holding = false;
+        return true;
+      }
+      return undelivered < mode.window;
+    };
     const pump = () => {
-      while (!stopped && inflight < window) {
+      while (!stopped && free()) {
         if (!more()) {
           stopped = true;
           break;
         }
         const index = sendsIssued++;
         const stamp = now();
-        inflight += 1;
-        pending.set(index, {
-          remaining: subscriberCount,
-          stamp,
-          done: () => {
-            inflight -= 1;
-            pump();
-          },
+        unacked += 1;
+        if (subscriberCount > 0) {
+          undelivered += 1;
+          pending.set(index, {
+            remaining: subscriberCount,
+            stamp,
+            done: () => {
+              undelivered -= 1;
+              pump();
+            },
+          });
+        }
+        ackWaiters.set(index, () => {
+          unacked -= 1;
+          pump();
         });
         control.ws.send(JSON.stringify({
           id: index, type: 'send', resourceId: chatId, message: `bench:${index}:${stamp.toFixed(1)}`,
         }));
       }
-      if (stopped && inflight === 0) resolve();
+      if (stopped && undelivered === 0 && unacked === 0) resolve(heldBack);
     };
     pump();
   });
@@ -471,44 +536,31 @@ async function settledMemory() {
   return { ...last, settleMs: (now() - start) / 1000 };
 }
 
-// --- the scenario ---------------------------------------------------------------------------
+// --- fan-out and connections -----------------------------------------------------------------
 
 async function run() {
+  if (spec.scenario === 'soak') return runSoak();
   const result = { scenario: spec.scenario, subscribers: spec.subscribers };
   log(`${spec.scenario}: ${spec.subscribers} subscribers on ${spec.url}`);
   const control = await connectControl();
+  chatId = await control.createChat();
   result.chatId = chatId;
 
-  if (spec.measureMemory) result.memoryBefore = await settledMemory();
-
-  const connectWindow = startWindow();
-  await connectAll(spec.subscribers, spec.connectConcurrency ?? 100);
-  const connected = endWindow(connectWindow);
-  result.connect = { ...connected, ratePerS: spec.subscribers / connected.seconds };
-  log(`connected ${spec.subscribers} in ${connected.seconds.toFixed(2)} s`);
-
-  if (spec.measureMemory) {
-    const after = await settledMemory();
-    result.memoryAfter = after;
-    result.memoryPerConnection = {
-      rssKiB: (after.rssKiB - result.memoryBefore.rssKiB) / spec.subscribers,
-      pssKiB: (after.pssKiB - result.memoryBefore.pssKiB) / spec.subscribers,
-    };
-  }
-
   const n = spec.subscribers;
-  const phase = async (name, window, more) => {
+  const phase = async (name, mode, count, more) => {
     samples = new Samples();
     const issuedBefore = sendsIssued;
     const w = startWindow();
-    await sendPhase(control, n, window, more);
+    const heldBack = await sendPhase(control, count, mode, more);
     const measured = endWindow(w);
     const sends = sendsIssued - issuedBefore;
-    const frames = sends * n;
+    const frames = sends * count;
     return {
       ...measured,
-      window,
+      ...mode,
+      heldBack,
       sends,
+      sendsPerS: sends / measured.seconds,
       frames,
       framesPerS: frames / measured.seconds,
       // /proc counts CPU in ticks (10 ms): a window with only a few is too short to say.
@@ -517,30 +569,49 @@ async function run() {
       latency: samples.summary(),
     };
   };
+  const ackPaced = { ackPaced: true, maxUndelivered: spec.maxUndelivered ?? 64 };
+
+  // A few messages first, so that every `subscribed` carries a snapshot to read and encode.
+  if (spec.seedSends > 0) {
+    let left = spec.seedSends;
+    await phase('seed', ackPaced, 0, () => left-- > 0);
+  }
+
+  if (spec.measureMemory) result.memoryBefore = await settledMemory();
+
+  const connectWindow = startWindow();
+  await connectAll(n, spec.connectConcurrency ?? 100);
+  const connected = endWindow(connectWindow);
+  result.connect = { ...connected, ratePerS: n / connected.seconds };
+  log(`connected ${n} in ${connected.seconds.toFixed(2)} s`);
+
+  if (spec.measureMemory) {
+    const after = await settledMemory();
+    result.memoryAfter = after;
+    result.memoryPerConnection = {
+      rssKiB: (after.rssKiB - result.memoryBefore.rssKiB) / n,
+      pssKiB: (after.pssKiB - result.memoryBefore.pssKiB) / n,
+    };
+  }
 
   if (spec.warmupSends > 0) {
     let left = spec.warmupSends;
-    await phase('warmup', spec.window, () => left-- > 0);
+    await phase('warmup', ackPaced, n, () => left-- > 0);
   }
-  if (spec.throughputSeconds > 0 || spec.throughputSends > 0) {
-    const until = now() + (spec.throughputSeconds ?? 0) * 1e6;
-    let left = spec.throughputSends ?? Infinity;
-    const maxSends = spec.throughputMaxSends ?? Infinity;
-    let issued = 0;
-    result.throughput = await phase('throughput', spec.window, () =>
-      issued++ < maxSends && (spec.throughputSends ? left-- > 0 : now() < until));
-    log(`throughput: ${result.throughput.framesPerS.toFixed(0)} frames/s`);
-  }
-  if (spec.latencySends > 0) {
-    const until = now() + (spec.latencyMaxSeconds ?? Infinity) * 1e6;
-    let left = spec.latencySends;
-    result.latency = await phase('latency', 1, () => left-- > 0 && now() < until);
-    log(`latency: p50 ${result.latency.latency.p50Ms} ms, p99 ${result.latency.latency.p99Ms} ms`);
+  // The publisher sends the next message when the last one is acknowledged, for a while.
+  if (spec.sendSeconds > 0 || spec.sendCount > 0) {
+    const until = now() + (spec.sendSeconds ?? 0) * 1e6;
+    let left = spec.sendCount;
+    result.send = await phase('send', ackPaced, n, () =>
+      (spec.sendCount ? left-- > 0 : now() < until));
+    log(`acknowledged sends: ${result.send.sendsPerS.toFixed(0)}/s,` +
+      ` ${result.send.serverCpuPerFrameUs?.toFixed(2)} µs/frame,` +
+      ` p99 ${result.send.latency.p99Ms} ms, held back ${result.send.heldBack}`);
   }
   if (spec.broadcastSends > 0) {
     let left = spec.broadcastSends;
-    const b = await phase('broadcast', 1, () => left-- > 0);
-    // One send at a time: the slowest receipt of each is when all had it.
+    const b = await phase('broadcast', ackPaced, n, () => left-- > 0);
+    // One message: the slowest receipt is when all had it.
     result.broadcast = { ...b, allMs: b.latency.maxMs };
     log(`broadcast to ${n}: all had it after ${b.latency.maxMs} ms`);
   }
@@ -564,6 +635,182 @@ async function run() {
   if (short > 5) violation(`... and ${short - 5} more subscribers short of pushes`);
   result.sends = sendsIssued;
   result.otherPushes = otherPushes;
+  return result;
+}
+
+// --- soak --------------------------------------------------------------------------------------
+
+const SOAK_KINDS = ['clean-close', 'drop-before-auth', 'drop-after-subscribe', 'drop-mid-send'];
+
+/** The relay's /metrics as {name: value} (Prometheus text; names without `trio_relay_`). */
+async function readMetrics() {
+  const response = await fetch(spec.metricsUrl, { signal: AbortSignal.timeout(10000) });
+  if (!response.ok) throw new Abort(`GET ${spec.metricsUrl}: HTTP ${response.status}`);
+  const values = {};
+  const types = {};
+  for (const line of (await response.text()).split('\n')) {
+    const type = /^# TYPE trio_relay_(\S+) (\S+)/.exec(line);
+    if (type) types[type[1]] = type[2];
+    const m = /^trio_relay_(\S+) (\S+)$/.exec(line);
+    if (m) values[m[1]] = Number(m[2]);
+  }
+  return { values, types };
+}
+
+/** The gauges that say what is open (everything but uptime), as {name: value}. */
+function gauges(metrics) {
+  const out = {};
+  for (const [name, value] of Object.entries(metrics.values)) {
+    if (metrics.types[name] === 'gauge' && name !== 'uptime_seconds') out[name] = value;
+  }
+  return out;
+}
+
+/**
+ * Wait until every gauge is back at its idle value (or the deadline passes), then until the
+ * server's RSS stops moving; returns what it found.
+ */
+async function settleToIdle(idle) {
+  const start = now();
+  let metrics = await readMetrics();
+  while ((now() - start) / 1e6 < spec.idleDeadlineSeconds) {
+    const g = gauges(metrics);
+    if (Object.keys(idle).every((k) => g[k] === idle[k])) break;
+    await sleep(250);
+    metrics = await readMetrics();
+  }
+  const idleAfterS = (now() - start) / 1e6;
+  const g = gauges(metrics);
+  const notIdle = Object.keys(idle).filter((k) => g[k] !== idle[k]);
+  const memory = await settledMemory();
+  return { idleAfterS, notIdle, gauges: g, counters: metrics.values, fds: serverFds(), ...memory };
+}
+
+/** One connection that ends as `kind` says; resolves when its socket is gone. */
+function soakCycle(kind, ctx) {
+  return new Promise((resolve) => {
+    const ws = open();
+    let done = false;
+    const finish = (error) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      if (error) {
+        ctx.errors += 1;
+        if (ctx.errorSamples.length < 10) ctx.errorSamples.push(`${kind}: ${error}`);
+      }
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      ws.terminate();
+      finish('no progress within 30 s');
+    }, 30000);
+    const chat = kind === 'drop-mid-send' ? ctx.sendChat : ctx.subscribeChat;
+    ws.on('message', (raw) => {
+      const frame = JSON.parse(raw.toString());
+      if (frame.type === 'auth_required') {
+        if (kind === 'drop-before-auth') {
+          ws.terminate();
+          return;
+        }
+        ws.send(JSON.stringify({ id: 'a', type: 'auth', pin: spec.pin }));
+      } else if (frame.type === 'auth_success') {
+        ws.send(JSON.stringify({ id: 's', type: 'subscribe', resource: 'chat', resourceId: chat }));
+      } else if (frame.type === 'subscribed') {
+        if (kind === 'clean-close') {
+          ws.close(1000, 'bye');
+        } else if (kind === 'drop-mid-send') {
+          // The message and the subscriber's own push of it are under way as it vanishes.
+          ws.send(JSON.stringify({ id: 'm', type: 'send', resourceId: chat, message: 'soak' }),
+            () => ws.terminate());
+        } else {
+          ws.terminate();
+        }
+      } else if (frame.type === 'data' && frame.id === null) {
+        // a push to the chat (another cycle's message): nothing to do
+      } else if (frame.type !== 'data') {
+        ws.terminate();
+        finish(`unexpected frame ${raw.toString().slice(0, 200)}`);
+      }
+    });
+    ws.on('unexpected-response', (req, res) => {
+      ws.terminate();
+      finish(`handshake refused: HTTP ${res.statusCode}`);
+    });
+    ws.on('error', (err) => {
+      // A drop can race the server's own writes; only a failure to connect is an error.
+      if (ws.readyState === WebSocket.CONNECTING) finish(err.message);
+    });
+    ws.on('close', (code) => {
+      if (kind === 'clean-close' && code !== 1000) finish(`closed with ${code}, not 1000`);
+      finish(null);
+    });
+  });
+}
+
+/** Run `count` cycles, `concurrency` at a time, the four kinds in turn. */
+async function soakCycles(count, ctx, control, seconds) {
+  const until = now() + seconds * 1e6;
+  let next = 0;
+  const worker = async () => {
+    while (next < count && now() < until) {
+      const i = next++;
+      const kind = ctx.order[(ctx.cycles + i) % ctx.order.length];
+      await soakCycle(kind, ctx);
+      ctx.kinds[kind] += 1;
+      if (kind === 'drop-mid-send') {
+        // The chat's history is every subscriber's snapshot: move on to a fresh chat now and
+        // then, so that the cost of a cycle stays the same from the first to the last.
+        ctx.sinceRotation += 1;
+        if (ctx.sinceRotation >= spec.rotateEvery) {
+          ctx.sinceRotation = 0;
+          ctx.sendChat = await control.createChat();
+          ctx.chats += 1;
+        }
+      }
+    }
+  };
+  const started = now();
+  await Promise.all(Array.from({ length: Math.min(spec.concurrency, count) }, worker));
+  const done = Math.min(next, count);
+  ctx.cycles += done;
+  return { cycles: done, seconds: (now() - started) / 1e6 };
+}
+
+async function runSoak() {
+  const result = { scenario: 'soak' };
+  const control = await connectControl();
+  const idleMetrics = await readMetrics();
+  const idle = gauges(idleMetrics);
+  result.idle = { gauges: idle, counters: idleMetrics.values, fds: serverFds(), ...serverMemory() };
+  const ctx = {
+    subscribeChat: await control.createChat(), sendChat: await control.createChat(), chats: 2,
+    sinceRotation: 0, cycles: 0, errors: 0, errorSamples: [],
+    kinds: Object.fromEntries(SOAK_KINDS.map((k) => [k, 0])),
+    order: spec.kinds ?? SOAK_KINDS,
+  };
+  for (const kind of ctx.order) {
+    if (!SOAK_KINDS.includes(kind)) throw new Abort(`unknown soak cycle kind ${kind}`);
+  }
+  log(`soak: ${spec.warmupCycles} warm-up cycles, then ${spec.cycles}, ${spec.concurrency} at a time`);
+  // The time bound is for the cycles; waiting for idle after them does not count.
+  result.warmupRun = await soakCycles(spec.warmupCycles, ctx, control, spec.maxSeconds);
+  result.warmup = await settleToIdle(idle);
+  log(`after warm-up: RSS ${result.warmup.rssKiB} KiB, idle after ${result.warmup.idleAfterS.toFixed(1)} s`);
+  const startCpu = startWindow();
+  result.run = await soakCycles(spec.cycles, ctx, control,
+    spec.maxSeconds - result.warmupRun.seconds);
+  result.run = { ...result.run, ...endWindow(startCpu) };
+  result.run.ratePerS = result.run.cycles / result.run.seconds;
+  result.timedOut = ctx.cycles < spec.warmupCycles + spec.cycles;
+  log(`${result.run.cycles} cycles in ${result.run.seconds.toFixed(1)} s`);
+  result.final = await settleToIdle(idle);
+  log(`after the last cycle: RSS ${result.final.rssKiB} KiB, idle after ${result.final.idleAfterS.toFixed(1)} s`);
+  result.rssRatio = result.final.rssKiB / result.warmup.rssKiB;
+  result.kinds = ctx.kinds;
+  result.chats = ctx.chats;
+  result.errors = ctx.errors;
+  result.errorSamples = ctx.errorSamples;
   return result;
 }
 

@@ -1,8 +1,11 @@
 // app.js: the page. It keeps the state that ws-link's events describe and renders it.
 //
 // Every piece of text from the relay reaches the page through textContent or a text node,
-// never through innerHTML: a chat message is data, not markup.
+// never through innerHTML; a message's text is shown as markdown by markdown.js, which
+// builds the elements itself from an allow-list (a chat message is data, not markup).
 
+import { defaultDeviceName, deviceNameProblem } from "./device-name.js";
+import { copyCode, renderMarkdown } from "./markdown.js";
 import {
   AuthFailed,
   ConnectionLost,
@@ -13,6 +16,57 @@ import {
 } from "./ws-link.js";
 
 const link = new RelayLink(relayUrl(window.location));
+/** Phone-sized: the chat list is a drawer (style.css has the same width). */
+const narrowScreen = window.matchMedia("(max-width: 720px)");
+
+// --- what this browser keeps (localStorage, per relay origin) ----------------------------
+//
+// The device token the relay gave when this browser was paired (with its id and name):
+// with it a reload or a relay restart signs in without the PIN. Nothing else secret is kept.
+
+const DEVICE_KEY = "trio-relay.device";
+const DEVICE_NAME_KEY = "trio-relay.deviceName";
+const LAST_CHATS_KEY = "trio-relay.lastChats";
+
+function readStorage(key) {
+  try {
+    const text = window.localStorage.getItem(key);
+    return text === null ? null : JSON.parse(text);
+  } catch {
+    return null; // storage off (private mode, a policy) or a value this page did not write
+  }
+}
+
+function writeStorage(key, value) {
+  try {
+    if (value === null) window.localStorage.removeItem(key);
+    else window.localStorage.setItem(key, JSON.stringify(value));
+  } catch {
+    // Storage off: the page still works, it only asks for the PIN after a reload.
+  }
+}
+
+/** `{token, id, name}` of this browser's pairing, or null. */
+function storedDevice() {
+  const device = readStorage(DEVICE_KEY);
+  if (!device || typeof device.token !== "string" || !device.token) return null;
+  return {
+    token: device.token,
+    id: typeof device.id === "string" ? device.id : null,
+    name: typeof device.name === "string" ? device.name : "",
+  };
+}
+
+function forgetDevice() {
+  writeStorage(DEVICE_KEY, null);
+}
+
+/** The name typed last, else one from the browser. */
+function proposedDeviceName() {
+  const saved = readStorage(DEVICE_NAME_KEY);
+  return typeof saved === "string" && saved.trim() ? saved : defaultDeviceName();
+}
+
 
 /** The element with this data-testid (every element the page updates has one). */
 function $(testid) {
@@ -58,6 +112,7 @@ const ui = {
   chatSub: null,
   profilesSub: null,
   sending: 0,
+  device: null, // {id, name} of this browser's pairing: its messages are "You"
 };
 
 function profileName(id) {
@@ -132,15 +187,14 @@ function renderConnection() {
 
 link.on("state", (state) => {
   renderConnection();
-  if (state === State.CLOSED) {
-    // The relay ended the session for good (PIN changed, lockout, abuse): log in again.
-    showLogin(`The relay ended the session: ${link.error ? link.error.message : "closed"}`);
-  }
+  // The relay ended the session for good (device revoked, PIN changed, lockout, abuse).
+  if (state === State.CLOSED && ui.loggedIn) sessionEnded(link.error);
 });
 
 link.on("session", (session) => {
   ui.projects = Array.isArray(session.projects) ? session.projects : [];
   if (!ui.profilesSub) ui.profiles = session.modelProfiles ?? [];
+  if (link.device) ui.device = link.device;
   renderProjects();
   renderProfiles();
   if (ui.loggedIn && ui.projectId && !ui.projects.some((p) => p.id === ui.projectId)) {
@@ -152,10 +206,7 @@ link.on("retry", renderConnection);
 link.on("error", (error) => console.warn("[app]", error));
 
 $("retry-button").addEventListener("click", () => link.reconnectNow());
-$("logout-button").addEventListener("click", () => {
-  link.logout();
-  showLogin("");
-});
+$("logout-button").addEventListener("click", () => signOut());
 
 window.addEventListener("online", () => link.setOffline(false));
 window.addEventListener("offline", () => link.setOffline(true));
@@ -166,7 +217,16 @@ document.addEventListener("visibilitychange", () => {
   }
 });
 
-// --- login -------------------------------------------------------------------------------
+// --- signing in --------------------------------------------------------------------------
+//
+// A browser is paired once, with the PIN and a device name; the relay answers with a device
+// token, kept in localStorage, and every later sign-in (reloads, relay restarts, reconnects)
+// uses the token. A refused sign-in is never retried by itself: the page says why and waits
+// for the user (a retry with the same secret would only feed the relay's lockout).
+
+let signInAttempt = 0; // bumped by every sign-in and sign-out: a late answer is ignored
+let lockoutTimer = null;
+let lockoutUntil = 0;
 
 function resetWorkspace() {
   ui.loggedIn = false;
@@ -178,60 +238,218 @@ function resetWorkspace() {
   ui.streaming.clear();
   ui.chatsReady = ui.chatReady = ui.chatGone = false;
   $("message-list").replaceChildren();
+  closeDrawer();
 }
 
-function showLogin(error) {
+/** "42 seconds" or "5 minutes" (rounded up), as the relay words a lockout. */
+function formatWait(seconds) {
+  if (seconds < 120) return seconds === 1 ? "1 second" : `${seconds} seconds`;
+  return `${Math.ceil(seconds / 60)} minutes`;
+}
+
+function renderLockout() {
+  clearTimeout(lockoutTimer);
+  lockoutTimer = null;
+  const remaining = Math.ceil((lockoutUntil - Date.now()) / 1000);
+  const wait = $("login-wait");
+  if (remaining > 0) {
+    const minutes = Math.floor(remaining / 60);
+    const seconds = String(remaining % 60).padStart(2, "0");
+    setText(wait, `You can try again in ${minutes}:${seconds}.`);
+    wait.hidden = false;
+    lockoutTimer = setTimeout(renderLockout, 1000);
+  } else {
+    wait.hidden = true;
+  }
+  renderLoginButton();
+}
+
+let signingIn = false;
+
+function renderLoginButton() {
+  const button = $("login-button");
+  const waiting = lockoutUntil > Date.now();
+  button.disabled = signingIn || waiting;
+  setText(button, signingIn ? ($("login-form").dataset.mode === "token" ? "Signing in…" : "Checking…") : "Connect");
+}
+
+/**
+ * What to tell the user about a failed sign-in or an ended session: `{text, wait}`, `wait`
+ * being the seconds of a lockout (the button stays disabled that long).
+ */
+function describeFailure(error, mode) {
+  if (error instanceof AuthFailed) {
+    const locked = error.code === "locked_out" || /^Too many failed attempts/.test(error.message);
+    if (locked) {
+      if (typeof error.retryAfter === "number" && error.retryAfter > 0) {
+        const seconds = Math.ceil(error.retryAfter);
+        return { text: `Too many failed attempts. Try again in ${formatWait(seconds)}.`, wait: seconds };
+      }
+      return { text: error.message, wait: 0 };
+    }
+    if (error.code === "token_invalid") {
+      return {
+        text: "This browser is no longer paired with the relay (the device was revoked). " +
+          "Enter the PIN to pair it again.",
+        wait: 0,
+      };
+    }
+    if (error.code === "auth_failed" && mode === "pin") return { text: "Wrong PIN. Try again.", wait: 0 };
+    if (error.code === "auth_failed") {
+      return { text: "The relay no longer takes the PIN this page signed in with. Enter the new PIN.", wait: 0 };
+    }
+    return { text: error.message, wait: 0 };
+  }
+  if (error instanceof ConnectionLost && error.closeCode === 1008) {
+    return { text: `The relay ended the session: ${error.message}`, wait: 0 };
+  }
+  if (error instanceof ConnectionLost) return { text: `Could not reach the relay at ${link.url}.`, wait: 0 };
+  return { text: `The relay ended the session: ${error ? error.message : "closed"}`, wait: 0 };
+}
+
+/** Whether the relay no longer knows this browser's token: forget it. */
+function deviceGone(error) {
+  if (error instanceof AuthFailed) return error.code === "token_invalid";
+  return error instanceof ConnectionLost && error.closeCode === 1008 && /revoked/i.test(error.message);
+}
+
+function sessionEnded(error) {
+  if (deviceGone(error)) forgetDevice();
+  const mode = storedDevice() ? "token" : "pin";
+  const { text, wait } = describeFailure(error, mode);
+  showLogin({ error: text, wait });
+}
+
+/** The sign-in screen: the PIN and a device name, or "paired as ..." with a stored token. */
+function showLogin({ error = "", wait = 0 } = {}) {
   resetWorkspace();
+  const device = storedDevice();
+  const mode = device ? "token" : "pin";
+  const form = $("login-form");
+  form.dataset.mode = mode;
+  $("pin-fields").hidden = mode !== "pin";
+  $("pin-help").hidden = mode !== "pin";
+  $("paired-fields").hidden = mode !== "token";
+  $("use-pin-button").hidden = mode !== "token";
+  setText($("paired-name"), device ? device.name || "this browser" : "");
+  const nameInput = $("device-name-input");
+  if (!nameInput.value.trim()) nameInput.value = proposedDeviceName();
   $("workspace").hidden = true;
   $("login-view").hidden = false;
   const box = $("login-error");
   setText(box, error);
   box.hidden = !error;
-  $("login-button").disabled = false;
-  setText($("login-button"), "Connect");
+  signingIn = false;
+  lockoutUntil = wait > 0 ? Date.now() + wait * 1000 : 0;
+  renderLockout();
   document.title = "trio-relay";
   renderConnection();
-  $("pin-input").focus();
+  if (mode === "pin") $("pin-input").focus();
 }
 
-$("login-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const input = $("pin-input");
-  const pin = input.value;
-  const errorBox = $("login-error");
-  if (!pin) {
-    setText(errorBox, "Enter the PIN.");
-    errorBox.hidden = false;
+function showLoginError(text) {
+  const box = $("login-error");
+  setText(box, text);
+  box.hidden = !text;
+}
+
+/** Keeps what the relay said about this device: its token (on pairing), id and name. */
+function keepDevice(token) {
+  const device = link.session && link.session.device;
+  if (!device || typeof device.id !== "string") return;
+  const secret = typeof device.token === "string" && device.token ? device.token : token;
+  if (!secret) return;
+  writeStorage(DEVICE_KEY, { token: secret, id: device.id, name: device.name ?? "" });
+}
+
+async function signInWithToken() {
+  const device = storedDevice();
+  if (!device) {
+    showLogin();
     return;
   }
-  errorBox.hidden = true;
-  const button = $("login-button");
-  button.disabled = true;
-  setText(button, "Checking…");
+  const attempt = ++signInAttempt;
+  showLoginError("");
+  signingIn = true;
+  renderLoginButton();
   try {
-    await link.login(pin);
+    // Nobody is at the keyboard yet: a relay that is down (restarting) is waited for.
+    await link.login({ token: device.token }, { keepTrying: true });
   } catch (error) {
-    button.disabled = false;
-    setText(button, "Connect");
-    let text;
-    if (error instanceof AuthFailed) {
-      text = error.message === "Invalid PIN" ? "Wrong PIN. Try again." : error.message;
-    } else if (error instanceof ConnectionLost && error.closeCode === 1008) {
-      text = `The relay refused the connection: ${error.message}`;
-    } else {
-      text = `Could not reach the relay at ${link.url}.`;
+    if (attempt !== signInAttempt) return; // signed out meanwhile
+    // A token the relay refuses for any reason but a lockout (token_invalid; bad_request
+    // from a relay that does not pair) will not work next time either: back to the PIN.
+    if (deviceGone(error) || (error instanceof AuthFailed && error.code !== "locked_out")) {
+      forgetDevice();
     }
-    setText(errorBox, text);
-    errorBox.hidden = false;
-    input.select();
+    const { text, wait } = describeFailure(error, "token");
+    showLogin({ error: text, wait });
     return;
   }
-  input.value = "";
+  if (attempt !== signInAttempt) return;
+  keepDevice(device.token);
   enterWorkspace();
+}
+
+async function signInWithPin() {
+  const pin = $("pin-input").value;
+  const name = $("device-name-input").value.trim();
+  if (!pin) {
+    showLoginError("Enter the PIN.");
+    $("pin-input").focus();
+    return;
+  }
+  const problem = deviceNameProblem(name);
+  if (problem) {
+    showLoginError(problem);
+    $("device-name-input").focus();
+    return;
+  }
+  writeStorage(DEVICE_NAME_KEY, name);
+  const attempt = ++signInAttempt;
+  showLoginError("");
+  signingIn = true;
+  renderLoginButton();
+  try {
+    await link.login({ pin, deviceName: name });
+  } catch (error) {
+    if (attempt !== signInAttempt) return;
+    signingIn = false;
+    const { text, wait } = describeFailure(error, "pin");
+    showLoginError(text);
+    lockoutUntil = wait > 0 ? Date.now() + wait * 1000 : 0;
+    renderLockout();
+    $("pin-input").select();
+    return;
+  }
+  if (attempt !== signInAttempt) return;
+  $("pin-input").value = "";
+  keepDevice(null);
+  enterWorkspace();
+}
+
+$("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (signingIn || lockoutUntil > Date.now()) return;
+  if ($("login-form").dataset.mode === "token") signInWithToken();
+  else signInWithPin();
 });
+
+/** Sign out: the connection closes and this browser forgets its token (the relay keeps
+ * the device until it is revoked with `trio-relay devices --revoke`). */
+function signOut() {
+  signInAttempt += 1;
+  link.logout();
+  forgetDevice();
+  showLogin();
+}
+
+$("use-pin-button").addEventListener("click", () => signOut());
 
 function enterWorkspace() {
   ui.loggedIn = true;
+  ui.device = link.device;
+  signingIn = false;
   $("login-view").hidden = true;
   $("workspace").hidden = false;
   renderConnection();
@@ -331,6 +549,13 @@ function selectProject(projectId) {
           selectChat(wanted.chatId);
         }
       }
+      // Nothing asked for: open the chat this browser had open last in the project, else
+      // its first one (on a fresh install, the demo project's welcome chat).
+      if (!ui.chatId && ui.chats.length > 0) {
+        const last = (readStorage(LAST_CHATS_KEY) ?? {})[projectId];
+        const known = ui.chats.some((chat) => chat.id === last);
+        selectChat(known ? last : ui.chats[0].id);
+      }
     },
     onEvent(data) {
       applyProjectEvent(data);
@@ -379,7 +604,7 @@ function renderChats() {
         h("span", { class: "nav-item__title" }, chat.title || "Untitled"),
         h("span", { class: "nav-item__meta" }, profileName(chat.modelProfileId)),
       );
-      button.addEventListener("click", () => selectChat(chat.id));
+      button.addEventListener("click", () => pickChat(chat.id));
       return h(
         "li",
         { "data-testid": "chat-item", "data-chat-id": chat.id, "data-selected": selected ? "true" : "false" },
@@ -389,6 +614,21 @@ function renderChats() {
   );
   $("chat-list-empty").hidden = !ui.chatsReady || ui.chats.length > 0;
   $("new-chat-button").disabled = !ui.projectId;
+}
+
+/** A chat chosen in the list: open it (the list, a drawer on a phone, closes). */
+function pickChat(chatId) {
+  closeDrawer();
+  if (chatId === ui.chatId && !ui.chatGone) return; // open already
+  selectChat(chatId);
+}
+
+function rememberChat(projectId, chatId) {
+  const last = readStorage(LAST_CHATS_KEY);
+  const chats = last && typeof last === "object" && !Array.isArray(last) ? last : {};
+  if (chats[projectId] === chatId) return;
+  chats[projectId] = chatId;
+  writeStorage(LAST_CHATS_KEY, chats);
 }
 
 function selectChat(chatId) {
@@ -406,6 +646,7 @@ function selectChat(chatId) {
   renderMessages();
   writeHash();
   if (!chatId) return;
+  if (ui.projectId) rememberChat(ui.projectId, chatId);
   ui.chatSub = link.subscribe("chat", chatId, {
     onSnapshot(data, { reset }) {
       // The whole history: replace what we held (after a reset, it was incomplete).
@@ -435,7 +676,8 @@ function selectChat(chatId) {
       else notice(`Could not watch the chat: ${error.message}`);
     },
   });
-  $("message-input").focus();
+  // Straight to writing on a desktop; on a phone that would pop the keyboard over the chat.
+  if (!narrowScreen.matches) $("message-input").focus();
 }
 
 function markChatGone() {
@@ -514,8 +756,58 @@ function formatTime(iso) {
 
 const STATUS_TEXT = { streaming: "typing…", error: "failed", cancelled: "stopped" };
 
+/**
+ * Who wrote a user message: "You" when it came from this browser's device, else the
+ * sender's name; a message stored before senders existed (no `sender`) stays "You".
+ */
+function authorOf(message) {
+  const sender = message.sender;
+  if (!sender || typeof sender !== "object") return { name: "You", own: true };
+  if (typeof sender.deviceId === "string" && ui.device && sender.deviceId === ui.device.id) {
+    return { name: "You", own: true };
+  }
+  const name = typeof sender.name === "string" && sender.name.trim() ? sender.name.trim() : "Someone";
+  return { name, own: false };
+}
+
+// A message's text is rendered as markdown when it changes; a streamed reply changes with
+// every chunk, so its renders are batched: at most one per animation frame.
+const renderedText = new WeakMap(); // content element -> the text it shows
+const pendingRenders = new Map(); // content element -> the text it is to show
+let renderFrame = null;
+
+function showText(content, text, { now }) {
+  if (now) {
+    pendingRenders.delete(content);
+    if (renderedText.get(content) !== text) {
+      renderMarkdown(content, text);
+      renderedText.set(content, text);
+    }
+    return;
+  }
+  if (renderedText.get(content) === text) {
+    pendingRenders.delete(content);
+    return;
+  }
+  pendingRenders.set(content, text);
+  if (renderFrame === null) renderFrame = requestAnimationFrame(flushRenders);
+}
+
+function flushRenders() {
+  renderFrame = null;
+  const scroller = $("message-scroll");
+  const nearBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
+  for (const [content, text] of pendingRenders) {
+    if (!content.isConnected) continue;
+    renderMarkdown(content, text);
+    renderedText.set(content, text);
+  }
+  pendingRenders.clear();
+  if (nearBottom) scroller.scrollTop = scroller.scrollHeight;
+}
+
 function messageElement(item) {
-  const author = h("span", { class: "msg__author" });
+  const author = h("span", { class: "msg__author", "data-testid": "message-author" });
   const time = h("time", { class: "msg__time" });
   const status = h("span", { class: "msg__status", "data-testid": "message-status" });
   const content = h("div", { class: "msg__content", "data-testid": "message-content" });
@@ -531,8 +823,12 @@ function messageElement(item) {
 function updateMessage(li, item, agentName) {
   li.dataset.role = item.role;
   li.dataset.status = item.status;
-  li.className = `msg msg--${item.role === "user" ? "user" : "agent"} msg--${item.status}`;
-  const name = item.role === "user" ? "You" : agentName;
+  const author = item.role === "user" ? authorOf(item) : { name: agentName, own: false };
+  li.dataset.own = author.own ? "true" : "false";
+  // Your own messages on the right; everyone else's, people's and agents', on the left.
+  const side = item.role !== "user" ? "agent" : author.own ? "user" : "other";
+  li.className = `msg msg--${side} msg--${item.status}`;
+  const name = author.name;
   setText(li.querySelector(".msg__avatar"), name.slice(0, 1).toUpperCase());
   setText(li.querySelector(".msg__author"), name);
   const [short, long] = item.createdAt ? formatTime(item.createdAt) : ["", ""];
@@ -541,11 +837,27 @@ function updateMessage(li, item, agentName) {
   if (item.createdAt) time.setAttribute("datetime", item.createdAt);
   time.title = long;
   setText(li.querySelector(".msg__status"), STATUS_TEXT[item.status] ?? "");
-  setText(li.querySelector(".msg__content"), item.text);
+  showText(li.querySelector(".msg__content"), item.text, { now: item.status !== "streaming" });
   const error = li.querySelector(".msg__error");
   error.hidden = !item.error;
   setText(error, item.error ? `The agent's answer failed: ${item.error}` : "");
 }
+
+/** Markdown for a JSON code block, fenced past any run of backticks inside it. */
+function jsonBlock(value) {
+  const json = JSON.stringify(value, null, 2) ?? String(value);
+  const longest = Math.max(0, ...(json.match(/`+/g) ?? []).map((run) => run.length));
+  const fence = "`".repeat(Math.max(3, longest + 1));
+  return `${fence}json\n${json}\n${fence}`;
+}
+
+$("message-list").addEventListener("click", async (event) => {
+  const button = event.target instanceof Element ? event.target.closest(".code__copy") : null;
+  if (!button) return;
+  const copied = await copyCode(button);
+  button.dataset.copied = copied ? "yes" : "no";
+  setTimeout(() => delete button.dataset.copied, 1500);
+});
 
 /** Brings the list in line with the state, touching only what changed (keyed by id). */
 function renderMessages({ scroll = false } = {}) {
@@ -557,7 +869,9 @@ function renderMessages({ scroll = false } = {}) {
   const items = ui.messages.map((m) => ({
     id: m.id,
     role: m.role,
-    text: typeof m.content === "string" ? m.content : JSON.stringify(m.content),
+    sender: m.sender,
+    // Content that is not text (another backend's) is shown as the JSON it is.
+    text: typeof m.content === "string" ? m.content : jsonBlock(m.content),
     createdAt: m.createdAt,
     status: "stored",
     error: null,
@@ -677,6 +991,7 @@ $("new-chat-form").addEventListener("submit", async (event) => {
     $("new-chat-title").value = "";
     if (ui.projectId === projectId && chat && chat.id) {
       upsertChat(chat); // the project's push may come before or after this reply
+      closeDrawer();
       selectChat(chat.id);
     }
   } catch (error) {
@@ -686,7 +1001,73 @@ $("new-chat-form").addEventListener("submit", async (event) => {
   }
 });
 
+// --- phone-sized screens ---------------------------------------------------------------
+//
+// Below 720 px the chat takes the whole width and the chat list is a drawer, opened by the
+// "Chats" button in the chat's header and closed by a choice, the backdrop, × or Escape.
+
+function openDrawer() {
+  $("workspace").dataset.drawer = "open";
+  $("chats-toggle").setAttribute("aria-expanded", "true");
+  $("drawer-backdrop").hidden = false;
+  const target = document.querySelector('[data-testid="chat-item"][data-selected="true"] button')
+    ?? document.querySelector('[data-testid="chat-item"] button')
+    ?? $("drawer-close");
+  target.focus();
+}
+
+function closeDrawer() {
+  const wasOpen = $("workspace").dataset.drawer === "open";
+  $("workspace").dataset.drawer = "closed";
+  $("chats-toggle").setAttribute("aria-expanded", "false");
+  $("drawer-backdrop").hidden = true;
+  if (wasOpen && narrowScreen.matches && $("sidebar").contains(document.activeElement)) {
+    $("chats-toggle").focus();
+  }
+}
+
+$("chats-toggle").addEventListener("click", () => {
+  if ($("workspace").dataset.drawer === "open") closeDrawer();
+  else openDrawer();
+});
+$("drawer-close").addEventListener("click", () => closeDrawer());
+$("drawer-backdrop").addEventListener("click", () => closeDrawer());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && $("workspace").dataset.drawer === "open") closeDrawer();
+});
+// The keyboard hint would not fit a phone's two-line box (nor help on a touch keyboard).
+function fitPlaceholder() {
+  $("message-input").placeholder = narrowScreen.matches
+    ? "Write a message"
+    : "Write a message. Enter sends, Shift+Enter adds a line.";
+}
+
+// Widening the window turns the drawer back into a sidebar.
+narrowScreen.addEventListener("change", () => {
+  closeDrawer();
+  fitPlaceholder();
+});
+fitPlaceholder();
+
+// The page is as tall as what is visible: when an on-screen keyboard covers part of the
+// window (and the browser does not resize the page for it), the composer moves up above it.
+function fitVisualViewport() {
+  const viewport = window.visualViewport;
+  if (!viewport || Math.abs(viewport.scale - 1) > 0.01) return; // pinch-zoomed: leave it
+  const root = document.documentElement.style;
+  root.setProperty("--viewport-height", `${Math.round(viewport.height)}px`);
+  root.setProperty("--viewport-top", `${Math.round(viewport.offsetTop)}px`);
+}
+
+if (window.visualViewport) {
+  window.visualViewport.addEventListener("resize", fitVisualViewport);
+  window.visualViewport.addEventListener("scroll", fitVisualViewport);
+  fitVisualViewport();
+}
+
 // --- start -------------------------------------------------------------------------------
 
 if (typeof navigator !== "undefined" && navigator.onLine === false) link.setOffline(true);
-showLogin("");
+showLogin();
+// Paired before: sign in with the token, without asking for anything.
+if (storedDevice()) signInWithToken();

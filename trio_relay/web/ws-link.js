@@ -7,9 +7,12 @@
 //   so two open chats each saw both chats' pushes), and checked against `seq`: a duplicate is
 //   dropped, a gap makes the link take a fresh snapshot rather than pass the gap on;
 // - a lost connection is reconnected with exponential backoff and full jitter; each new
-//   connection authenticates with the PIN it was given and subscribes again to everything the
-//   page holds, with `sinceSeq` and `epoch`, so the relay replays exactly what was missed
-//   (`resumed`) or sends a fresh snapshot (`reset: true`) that replaces the page's state.
+//   connection authenticates again (with the device token the relay gave on pairing, else
+//   the PIN it was given) and subscribes again to everything the page holds, with `sinceSeq`
+//   and `epoch`, so the relay replays exactly what was missed (`resumed`) or sends a fresh
+//   snapshot (`reset: true`) that replaces the page's state;
+// - a refused sign-in (wrong PIN, unknown token, locked out) is never retried with the same
+//   secret: the link stops and the page asks the user.
 //
 // It renders nothing: app.js owns the page. Everything a browser-specific program would touch
 // (WebSocket, timers, randomness) can be passed in, so the module also runs outside a page.
@@ -21,8 +24,26 @@ export const State = Object.freeze({
   CONNECTED: "connected", // authenticated, every subscription live
   RECONNECTING: "reconnecting", // lost; a new connection is being tried (with backoff)
   OFFLINE: "offline", // the browser says it has no network: waiting for it to come back
-  CLOSED: "closed", // the relay ended the session for good (PIN refused, 1008): log in again
+  CLOSED: "closed", // the relay ended the session for good (sign-in refused, 1008): log in again
 });
+
+/**
+ * What `login()` takes: a PIN string, `{pin}`, `{pin, deviceName}` (pair this device: the
+ * relay answers with a device token, which the link then signs in with on every reconnect),
+ * or `{token}` (a device token from an earlier pairing).
+ */
+function normalizeCredentials(credentials) {
+  if (typeof credentials === "string" || typeof credentials === "number") {
+    return { pin: String(credentials) };
+  }
+  if (credentials && typeof credentials.token === "string") return { token: credentials.token };
+  if (credentials && credentials.pin !== undefined && credentials.pin !== null) {
+    const auth = { pin: String(credentials.pin) };
+    if (typeof credentials.deviceName === "string") auth.deviceName = credentials.deviceName;
+    return auth;
+  }
+  throw new RelayError("login() needs a PIN or a device token");
+}
 
 /** Close codes after which reconnecting is pointless (docs/protocol.md, "Close codes"). */
 const POLICY_VIOLATION = 1008;
@@ -31,14 +52,20 @@ const CLIENT_GAVE_UP = 4000;
 
 /** Every error this module raises or reports is a RelayError. */
 export class RelayError extends Error {
-  constructor(message, { code = null, closeCode = null } = {}) {
+  constructor(message, { code = null, closeCode = null, retryAfter = null } = {}) {
     super(message);
     this.name = new.target.name;
     this.code = code; // the wire's stable `code`, when the relay sent one
     this.closeCode = closeCode; // the WebSocket close code, when a close caused it
+    this.retryAfter = retryAfter; // seconds to wait, on `locked_out`
   }
 }
-/** The relay refused the PIN (`auth_failed`); `message` is the relay's own text. */
+/**
+ * The relay refused the sign-in; `message` is the relay's own text and `code` says why:
+ * `auth_failed` (wrong PIN), `token_invalid` (unknown or revoked device token: forget it),
+ * `locked_out` (too many failures; `retryAfter` seconds to wait), or a request error such as
+ * `bad_request` (a device name the relay does not take).
+ */
 export class AuthFailed extends RelayError {}
 /** A request got no reply within its timeout. */
 export class RequestTimeout extends RelayError {}
@@ -96,8 +123,10 @@ export class RelayLink {
     this.attempt = 0;
     /** The error that ended the session, in state CLOSED. */
     this.error = null;
+    /** `{id, name}` of this device when the relay tied the session to one (pairing). */
+    this.device = null;
 
-    this._pin = null;
+    this._auth = null; // what each connection authenticates with: {pin[, deviceName]} or {token}
     this._conn = null; // the current connection: {ws, pending: Map, authed}
     this._nextId = 1;
     this._subs = new Map(); // key -> subscription entry
@@ -140,30 +169,43 @@ export class RelayLink {
   // --- session ---------------------------------------------------------------------------
 
   /**
-   * Connect and authenticate. Resolves with `{projects, modelProfiles}`; rejects with
-   * AuthFailed (wrong PIN, or locked out: the relay's text says which) or ConnectionLost.
-   * Once it has resolved, the link keeps the session up by itself until logout().
+   * Connect and authenticate with `credentials` (see normalizeCredentials). Resolves with
+   * the `auth_success` data (`{projects, modelProfiles}`, and `device` when the relay paired
+   * this device or knew its token); rejects with AuthFailed (never retried: the relay said
+   * no) or ConnectionLost. With `keepTrying`, a relay that cannot be reached is tried again
+   * with the reconnect backoff until it answers (a stored token needs no one at the
+   * keyboard); otherwise the first failure rejects. Once it has resolved, the link keeps the
+   * session up by itself until logout().
    */
-  login(pin) {
+  login(credentials, { keepTrying = false } = {}) {
     if (this._login) return Promise.reject(new RelayError("a login is already in progress"));
+    let auth;
+    try {
+      auth = normalizeCredentials(credentials);
+    } catch (error) {
+      return Promise.reject(error);
+    }
     this._teardown();
-    this._pin = String(pin);
+    this._auth = auth;
     this.error = null;
+    this.device = null;
     this.attempt = 0;
     return new Promise((resolve, reject) => {
-      this._login = { resolve, reject };
+      this._login = { resolve, reject, keepTrying };
       this._setState(State.CONNECTING);
-      this._open();
+      if (this._offline && keepTrying) this._setState(State.OFFLINE);
+      else this._open();
     });
   }
 
-  /** Close the connection, forget the PIN, end every subscription and pending request. */
+  /** Close the connection, forget the credentials, end every subscription and request. */
   logout() {
     const login = this._login;
     this._login = null;
     this._teardown();
-    this._pin = null;
+    this._auth = null;
     this.session = null;
+    this.device = null;
     if (login) login.reject(new ConnectionLost("logged out"));
     this._setState(State.SIGNED_OUT);
   }
@@ -172,7 +214,8 @@ export class RelayLink {
   setOffline(offline) {
     if (offline === this._offline) return;
     this._offline = offline;
-    if (!this._pin || this._login) return; // signed out, or a login attempt reports itself
+    // Signed out, or a login attempt that reports its own failure.
+    if (!this._auth || (this._login && !this._login.keepTrying)) return;
     if (offline) {
       this._cancelRetry();
       this._dropConnection("the browser is offline");
@@ -184,7 +227,8 @@ export class RelayLink {
 
   /** Try to connect at once instead of waiting out the backoff (a "retry now" button). */
   reconnectNow() {
-    if (!this._pin || this._login || this.state === State.CLOSED) return;
+    if (!this._auth || this.state === State.CLOSED) return;
+    if (this._login && !this._login.keepTrying) return;
     this._cancelRetry();
     this.attempt = 0;
     this._dropConnection("reconnecting on request");
@@ -237,10 +281,13 @@ export class RelayLink {
   }
 
   _authenticate(conn) {
-    this._send(conn, { type: "auth", pin: this._pin }, this.authTimeout, (reply, error) => {
+    this._send(conn, { type: "auth", ...this._auth }, this.authTimeout, (reply, error) => {
       if (this._conn !== conn) return;
-      if (error instanceof RequestRejected && error.code === "auth_failed") {
-        this._authRefused(conn, new AuthFailed(error.message, { code: error.code }));
+      if (error instanceof RequestRejected) {
+        // auth_failed, token_invalid, locked_out, or an `error` (a bad device name): the
+        // same secret would only be refused again, and feed the relay's lockout.
+        const { code, retryAfter } = error;
+        this._authRefused(conn, new AuthFailed(error.message, { code, retryAfter }));
       } else if (error instanceof RequestTimeout) {
         this._abandon(conn, "authentication timed out");
       } else if (!error) {
@@ -254,6 +301,13 @@ export class RelayLink {
     conn.authed = true;
     this.session = reply.data ?? { projects: [], modelProfiles: [] };
     this.lastClose = null;
+    const device = this.session.device;
+    if (device && typeof device === "object" && typeof device.id === "string") {
+      this.device = { id: device.id, name: typeof device.name === "string" ? device.name : "" };
+      // Paired just now: the token, not the PIN, signs in from here on (a relay restarted
+      // with another PIN still knows the device).
+      if (typeof device.token === "string" && device.token) this._auth = { token: device.token };
+    }
     // The backoff starts over only once this connection has lasted: a relay that closes
     // right after auth (a subscribe that kills it) must not be retried twice a second.
     this._setTimeout(() => {
@@ -272,16 +326,17 @@ export class RelayLink {
   }
 
   _authRefused(conn, error) {
-    this._dropConnection("PIN refused");
+    this._dropConnection("sign-in refused");
     if (this._login) {
-      // A login attempt: the page asks for the PIN again.
+      // A login attempt: the page asks the user.
       const login = this._login;
       this._login = null;
-      this._pin = null;
+      this._auth = null;
       this._setState(State.SIGNED_OUT);
       login.reject(error);
     } else {
-      // The relay no longer takes the PIN it took before (the host changed it).
+      // The relay no longer takes what it took before (the host changed the PIN, or
+      // revoked the device): the session is over.
       this._fail(error);
     }
   }
@@ -327,10 +382,10 @@ export class RelayLink {
       if (entry.conn === conn) entry.conn = null;
     }
     const login = this._login;
-    if (login) {
+    if (login && (!login.keepTrying || code === POLICY_VIOLATION)) {
       // The first connection of a login failed: report it, do not retry behind the page.
       this._login = null;
-      this._pin = null;
+      this._auth = null;
       this._setState(State.SIGNED_OUT);
       login.reject(
         new ConnectionLost(
@@ -340,7 +395,7 @@ export class RelayLink {
       );
       return;
     }
-    if (!this._pin) return;
+    if (!this._auth) return;
     if (code === POLICY_VIOLATION) {
       // A verdict (lockout, abuse, auth timeout): retrying would only repeat it.
       this._fail(new ConnectionLost(reason || "closed by the relay", { closeCode: code }));
@@ -365,7 +420,7 @@ export class RelayLink {
     this._emit("retry", this.nextAttemptAt); // for a countdown
     this._retryTimer = this._setTimeout(() => {
       this._retryTimer = null;
-      if (this._pin && !this._conn && this.state === State.RECONNECTING) this._open();
+      if (this._auth && !this._conn && this.state === State.RECONNECTING) this._open();
     }, delay);
   }
 
@@ -382,7 +437,7 @@ export class RelayLink {
     if (login) login.reject(error);
     this._cancelRetry();
     this._dropConnection(error.message);
-    this._pin = null;
+    this._auth = null;
     this.error = error;
     const subs = [...this._subs.values()];
     this._subs.clear();
@@ -419,7 +474,11 @@ export class RelayLink {
     if (!request) return; // its request timed out: the reply is too late to matter
     conn.pending.delete(frame.id);
     if (frame.type === "error" || frame.type === "auth_failed") {
-      request.settle(null, new RequestRejected(frame.error ?? "error", { code: frame.code ?? null }));
+      const retryAfter = typeof frame.retryAfter === "number" ? frame.retryAfter : null;
+      request.settle(
+        null,
+        new RequestRejected(frame.error ?? "error", { code: frame.code ?? null, retryAfter }),
+      );
     } else {
       request.settle(frame, null);
     }
@@ -504,7 +563,7 @@ export class RelayLink {
    * before the reply is not sent again (the relay may have acted on it): ConnectionLost.
    */
   request(fields, { timeout = this.requestTimeout } = {}) {
-    if (!this._pin) {
+    if (!this._auth) {
       return Promise.reject(this.error ?? new ConnectionLost("not logged in"));
     }
     return new Promise((resolve, reject) => {
@@ -571,7 +630,7 @@ export class RelayLink {
    * the subscription fails before it; `close()` unsubscribes. One subscription per resource.
    */
   subscribe(resource, resourceId, handlers = {}) {
-    if (!this._pin) throw new ConnectionLost("not logged in");
+    if (!this._auth) throw new ConnectionLost("not logged in");
     const key = keyOf(resource, resourceId);
     if (this._subs.has(key)) throw new RelayError(`already subscribed to ${resource} ${resourceId}`);
     const entry = {

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from ._config import CloseCode, RelayConfig
+from .._config import CloseCode, RelayConfig
 
 __all__ = ["ConnectionTimers", "Timed"]
 

@@ -21,8 +21,8 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from ._errors import leaves
-from ._pairing import DEVICE_NAME_MAX, check_device_name
+from .._errors import leaves
+from .._server.pairing import DEVICE_NAME_MAX, check_device_name
 
 if sys.version_info < (3, 11):
     pass

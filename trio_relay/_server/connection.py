@@ -12,7 +12,7 @@ Pushes never block: past ``outbound_queue_size`` queued frames the client is slo
 this connection is closed (1013). Subscriptions are not tasks: each is registered with its
 resource's broadcaster when it starts and removed when it ends, and however the connection
 ends, leaving `Connection.run` removes every one that is left. The auth deadline and keepalive
-pings are kept for all connections by one relay task (`trio_relay._timers`).
+pings are kept for all connections by one relay task (`trio_relay._server.timers`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ import attrs
 import trio
 from loguru import logger
 
-from ._backend import Backend, BackendError, NotFound
-from ._broadcaster import Push, SubscribeFailed
-from ._config import CloseCode, RelayConfig
-from ._counters import RelayCounters
-from ._errors import CodedError
-from ._framing import frame_text
-from ._limits import PinGuard, TokenBucket, pin_matches
-from ._pairing import Device, DeviceStore
-from ._protocol import (
+from .._backend import Backend, BackendError, NotFound
+from .._config import CloseCode, RelayConfig
+from .._errors import CodedError
+from .._stream.broadcaster import Push, SubscribeFailed
+from .._stream.registry import BroadcasterRegistry
+from .._wire.framing import frame_text
+from .._wire.protocol import (
     JSON,
     AuthFailed,
     AuthRequest,
@@ -57,9 +55,11 @@ from ._protocol import (
     decode,
     encode,
 )
-from ._registry import BroadcasterRegistry
-from ._timers import ConnectionTimers
-from ._websocket import ServerWebSocket
+from .counters import RelayCounters
+from .limits import PinGuard, TokenBucket, pin_matches
+from .pairing import Device, DeviceStore
+from .timers import ConnectionTimers
+from .websocket import ServerWebSocket
 
 __all__ = ["Connection", "ConnectionContext"]
 
@@ -190,7 +190,7 @@ class Connection:
             self._room = None
         self.socket.close(code, reason, drop_backlog=code == CloseCode.SLOW_CONSUMER)
 
-    # What the relay's timers need (`trio_relay._timers.Timed`).
+    # What the relay's timers need (`trio_relay._server.timers.Timed`).
 
     @property
     def pinged_at(self) -> float | None:

@@ -11,7 +11,7 @@ from collections import deque
 
 import attrs
 
-from ._config import RelayConfig
+from .._config import RelayConfig
 
 __all__ = ["PinCheck", "PinGuard", "TokenBucket", "pin_matches"]
 

@@ -27,20 +27,20 @@ import attrs
 import trio
 from loguru import logger
 
-from ._backend import Backend
-from ._broadcaster import Push, SubscribeFailed, Synced
-from ._config import CloseCode, RelayConfig, RelayStatistics
-from ._connection import Connection, ConnectionContext
-from ._counters import RelayCounters
-from ._edge import Edge
-from ._errors import CodedError, raise_single
-from ._http import MetricsView, WebFiles
-from ._limits import PinGuard
-from ._pairing import DeviceStore
-from ._protocol import JSON, RESOURCES, ResourceKey
-from ._registry import BroadcasterRegistry
-from ._timers import ConnectionTimers
-from ._websocket import ServerWebSocket
+from .._backend import Backend
+from .._config import CloseCode, RelayConfig, RelayStatistics
+from .._errors import CodedError, raise_single
+from .._stream.broadcaster import Push, SubscribeFailed, Synced
+from .._stream.registry import BroadcasterRegistry
+from .._wire.protocol import JSON, RESOURCES, ResourceKey
+from .connection import Connection, ConnectionContext
+from .counters import RelayCounters
+from .edge import Edge
+from .http import MetricsView, WebFiles
+from .limits import PinGuard
+from .pairing import DeviceStore
+from .timers import ConnectionTimers
+from .websocket import ServerWebSocket
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

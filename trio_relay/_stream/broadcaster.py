@@ -35,10 +35,10 @@ import attrs
 import trio
 from loguru import logger
 
-from ._backend import BackendError, Change, Feed, NotFound, Snapshot
-from ._errors import CodedError
-from ._framing import frame_text
-from ._protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
+from .._backend import BackendError, Change, Feed, NotFound, Snapshot
+from .._errors import CodedError
+from .._wire.framing import frame_text
+from .._wire.protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
 
 __all__ = ["Broadcaster", "Push", "StreamHistory", "Subscriber", "SubscribeFailed", "Synced"]
 

@@ -2,7 +2,7 @@
 
 Server frames are unmasked and the relay negotiates no extension, so a text frame depends only
 on its payload: the broadcaster frames each push once (`frame_text`) and the server edge
-(`trio_relay._edge`) writes those bytes into every subscriber's stream. Everything else a
+(`trio_relay._server.edge`) writes those bytes into every subscriber's stream. Everything else a
 connection writes (pongs, close frames, handshake answers) goes through wsproto and h11.
 """
 

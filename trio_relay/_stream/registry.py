@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._backend import Backend, Feed, Snapshot
-from ._broadcaster import Broadcaster, StreamHistory, SubscribeFailed, Subscriber, Synced
-from ._config import RelayConfig
-from ._protocol import ErrorCode, ResourceKey
+from .._backend import Backend, Feed, Snapshot
+from .._config import RelayConfig
+from .._wire.protocol import ErrorCode, ResourceKey
+from .broadcaster import Broadcaster, StreamHistory, SubscribeFailed, Subscriber, Synced
 
 __all__ = ["BroadcasterRegistry"]
 

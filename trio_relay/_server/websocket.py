@@ -32,7 +32,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from ._config import CloseCode
+from .._config import CloseCode
 
 __all__ = ["ServerWebSocket", "nonblocking_writer"]
 
@@ -102,7 +102,7 @@ class ServerWebSocket:
         self._broken = False
         #: The close code and reason of the connection, once known (ours or the peer's).
         self.closed: tuple[int, str] | None = None
-        #: When the ping still waiting for its pong was sent (`trio_relay._timers`).
+        #: When the ping still waiting for its pong was sent (`trio_relay._server.timers`).
         self.pinged_at: float | None = None
 
     @property
@@ -228,7 +228,7 @@ class ServerWebSocket:
     # --- writing ----------------------------------------------------------------------------
 
     def send_frame(self, frame: bytes) -> bool:
-        """Write a data frame framed by the relay (`trio_relay._framing`); False when it does
+        """Write a data frame framed by the relay (`trio_relay._wire.framing`); False when it does
         not fit in the backlog (a slow client). Ignored once closing."""
         if self._ws.state is not ConnectionState.OPEN:
             return True

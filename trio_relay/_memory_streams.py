@@ -4,7 +4,7 @@ The relay serves it like a TCP listener, so a client connected through it goes t
 real WebSocket handshake, framing and connection code, with no socket and no real time. Each
 direction has a bounded buffer, the kernel's socket buffer in small: `MemorySocketStream`
 offers the non-blocking ``send_nowait`` that the relay's direct writes use on real sockets
-(`trio_relay._websocket`), so tests run the same path, partial writes included.
+(`trio_relay._server.websocket`), so tests run the same path, partial writes included.
 """
 
 from __future__ import annotations

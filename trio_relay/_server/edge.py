@@ -1,11 +1,11 @@
 """The server's edge: every accepted stream, from its first byte to the WebSocket handshake.
 
 Each stream is read here with h11, once: plain HTTP requests (the web client, ``/healthz``,
-``/metrics``) are answered by `trio_relay._http.route`, as many as the client makes on a
+``/metrics``) are answered by `trio_relay._server.http.route`, as many as the client makes on a
 kept-alive connection; a WebSocket upgrade is checked (RFC 6455 4.2.1, then the relay's own
 rules: the per-address cap and the origin allowlist) and either refused with an HTTP status or
 accepted with a ``101`` written by h11. The bytes after the request head go to wsproto's
-`Connection`, and the open WebSocket (`trio_relay._websocket.ServerWebSocket`) is handed to
+`Connection`, and the open WebSocket (`trio_relay._server.websocket.ServerWebSocket`) is handed to
 the relay.
 
 Nothing that goes wrong with one stream reaches the others: bad input gets the standard HTTP
@@ -29,10 +29,10 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.utilities import generate_accept_token
 
-from ._config import RelayConfig
-from ._counters import RelayCounters
-from ._http import COMMON_HEADERS, HttpResponse, MetricsView, WebFiles, route, text_response
-from ._websocket import ServerWebSocket
+from .._config import RelayConfig
+from .counters import RelayCounters
+from .http import COMMON_HEADERS, HttpResponse, MetricsView, WebFiles, route, text_response
+from .websocket import ServerWebSocket
 
 if TYPE_CHECKING:
     from loguru import Logger

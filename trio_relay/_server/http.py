@@ -1,7 +1,7 @@
 """Plain HTTP on the relay's port: the web client, ``/healthz`` and ``/metrics``.
 
 `route` is a request in and a response out, with no I/O, tested synchronously; the server's
-edge (`trio_relay._edge`) reads each request with h11 and writes the answer.
+edge (`trio_relay._server.edge`) reads each request with h11 and writes the answer.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Final
 
 import attrs
 
-from ._config import RelayStatistics
-from ._counters import RelayCounters
+from .._config import RelayStatistics
+from .counters import RelayCounters
 
 __all__ = [
     "COMMON_HEADERS", "HttpResponse", "MetricsView", "WebFiles", "render_metrics", "route",
