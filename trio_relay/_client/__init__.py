@@ -10,7 +10,6 @@
 - `subscription`: the ``async for`` side of an inbox; `mirror`: `SyncedMirror`.
 """
 
-from .._errors import raise_single
 from .client import DEFAULT_BUFFER, TERMINAL_CLOSE_CODES, Connect, RelayClient, open_relay_client
 from .errors import (
     AuthFailed,
@@ -43,9 +42,6 @@ from .session import Device
 from .state import Backoff, ClientStatistics, ConnectionState
 from .subscription import Subscription
 from .transport import CloseInfo
-
-# The terminal client imports the shared helper under its old name.
-_raise_single = raise_single
 
 __all__ = [
     "DEFAULT_BUFFER",
