@@ -10,6 +10,7 @@ exactly-once promise that resuming adds.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -161,7 +162,7 @@ def test_the_public_module_exports_the_whole_api() -> None:
     import trio_relay.client
 
     exported = set(trio_relay.client.__all__)
-    assert exported >= set(trio_relay._client.__all__)
+    assert exported == set(trio_relay._client.__all__)
     for name in exported:
         assert getattr(trio_relay.client, name) is getattr(trio_relay._client, name)
 
@@ -175,6 +176,14 @@ def test_bad_arguments_are_refused_at_once() -> None:
                     ssl_context=None)
     with pytest.raises(ValueError, match="positive"):
         Backoff(initial=0)
+
+
+@pytest.mark.parametrize("field", ["initial", "maximum", "multiplier"])
+@pytest.mark.parametrize("value", [0, -1.5, math.nan, math.inf])
+def test_backoff_takes_finite_positive_numbers_only(field: str, value: float) -> None:
+    fields: dict[str, Any] = {field: value}
+    with pytest.raises(ValueError, match=f"{field} must be positive"):
+        Backoff(**fields)
 
 
 # --- typed events -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@
             async for event in chat:
                 ...
 
-See ``docs/client.md``. Everything here is re-exported from the private ``_client`` module.
+See ``docs/client.md``. Everything here is re-exported from the private ``_client`` package.
 """
 
 from ._client import DEFAULT_BUFFER as DEFAULT_BUFFER
