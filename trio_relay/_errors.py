@@ -26,9 +26,13 @@ class CodedError(Exception):
     """An error with the wire's stable error ``code`` and a text a person can read."""
 
     def __init__(self, code: str, error: str) -> None:
-        super().__init__(error)
+        # args match the constructor, so that copy and pickle can make it again.
+        super().__init__(code, error)
         self.code = code
         self.error = error
+
+    def __str__(self) -> str:
+        return self.error
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

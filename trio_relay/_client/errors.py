@@ -74,10 +74,6 @@ class RequestRejected(RelayClientError, CodedError):
     """The relay answered a request with an error; ``code`` is the wire's stable error code
     (``not_found``, ``backend_error``, ``rate_limited``, ...), ``error`` its text."""
 
-    def __init__(self, code: str, error: str) -> None:
-        CodedError.__init__(self, code, error)
-        self.args = (code, error)
-
     def __str__(self) -> str:
         return f"{self.error} ({self.code})"
 
@@ -86,10 +82,6 @@ class SubscriptionFailed(RelayClientError, CodedError):
     """A subscription ended with an error: the relay's last push of a failed upstream
     (``backend_error``), or a resubscription after a reconnect that was refused (for
     example ``not_found``: the chat was deleted meanwhile)."""
-
-    def __init__(self, code: str, error: str) -> None:
-        CodedError.__init__(self, code, error)
-        self.args = (code, error)
 
     def __str__(self) -> str:
         return f"{self.error} ({self.code})"
