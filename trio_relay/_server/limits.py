@@ -27,12 +27,11 @@ class TokenBucket:
 
     rate: float
     burst: float
-    tokens: float = attrs.field(default=None)
+    #: Starts full.
+    tokens: float = attrs.field(
+        default=attrs.Factory(lambda self: float(self.burst), takes_self=True)
+    )
     updated: float = 0.0
-
-    def __attrs_post_init__(self) -> None:
-        if self.tokens is None:
-            self.tokens = self.burst
 
     def take(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)

@@ -137,10 +137,6 @@ class Synced:
     #: Leave the broadcaster at once (idempotent).
     leave: Callable[[], None]
 
-    @property
-    def resumed(self) -> bool:
-        return self.snapshot is None
-
 
 @attrs.define(eq=False)
 class _Pending:
@@ -207,10 +203,6 @@ class Broadcaster:
     def resumable(self) -> bool:
         """Started and not ended: its history may be continued by the next broadcaster."""
         return self._started.is_set() and self._start_error is None and self._final is None
-
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._live) + len(self._pending)
 
     @property
     def done(self) -> bool:
