@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import time
-import unicodedata
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,19 +34,19 @@ from typing import Any, Final
 import attrs
 from loguru import logger
 
+from .._wire.protocol import DEVICE_NAME_MAX, check_device_name
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on Windows: writes are still atomic
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "DEVICE_NAME_MAX",
     "PAIRING_FILE",
     "Device",
     "DeviceStore",
     "FileDeviceStore",
     "PairingFileError",
-    "check_device_name",
     "hash_token",
     "new_pin",
     "read_pin",
@@ -56,8 +55,6 @@ __all__ = [
 
 #: The pairing file's name in the data dir.
 PAIRING_FILE: Final = "pairing.json"
-#: Longest device name, in characters after trimming.
-DEVICE_NAME_MAX: Final = 64
 #: Last-seen times reach the file at most this often (seconds); in memory they are current.
 LAST_SEEN_WRITE_INTERVAL: Final = 60.0
 
@@ -74,17 +71,6 @@ def new_pin() -> str:
 def hash_token(token: str) -> str:
     """What the relay stores of a token: its SHA-256, in hex."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def check_device_name(name: str) -> str | None:
-    """The name trimmed, or None if it cannot be a device name (empty after trimming, longer
-    than `DEVICE_NAME_MAX`, or holding a control character)."""
-    name = name.strip()
-    if not 1 <= len(name) <= DEVICE_NAME_MAX:
-        return None
-    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in name):
-        return None
-    return name
 
 
 def _now() -> str:

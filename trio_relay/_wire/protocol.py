@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
+import unicodedata
 from typing import Any, ClassVar, Final, Literal, NoReturn, get_args
 
 import attrs
@@ -22,10 +22,6 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import leaves
-from .._server.pairing import DEVICE_NAME_MAX, check_device_name
-
-if sys.version_info < (3, 11):
-    pass
 
 __all__ = [
     "RESOURCES",
@@ -62,6 +58,20 @@ Resource = Literal["project", "chat", "modelProfiles"]
 RESOURCES: Final[tuple[str, ...]] = get_args(Resource)
 
 MAX_ID_LENGTH: Final = 256
+
+#: Longest device name, in characters after trimming.
+DEVICE_NAME_MAX: Final = 64
+
+
+def check_device_name(name: str) -> str | None:
+    """The name trimmed, or None if it cannot be a device name (empty after trimming, longer
+    than `DEVICE_NAME_MAX`, or holding a control character)."""
+    name = name.strip()
+    if not 1 <= len(name) <= DEVICE_NAME_MAX:
+        return None
+    if any(unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") for char in name):
+        return None
+    return name
 
 
 class ErrorCode:
