@@ -40,6 +40,8 @@ class Timed(Protocol):
 
 _Schedule = deque[tuple[float, "weakref.ref[Timed]"]]
 
+_FIRST_SWEEP = 1024
+
 
 class ConnectionTimers:
     """Holds each scheduled connection to its auth deadline and pings it while it lasts."""
@@ -50,6 +52,10 @@ class ConnectionTimers:
         self._pings: _Schedule = deque()
         self._pongs: _Schedule = deque()
         self._wait = trio.CancelScope()
+        # Entries of connections that have ended stay until their time comes, which with a
+        # long ping_interval is long after many connections have come and gone: past this
+        # many, the schedules are swept of them (then it doubles the number still there).
+        self._sweep_at = _FIRST_SWEEP
 
     def schedule(self, connection: Timed) -> None:
         """Start ``connection``'s auth deadline and ping cycle, from now."""
@@ -57,7 +63,19 @@ class ConnectionTimers:
         ref: weakref.ref[Timed] = weakref.ref(connection)
         self._auth.append((now + self._config.auth_timeout, ref))
         self._pings.append((now + self._config.ping_interval, ref))
+        if len(self._auth) + len(self._pings) + len(self._pongs) > self._sweep_at:
+            self._sweep()
         self._wait.deadline = min(self._wait.deadline, self._next())
+
+    def _sweep(self) -> None:
+        """Drop the entries of connections that are gone (in order, so still sorted)."""
+        kept = 0
+        for schedule in (self._auth, self._pings, self._pongs):
+            alive = [entry for entry in schedule if entry[1]() is not None]
+            schedule.clear()
+            schedule.extend(alive)
+            kept += len(alive)
+        self._sweep_at = max(_FIRST_SWEEP, 2 * kept)
 
     def _next(self) -> float:
         return min(queue[0][0] if queue else math.inf
