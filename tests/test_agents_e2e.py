@@ -15,17 +15,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from _helpers import Frame
 from _processes import alive, wait_gone
 
 from trio_relay.testing import TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
 WAIT = 10.0
 PIN = "86420"
 

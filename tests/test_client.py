@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from _helpers import PIN, PROFILES, demo_chats
 
 from trio_relay import RelayConfig, open_relay
 from trio_relay._store.sqlite import open_sqlite_backend
@@ -53,29 +54,15 @@ from trio_relay.client import (
     parse_event,
 )
 from trio_relay.testing import (
-    DEFAULT_PIN,
     HANG,
+    MEMORY_URL,
     MemoryBackend,
     MemoryConnector,
     MemoryRelay,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-URL = "ws://relay.test/ws"
-PROFILES = [{"id": "echo", "name": "Echo"}]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    """Project p1 with chat c1 (one stored message), an empty project p2, model profiles."""
-    backend = MemoryBackend()
-    backend.add_project("p1", "Project one")
-    backend.add_project("p2", "Project two")
-    backend.add_chat("p1", "c1", title="First chat")
-    backend.add_message("c1", "hello", role="user")
-    backend.set_model_profiles(PROFILES)
-    return backend
+memory_backend = pytest.fixture(demo_chats, name="memory_backend")
 
 
 @asynccontextmanager
@@ -83,7 +70,7 @@ async def client_of(
     relay: MemoryRelay, transport: MemoryConnector | None = None, **kwargs: Any
 ) -> AsyncIterator[RelayClient]:
     transport = transport or relay.connector()
-    async with open_relay_client(URL, pin=PIN, connect=transport, **kwargs) as client:
+    async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport, **kwargs) as client:
         yield client
 
 
@@ -131,7 +118,7 @@ async def test_wrong_pin_raises_auth_failed_and_never_retries(
 ) -> None:
     transport = memory_relay.connector()
     with pytest.raises(AuthFailed) as failed:
-        async with open_relay_client(URL, pin="0000", connect=transport):
+        async with open_relay_client(MEMORY_URL, pin="0000", connect=transport):
             pytest.fail("entered with a wrong PIN")  # pragma: no cover
     assert failed.value.error == "Invalid PIN"
     await trio.sleep(120)
@@ -143,7 +130,7 @@ async def test_first_connection_failure_raises_connection_lost(
 ) -> None:
     transport = MemoryConnector(None)
     with pytest.raises(ConnectionLost, match="could not connect") as lost:
-        async with open_relay_client(URL, pin=PIN, connect=transport):
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport):
             pytest.fail("entered without a relay")  # pragma: no cover
     assert lost.value.close_code is None
     assert len(transport.attempts) == 1
@@ -172,7 +159,7 @@ def test_bad_arguments_are_refused_at_once() -> None:
         RelayClient("http://x/ws", pin=PIN, request_timeout=1, backoff=Backoff(), connect=None,
                     ssl_context=None)
     with pytest.raises(ValueError, match="request_timeout"):
-        RelayClient(URL, pin=PIN, request_timeout=0, backoff=Backoff(), connect=None,
+        RelayClient(MEMORY_URL, pin=PIN, request_timeout=0, backoff=Backoff(), connect=None,
                     ssl_context=None)
     with pytest.raises(ValueError, match="positive"):
         Backoff(initial=0)
@@ -537,7 +524,7 @@ async def test_relay_restart_1001_reconnects_with_a_reset(
     async with trio.open_nursery() as nursery:
         stop_first = trio.Event()
         transport.relay = await nursery.start(run_relay, stop_first)
-        async with open_relay_client(URL, pin=PIN, connect=transport) as client:
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with client.subscribe("chat", "c1") as chat:
                 stop_first.set()
                 await client.wait_state(ConnectionState.RECONNECTING)
@@ -808,7 +795,7 @@ async def test_mirror_takes_a_reset_and_records_failures(
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
         transport.relay = await nursery.start(run_relay, stop)
-        async with open_relay_client(URL, pin=PIN, connect=transport) as client:
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with open_mirror(client, chat_ids=["c1", "c2"]) as mirror:
                 stop.set()
                 await client.wait_state(ConnectionState.RECONNECTING)

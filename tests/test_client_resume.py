@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, one_chat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,30 +31,24 @@ from trio_relay.client import (
     open_relay_client,
 )
 from trio_relay.testing import (
-    DEFAULT_PIN,
+    MEMORY_URL,
     MemoryBackend,
     MemoryConnector,
     MemoryRelay,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-URL = "ws://relay.test/ws"
 #: Store a message (pushed), drop the connection, let a second pass, let every task settle.
 Step = Literal["emit", "cut", "settle", "quiet"]
 
 
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 @asynccontextmanager
 async def client_of(transport: MemoryConnector) -> AsyncIterator[RelayClient]:
     # A fixed draw keeps reconnect times (and so every interleaving) reproducible.
-    async with open_relay_client(URL, pin=PIN, connect=transport,
+    async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport,
                                  backoff=Backoff(random=lambda: 0.5)) as client:
         yield client
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import attrs
 import pytest
 import trio
 from _processes import alive, wait_gone
-from loguru import logger
 
 from trio_relay._agents.agent import Agent, AgentError
 from trio_relay._agents.command import CommandAgent
@@ -83,18 +82,6 @@ async def wait_for_file(path: Path) -> None:
     with trio.fail_after(WAIT):
         while not await trio.Path(path).exists():  # noqa: ASYNC110 - written by another process
             await trio.sleep(0.01)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    handler = logger.add(lines.append, level="DEBUG", format="{level}|{message}", diagnose=False)
-    logger.enable("trio_relay")
-    try:
-        yield lines
-    finally:
-        logger.disable("trio_relay")
-        logger.remove(handler)
 
 
 # --- the agent on its own ---------------------------------------------------------------------

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from _helpers import Frame
 from trio_websocket import ConnectionClosed
 
 from trio_relay import open_relay
@@ -24,7 +24,6 @@ from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
 WAIT = 10.0  # generous bound on any single wait (a TestClient's too); tests take far less
 
 

@@ -12,13 +12,14 @@ import base64
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 import trustme
+from _helpers import still_serves
 from _rawws import (
     BINARY,
     CLOSE,
@@ -50,16 +51,6 @@ CONFIG = RelayConfig(handshake_timeout=10, close_timeout=5, auth_timeout=30,
 
 
 @pytest.fixture
-def records() -> Iterator[list[Any]]:
-    captured: list[Any] = []
-    logger.enable("trio_relay")
-    handler = logger.add(lambda message: captured.append(message.record), level="TRACE")
-    yield captured
-    logger.remove(handler)
-    logger.disable("trio_relay")
-
-
-@pytest.fixture
 async def memory(memory_backend: MemoryBackend) -> AsyncIterator[MemoryRelay]:
     memory_backend.add_chat("p1", "c1")
     async with open_memory_relay(memory_backend, pin=PIN, config=CONFIG) as relay:
@@ -82,12 +73,6 @@ def assert_no_traceback(records: list[Any]) -> None:
 def logged(records: list[Any], text: str) -> list[str]:
     """The messages of every line logged that holds ``text``."""
     return [r["message"] for r in records if text in r["message"]]
-
-
-async def still_serves(memory: MemoryRelay) -> None:
-    client = await memory.connect(authenticate=PIN)
-    assert (await client.subscribe("chat", "c1"))["type"] == "subscribed"
-    await client.close()
 
 
 def status_of(answer: bytes) -> int:

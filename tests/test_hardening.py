@@ -15,34 +15,20 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, one_chat, still_serves
 from trio_websocket import ConnectionRejected, wrap_client_stream
 from wsproto.frame_protocol import Opcode
 
 from trio_relay import CloseCode, RelayConfig, open_relay
 from trio_relay._server.connection import Connection
 from trio_relay.testing import (
-    DEFAULT_PIN,
     MemoryBackend,
     MemoryRelay,
     TestClient,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-Frame = dict[str, Any]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
-
-
-async def _still_serves(memory: MemoryRelay) -> None:
-    client = await memory.connect(authenticate=PIN)
-    assert (await client.subscribe("chat", "c1"))["type"] == "subscribed"
-    await client.close()
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 # --- origin allowlist -------------------------------------------------------------------------
@@ -167,7 +153,7 @@ async def test_a_client_that_never_completes_the_handshake_is_dropped(
         assert await stream.receive_some() == b""  # the relay closed it
         assert trio.current_time() - start == pytest.approx(10)
         assert await memory.quiet_statistics() == baseline
-        await _still_serves(memory)
+        await still_serves(memory)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +179,7 @@ async def test_plain_http_and_garbage_are_refused_at_once(
     assert received.startswith(b"HTTP/1.1 4")  # a 4xx answer, then the stream closes
     assert trio.current_time() == start  # at once, not after the handshake timeout
     assert await memory_relay.quiet_statistics() == baseline
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 # --- faults -----------------------------------------------------------------------------------
@@ -217,7 +203,7 @@ async def test_a_ping_that_arrives_while_the_relay_closes(
     code, _ = await client.wait_closed()
     assert code == CloseCode.UNSUPPORTED_DATA
     assert await memory_relay.quiet_statistics() == baseline
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
@@ -243,7 +229,7 @@ async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
     assert code == CloseCode.INTERNAL_ERROR == 1011
     memory_backend.emit("chat", "c1", {"after": "the bug"})
     assert (await bystander.next_push())["data"] == {"after": "the bug"}
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 async def test_shutdown_closes_every_client_with_1001(

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import trio
+from _helpers import Frame
 
 from trio_relay._server.pairing import PAIRING_FILE, FileDeviceStore
 from trio_relay._settings.cli import main
 from trio_relay.testing import open_loopback_client
 
 WAIT = 20.0
-Frame = dict[str, Any]
 
 
 def _env(**extra: str) -> dict[str, str]:

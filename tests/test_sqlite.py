@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -13,7 +13,6 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from loguru import logger
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from trio_relay._agents.echo import EchoAgent
@@ -37,19 +36,6 @@ SEEDED_PROFILES = [
 async def backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
     async with open_sqlite_backend(tmp_path / "data") as backend:
         yield backend
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    # diagnose=False as the CLI sets it: loguru's variable dumps would show any local.
-    handler = logger.add(lines.append, level="DEBUG", format="{level}|{message}", diagnose=False)
-    logger.enable("trio_relay")  # the package silences itself until an application asks
-    try:
-        yield lines
-    finally:
-        logger.disable("trio_relay")
-        logger.remove(handler)
 
 
 def is_timestamp(value: object) -> bool:

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
 import trio
 import trustme
+from _helpers import Frame
 from cryptography.hazmat.primitives import serialization
 
 from trio_relay import Relay, RelayConfig, RelayStatistics, open_relay
@@ -28,7 +28,6 @@ from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
 WAIT = 10.0  # generous bound on any single wait; the tests finish in well under it
 PIN = "8642"
 
