@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 from _helpers import Frame
-from _processes import alive, wait_gone
+from _processes import HANGING, WAIT, alive, read_line, wait_gone
 
 from trio_relay.testing import TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-WAIT = 10.0
 PIN = "86420"
 
 # Writes a line, waits for the file $GATE, writes another: the first line can only be seen by
@@ -37,17 +36,6 @@ deadline = time.monotonic() + 10
 while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
     time.sleep(0.01)
 sys.stdout.write("second: " + sys.stdin.read() + "\\n"); sys.stdout.flush()
-"""
-
-# Starts a child, writes both pids to $PIDS, says so, and hangs.
-HANGING = """
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-with open(os.environ["PIDS"] + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-os.rename(os.environ["PIDS"] + ".tmp", os.environ["PIDS"])
-sys.stdout.write("started\\n"); sys.stdout.flush()
-time.sleep(60)
 """
 
 
@@ -106,18 +94,6 @@ async def pushes_until(client: TestClient, kind: str) -> list[Frame]:
             return seen
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @asynccontextmanager
 async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, str]]:
     """`trio-relay serve --config` in a subprocess; yields it and its URL."""
@@ -132,7 +108,7 @@ async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, s
             )
             assert process.stdout is not None
             buffer = bytearray()
-            first = await _read_line(process.stdout, buffer)
+            first = await read_line(process.stdout, buffer)
             assert first.startswith("trio-relay serving ws://127.0.0.1:"), first
             try:
                 yield process, first.split()[-1]

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from _processes import alive, wait_gone
+from _processes import HANGING, WAIT, alive, wait_gone
 
 from trio_relay._agents.agent import Agent, AgentError
 from trio_relay._agents.command import CommandAgent
@@ -24,7 +24,6 @@ from trio_relay._agents.echo import EchoAgent
 from trio_relay._store.backend import Change
 from trio_relay._store.sqlite import SqliteBackend, open_sqlite_backend
 
-WAIT = 10.0  # bound on any single wait; the tests take a fraction of it
 PY = sys.executable
 
 # The scripts write each line in one write(): with PYTHONUNBUFFERED set, print() writes the
@@ -39,20 +38,6 @@ deadline = time.monotonic() + 10
 while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
     time.sleep(0.01)
 sys.stdout.write("second\\n"); sys.stdout.flush()
-"""
-
-# Starts a child (in its process group), writes "<its pid> <child's pid>" to $PIDS, says so,
-# and hangs. With $IGNORE_TERM both ignore SIGTERM, so only SIGKILL stops them.
-HANGING = """
-import os, signal, subprocess, sys, time
-if os.environ.get("IGNORE_TERM"):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-with open(os.environ["PIDS"] + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-os.rename(os.environ["PIDS"] + ".tmp", os.environ["PIDS"])
-sys.stdout.write("started\\n"); sys.stdout.flush()
-time.sleep(60)
 """
 
 # Leaves a child running, holding stdout open, and exits at once.

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trustme
 from _helpers import Frame
+from _processes import WAIT, read_line
 from cryptography.hazmat.primitives import serialization
 
 from trio_relay import Relay, RelayConfig, RelayStatistics, open_relay
@@ -28,7 +29,6 @@ from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-WAIT = 10.0  # generous bound on any single wait; the tests finish in well under it
 PIN = "8642"
 
 
@@ -227,18 +227,6 @@ def test_a_port_in_use_exits_1(
 # --- trio-relay serve --tls-cert --tls-key, as a subprocess -----------------------------------
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @pytest.fixture
 def environ() -> Iterator[dict[str, str]]:
     """The environment for a subprocess, without any TRIO_RELAY_ setting of the caller's."""
@@ -259,10 +247,10 @@ async def test_serve_subprocess_with_tls(
         try:
             assert process.stdout is not None
             buffer = bytearray()
-            first = await _read_line(process.stdout, buffer)
+            first = await read_line(process.stdout, buffer)
             assert first.startswith("trio-relay serving wss://127.0.0.1:"), first
             assert first.endswith("/ws")
-            assert await _read_line(process.stdout, buffer) == "PIN: " + PIN
+            assert await read_line(process.stdout, buffer) == "PIN: " + PIN
             port = int(first.rpartition(":")[2].removesuffix("/ws"))
             async with open_wss(port, _client_context(certs)) as ws:
                 reply = await _login(ws)
