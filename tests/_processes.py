@@ -55,3 +55,10 @@ async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
     line, _, rest = bytes(buffer).partition(b"\n")
     buffer[:] = rest
     return line.decode()
+
+
+async def wait_for_file(path: Path) -> None:
+    # Written by another process, which sends no event here: poll for it, bounded.
+    with trio.fail_after(WAIT):
+        while not await trio.Path(path).exists():  # noqa: ASYNC110 - written by another process
+            await trio.sleep(0.01)

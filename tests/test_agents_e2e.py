@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from _helpers import Frame
-from _processes import HANGING, WAIT, alive, read_line, wait_gone
+from _processes import HANGING, WAIT, alive, read_line, wait_for_file, wait_gone
 
 from trio_relay.testing import TestClient, open_loopback_client
 
@@ -75,9 +75,7 @@ argv = ["no-such-agent-program-xyz"]
 
 
 async def _read_pids(path: Path) -> list[int]:
-    with trio.fail_after(WAIT):
-        while not await trio.Path(path).exists():  # noqa: ASYNC110 - another process writes it
-            await trio.sleep(0.01)
+    await wait_for_file(path)
     return [int(pid) for pid in (await trio.Path(path).read_text()).split()]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from _processes import HANGING, WAIT, alive, wait_gone
+from _processes import HANGING, WAIT, alive, wait_for_file, wait_gone
 
 from trio_relay._agents.agent import Agent, AgentError
 from trio_relay._agents.command import CommandAgent
@@ -61,12 +61,6 @@ def command(script: str, **options: Any) -> CommandAgent:
 
 def read_pids(path: Path) -> list[int]:
     return [int(pid) for pid in path.read_text().split()]
-
-
-async def wait_for_file(path: Path) -> None:
-    with trio.fail_after(WAIT):
-        while not await trio.Path(path).exists():  # noqa: ASYNC110 - written by another process
-            await trio.sleep(0.01)
 
 
 # --- the agent on its own ---------------------------------------------------------------------
