@@ -8,6 +8,7 @@ the plugin's ``memory_backend`` with one of the builders here, in one line::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -58,3 +59,14 @@ def count_tasks_in_run() -> int:
     root = trio.lowlevel.current_root_task()
     assert root is not None
     return walk(root)
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, for ``within`` seconds at most.
+
+    Only for what sends no event to wait on and that `trio.testing.wait_all_tasks_blocked`
+    cannot see through: a worker thread, or the kernel's side of a real socket.
+    """
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on; see above
+            await trio.sleep(0.01)

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from _helpers import wait_until
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from trio_relay._agents.echo import EchoAgent
@@ -686,8 +687,7 @@ async def test_the_log_is_checkpointed_in_the_worker_thread(
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(12):
                 await backend.send_message("welcome", f"message {i}")
-            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
-                await trio.sleep(0.01)
+            await wait_until(lambda: not backend._checkpointing)  # in a worker thread
     assert threads == [False, False]  # two checkpoints, neither on the event loop
     async with open_sqlite_backend(tmp_path) as backend:
         history = (await backend.get_history("welcome")).items
@@ -747,8 +747,7 @@ async def test_a_failing_checkpoint_is_logged_and_the_backend_goes_on(
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(3):
                 await backend.send_message("welcome", f"message {i}")
-            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
-                await trio.sleep(0.01)
+            await wait_until(lambda: not backend._checkpointing)  # in a worker thread
             await backend.send_message("welcome", "still here")
     assert any(line.startswith("ERROR|checkpoint of the write-ahead log failed")
                for line in log_lines)

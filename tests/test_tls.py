@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 import trustme
-from _helpers import Frame
+from _helpers import Frame, wait_until
 from _processes import WAIT, read_line
 from cryptography.hazmat.primitives import serialization
 
@@ -92,11 +92,7 @@ def _held(statistics: RelayStatistics) -> dict[str, int]:
 async def _idle(relay: Relay, baseline: RelayStatistics) -> None:
     """Wait (bounded) until the relay holds what it held at ``baseline``: no connection, no
     subscription, no task left behind."""
-    with trio.fail_after(WAIT):
-        # Polled: nothing signals a change of the statistics, and over real sockets the
-        # relay's tasks wait on the kernel, so wait_all_tasks_blocked would not do.
-        while _held(relay.statistics()) != _held(baseline):  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    await wait_until(lambda: _held(relay.statistics()) == _held(baseline), WAIT)
 
 
 async def test_a_client_that_trusts_the_ca_authenticates_subscribes_and_gets_pushes(
