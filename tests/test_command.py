@@ -134,14 +134,24 @@ async def test_environment_and_working_directory(
     assert "PATH" not in env and "SOME_VARIABLE" not in env
 
 
-async def test_output_is_decoded_incrementally() -> None:
-    # "é" is split across two writes; a byte that is not UTF-8 becomes U+FFFD.
-    script = ("import sys, time; out = sys.stdout.buffer\n"
-              "out.write(b'caf\\xc3'); out.flush(); time.sleep(0.1)\n"
+async def test_output_is_decoded_incrementally(tmp_path: Path) -> None:
+    # "é" is split across two writes, the second only once the first was emitted; a byte
+    # that is not UTF-8 becomes U+FFFD.
+    gate = tmp_path / "gate"
+    script = ("import os, sys, time; out = sys.stdout.buffer\n"
+              "out.write(b'caf\\xc3'); out.flush()\n"
+              "deadline = time.monotonic() + 10\n"
+              "while not os.path.exists(os.environ['GATE']) and time.monotonic() < deadline:\n"
+              "    time.sleep(0.01)\n"
               "out.write(b'\\xa9 \\xff!'); out.flush()")
     pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        gate.touch()
+
     with trio.fail_after(WAIT):
-        text = await command(script).reply("x", pieces.append)
+        text = await command(script, env={"GATE": str(gate)}).reply("x", emit)
     assert text == "".join(pieces) == "café \ufffd!"
     assert len(pieces) == 2
 

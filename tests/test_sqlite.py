@@ -700,12 +700,18 @@ async def test_a_locked_database_is_waited_for_in_the_worker_thread(tmp_path: Pa
         other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         try:
+            written = trio.Event()
+
+            async def write() -> None:
+                await backend.send_message("welcome", "waited for the lock")
+                written.set()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(backend.send_message, "welcome", "waited for the lock")
-                # The event loop is not held up while the write waits for the lock.
-                with trio.fail_after(1):
-                    for _ in range(5):
-                        await trio.sleep(0.02)
+                nursery.start_soon(write)
+                # The write has the worker thread and waits there for the lock, while this
+                # task goes on: the event loop is not held up.
+                await wait_until(lambda: backend._limiter.borrowed_tokens == 1, 1)
+                assert not written.is_set()
                 other.rollback()
         finally:
             other.close()
