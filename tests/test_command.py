@@ -363,7 +363,8 @@ async def test_closing_the_backend_kills_running_commands(tmp_path: Path) -> Non
 
 
 async def test_sends_queue_one_run_per_chat(tmp_path: Path) -> None:
-    # Each run appends "start" and "end" to a file: runs of one chat never overlap.
+    # Each run appends "start" and "end" to a file: runs of one chat never overlap. Each
+    # run takes 0.2 s (its sleep is the slow agent, not a wait): room for an overlap.
     runs = tmp_path / "runs"
     script = ("import os, sys, time\nprompt = sys.stdin.read()\n"
               "open(os.environ['RUNS'], 'a').write(f'start {prompt}\\n')\n"
