@@ -1,5 +1,7 @@
 """The fan-out's guarantees: exact joins, one snapshot for a crowd, slow subscribers dropped alone.
 
+`trio_relay._stream.broadcaster` (and its registry), through a relay over memory streams.
+
 The setup race is built deterministically: `RacingBackend` runs a script inside ``get_history``
 (the snapshot read), so events are published while a subscription is being set up, before and
 after the moment the snapshot is taken, with or without checkpoints in between. Whatever the

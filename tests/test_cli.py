@@ -1,5 +1,6 @@
-"""The commands around pairing, as a user runs them: ``pin``, ``devices``, ``--version``, and
-``serve`` keeping its PIN and devices across restarts (real subprocesses, real time)."""
+"""The commands of `trio_relay._settings.cli` around pairing, as a user runs them: ``pin``,
+``devices``, ``--version``, and ``serve`` keeping its PIN and devices across restarts (real
+subprocesses, real time). Settings and their errors are in test_settings.py."""
 
 from __future__ import annotations
 
