@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from trio_relay.testing import DEFAULT_PIN, MemoryBackend, MemoryRelay
+from trio_relay.testing import DEFAULT_PIN, MemoryBackend, MemoryRelay, open_memory_relay
 
 #: A wire frame as the tests read and write it.
 Frame = dict[str, Any]
@@ -39,6 +39,16 @@ def demo_chats() -> MemoryBackend:
     backend.add_message("c1", "hello", role="user")
     backend.set_model_profiles(PROFILES)
     return backend
+
+
+async def run_relay(
+    backend: MemoryBackend, stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]
+) -> None:
+    """A relay over ``backend`` until ``stop`` is set: ``nursery.start`` it, stop it, start
+    another over the same backend, and a client sees the relay restart."""
+    async with open_memory_relay(backend, pin=PIN) as relay:
+        task_status.started(relay)
+        await stop.wait()
 
 
 async def still_serves(memory: MemoryRelay) -> None:

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from _helpers import PIN, PROFILES, demo_chats
+from _helpers import PIN, PROFILES, demo_chats, run_relay
 
 from trio_relay import RelayConfig, open_relay
 from trio_relay._store.sqlite import open_sqlite_backend
@@ -516,14 +516,9 @@ async def test_relay_restart_1001_reconnects_with_a_reset(
 ) -> None:
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop_first = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop_first)
+        transport.relay = await nursery.start(run_relay, memory_backend, stop_first)
         async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with client.subscribe("chat", "c1") as chat:
                 stop_first.set()
@@ -532,7 +527,7 @@ async def test_relay_restart_1001_reconnects_with_a_reset(
                 memory_backend.add_message("c1", "while the relay was down")
                 await trio.sleep(5)  # a few refused attempts
                 stop_second = trio.Event()
-                transport.relay = await nursery.start(run_relay, stop_second)
+                transport.relay = await nursery.start(run_relay, memory_backend, stop_second)
                 await client.wait_state(ConnectionState.CONNECTED)
                 event = await next_event(chat)
                 assert event == Reset(memory_backend.messages["c1"], seq=event.seq)
@@ -787,14 +782,9 @@ async def test_mirror_takes_a_reset_and_records_failures(
     memory_backend.add_chat("p1", "c2")
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop)
+        transport.relay = await nursery.start(run_relay, memory_backend, stop)
         async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with open_mirror(client, chat_ids=["c1", "c2"]) as mirror:
                 stop.set()
@@ -803,7 +793,7 @@ async def test_mirror_takes_a_reset_and_records_failures(
                 memory_backend.end_feeds("chat", "c2")
                 del memory_backend.chats["c2"]
                 stop = trio.Event()
-                transport.relay = await nursery.start(run_relay, stop)
+                transport.relay = await nursery.start(run_relay, memory_backend, stop)
                 await mirror.wait_for(lambda m: len(m.messages["c1"]) == 2)
                 assert mirror.messages["c1"] == memory_backend.messages["c1"]
                 await mirror.wait_for(lambda m: ("chat", "c2") in m.failures)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pytest
 import trio
 import trio.testing
-from _helpers import PIN, one_chat
+from _helpers import PIN, one_chat, run_relay
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,14 +207,9 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
 ) -> None:
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop)
+        transport.relay = await nursery.start(run_relay, memory_backend, stop)
         async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
             memory_backend.add_message("c1", "one")
             assert isinstance(await anext(chat), MessageAdded)
@@ -225,7 +220,7 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
             transport.relay = None
             await trio.sleep(3)
             stop = trio.Event()
-            transport.relay = await nursery.start(run_relay, stop)
+            transport.relay = await nursery.start(run_relay, memory_backend, stop)
             reset = await anext(chat)
             assert reset == Reset(memory_backend.messages["c1"], seq=reset.seq)
             memory_backend.add_message("c1", "two")
