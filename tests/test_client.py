@@ -121,7 +121,7 @@ async def test_wrong_pin_raises_auth_failed_and_never_retries(
         async with open_relay_client(MEMORY_URL, pin="0000", connect=transport):
             pytest.fail("entered with a wrong PIN")  # pragma: no cover
     assert failed.value.error == "Invalid PIN"
-    await trio.sleep(120)
+    await trio.sleep(120)  # mock time: two minutes without a retry
     assert len(transport.attempts) == 1
 
 
@@ -566,7 +566,7 @@ async def test_policy_close_1008_is_terminal(
             with pytest.raises(ConnectionLost):
                 async with client.subscribe("chat", "c1"):
                     pass  # pragma: no cover
-            await trio.sleep(120)
+            await trio.sleep(120)  # mock time: two minutes without a retry
             assert len(transport.attempts) == 1
 
 
@@ -583,7 +583,7 @@ async def test_a_pin_refused_on_reconnect_is_terminal(
             with pytest.raises(AuthFailed):
                 await client.send("c1", "hi")
         assert client.state is ConnectionState.CLOSED
-        await trio.sleep(120)
+        await trio.sleep(120)  # mock time: two minutes without a retry
         assert len(transport.attempts) == 2
 
 

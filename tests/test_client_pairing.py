@@ -83,7 +83,7 @@ async def test_a_bad_token_is_token_invalid_and_never_retried(
             pytest.fail("entered with a bad token")  # pragma: no cover
     assert failed.value.code == "token_invalid"
     assert isinstance(failed.value, AuthFailed)
-    await trio.sleep(300)
+    await trio.sleep(300)  # mock time: five minutes without a retry
     assert len(transport.attempts) == 1
 
 
@@ -98,7 +98,7 @@ async def test_a_lockout_says_how_long_to_wait(
     assert locked.value.code == "locked_out"
     assert locked.value.retry_after == 600
     assert "try again in 10 minutes" in str(locked.value)
-    await trio.sleep(300)
+    await trio.sleep(300)  # mock time: five minutes without a retry
     assert len(transport.attempts) == 1  # never fed the lockout again
 
 
@@ -114,7 +114,7 @@ async def test_revoking_ends_the_client_for_good(autojump_clock: trio.abc.Clock)
             assert lost.value.close_code == 1008
             assert "device revoked" in str(lost.value)
             assert client.state is ConnectionState.CLOSED
-        await trio.sleep(300)
+        await trio.sleep(300)  # mock time: five minutes without a retry
         assert len(transport.attempts) == 1
 
 

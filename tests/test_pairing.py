@@ -239,7 +239,7 @@ async def test_the_relay_follows_the_stores_pin(
     async with open_relay(one_chat(), devices=store) as relay:
         assert relay.pin == store.pin
         new = FileDeviceStore(tmp_path / PAIRING_FILE).new_pin()
-        await trio.sleep(1.5)
+        await trio.sleep(1.5)  # mock time: past the store's 1 s watch interval
         assert relay.pin == new
     with pytest.raises(ValueError, match="pin"):
         async with open_relay(one_chat()):
