@@ -15,18 +15,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from _processes import alive, wait_gone
+from _helpers import Frame
+from _processes import HANGING, WAIT, alive, read_line, wait_for_file, wait_gone
 
 from trio_relay.testing import TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
-WAIT = 10.0
 PIN = "86420"
 
 # Writes a line, waits for the file $GATE, writes another: the first line can only be seen by
@@ -38,17 +36,6 @@ deadline = time.monotonic() + 10
 while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
     time.sleep(0.01)
 sys.stdout.write("second: " + sys.stdin.read() + "\\n"); sys.stdout.flush()
-"""
-
-# Starts a child, writes both pids to $PIDS, says so, and hangs.
-HANGING = """
-import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-with open(os.environ["PIDS"] + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-os.rename(os.environ["PIDS"] + ".tmp", os.environ["PIDS"])
-sys.stdout.write("started\\n"); sys.stdout.flush()
-time.sleep(60)
 """
 
 
@@ -88,9 +75,7 @@ argv = ["no-such-agent-program-xyz"]
 
 
 async def _read_pids(path: Path) -> list[int]:
-    with trio.fail_after(WAIT):
-        while not await trio.Path(path).exists():  # noqa: ASYNC110 - another process writes it
-            await trio.sleep(0.01)
+    await wait_for_file(path)
     return [int(pid) for pid in (await trio.Path(path).read_text()).split()]
 
 
@@ -107,18 +92,6 @@ async def pushes_until(client: TestClient, kind: str) -> list[Frame]:
             return seen
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @asynccontextmanager
 async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, str]]:
     """`trio-relay serve --config` in a subprocess; yields it and its URL."""
@@ -133,7 +106,7 @@ async def _serve(config: Path, log: Path) -> AsyncIterator[tuple[trio.Process, s
             )
             assert process.stdout is not None
             buffer = bytearray()
-            first = await _read_line(process.stdout, buffer)
+            first = await read_line(process.stdout, buffer)
             assert first.startswith("trio-relay serving ws://127.0.0.1:"), first
             try:
                 yield process, first.split()[-1]

@@ -13,28 +13,18 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, Frame, demo_chats
 from wsproto.frame_protocol import Opcode
 
 from trio_relay import CloseCode, RelayConfig
 from trio_relay.testing import (
-    DEFAULT_PIN,
     MemoryBackend,
     MemoryRelay,
     TestClient,
     open_memory_relay,
 )
 
-Frame = dict[str, Any]
-
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1", title="First chat")
-    backend.add_message("c1", "hello", role="user")
-    return backend
+memory_backend = pytest.fixture(demo_chats, name="memory_backend")
 
 
 async def connect(relay: MemoryRelay) -> TestClient:

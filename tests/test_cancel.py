@@ -8,13 +8,12 @@ from typing import Any
 
 import attrs
 import trio
+from _helpers import PIN
 
 from trio_relay._agents.echo import EchoAgent
 from trio_relay._store.replies import STOPPED_NOTE
 from trio_relay._store.sqlite import open_sqlite_backend
 from trio_relay.testing import MemoryBackend, open_memory_relay
-
-PIN = "1234"
 
 
 async def test_cancel_is_answered_and_pushed(autojump_clock: trio.abc.Clock) -> None:

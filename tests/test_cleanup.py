@@ -17,12 +17,12 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, count_tasks_in_run
 from trio_websocket import ConnectionClosed
 
 from trio_relay import CloseCode, RelayConfig, RelayStatistics
 from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
-    DEFAULT_PIN,
     HANG,
     MemoryBackend,
     MemoryRelay,
@@ -30,23 +30,7 @@ from trio_relay.testing import (
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-
-
 # --- footprints -----------------------------------------------------------------------------------
-
-
-def count_tasks_in_run() -> int:
-    """Every task of the trio run: relay, connections, clients and the test itself."""
-
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(
-            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
-        )
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return walk(root)
 
 
 @attrs.frozen

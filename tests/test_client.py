@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from _helpers import PIN, PROFILES, demo_chats, run_relay
 
 from trio_relay import RelayConfig, open_relay
 from trio_relay._store.sqlite import open_sqlite_backend
@@ -53,29 +54,15 @@ from trio_relay.client import (
     parse_event,
 )
 from trio_relay.testing import (
-    DEFAULT_PIN,
     HANG,
+    MEMORY_URL,
     MemoryBackend,
     MemoryConnector,
     MemoryRelay,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-URL = "ws://relay.test/ws"
-PROFILES = [{"id": "echo", "name": "Echo"}]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    """Project p1 with chat c1 (one stored message), an empty project p2, model profiles."""
-    backend = MemoryBackend()
-    backend.add_project("p1", "Project one")
-    backend.add_project("p2", "Project two")
-    backend.add_chat("p1", "c1", title="First chat")
-    backend.add_message("c1", "hello", role="user")
-    backend.set_model_profiles(PROFILES)
-    return backend
+memory_backend = pytest.fixture(demo_chats, name="memory_backend")
 
 
 @asynccontextmanager
@@ -83,7 +70,7 @@ async def client_of(
     relay: MemoryRelay, transport: MemoryConnector | None = None, **kwargs: Any
 ) -> AsyncIterator[RelayClient]:
     transport = transport or relay.connector()
-    async with open_relay_client(URL, pin=PIN, connect=transport, **kwargs) as client:
+    async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport, **kwargs) as client:
         yield client
 
 
@@ -131,10 +118,10 @@ async def test_wrong_pin_raises_auth_failed_and_never_retries(
 ) -> None:
     transport = memory_relay.connector()
     with pytest.raises(AuthFailed) as failed:
-        async with open_relay_client(URL, pin="0000", connect=transport):
+        async with open_relay_client(MEMORY_URL, pin="0000", connect=transport):
             pytest.fail("entered with a wrong PIN")  # pragma: no cover
     assert failed.value.error == "Invalid PIN"
-    await trio.sleep(120)
+    await trio.sleep(120)  # mock time: two minutes without a retry
     assert len(transport.attempts) == 1
 
 
@@ -143,7 +130,7 @@ async def test_first_connection_failure_raises_connection_lost(
 ) -> None:
     transport = MemoryConnector(None)
     with pytest.raises(ConnectionLost, match="could not connect") as lost:
-        async with open_relay_client(URL, pin=PIN, connect=transport):
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport):
             pytest.fail("entered without a relay")  # pragma: no cover
     assert lost.value.close_code is None
     assert len(transport.attempts) == 1
@@ -172,7 +159,7 @@ def test_bad_arguments_are_refused_at_once() -> None:
         RelayClient("http://x/ws", pin=PIN, request_timeout=1, backoff=Backoff(), connect=None,
                     ssl_context=None)
     with pytest.raises(ValueError, match="request_timeout"):
-        RelayClient(URL, pin=PIN, request_timeout=0, backoff=Backoff(), connect=None,
+        RelayClient(MEMORY_URL, pin=PIN, request_timeout=0, backoff=Backoff(), connect=None,
                     ssl_context=None)
     with pytest.raises(ValueError, match="positive"):
         Backoff(initial=0)
@@ -529,15 +516,10 @@ async def test_relay_restart_1001_reconnects_with_a_reset(
 ) -> None:
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop_first = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop_first)
-        async with open_relay_client(URL, pin=PIN, connect=transport) as client:
+        transport.relay = await nursery.start(run_relay, memory_backend, stop_first)
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with client.subscribe("chat", "c1") as chat:
                 stop_first.set()
                 await client.wait_state(ConnectionState.RECONNECTING)
@@ -545,7 +527,7 @@ async def test_relay_restart_1001_reconnects_with_a_reset(
                 memory_backend.add_message("c1", "while the relay was down")
                 await trio.sleep(5)  # a few refused attempts
                 stop_second = trio.Event()
-                transport.relay = await nursery.start(run_relay, stop_second)
+                transport.relay = await nursery.start(run_relay, memory_backend, stop_second)
                 await client.wait_state(ConnectionState.CONNECTED)
                 event = await next_event(chat)
                 assert event == Reset(memory_backend.messages["c1"], seq=event.seq)
@@ -584,7 +566,7 @@ async def test_policy_close_1008_is_terminal(
             with pytest.raises(ConnectionLost):
                 async with client.subscribe("chat", "c1"):
                     pass  # pragma: no cover
-            await trio.sleep(120)
+            await trio.sleep(120)  # mock time: two minutes without a retry
             assert len(transport.attempts) == 1
 
 
@@ -601,7 +583,7 @@ async def test_a_pin_refused_on_reconnect_is_terminal(
             with pytest.raises(AuthFailed):
                 await client.send("c1", "hi")
         assert client.state is ConnectionState.CLOSED
-        await trio.sleep(120)
+        await trio.sleep(120)  # mock time: two minutes without a retry
         assert len(transport.attempts) == 2
 
 
@@ -800,15 +782,10 @@ async def test_mirror_takes_a_reset_and_records_failures(
     memory_backend.add_chat("p1", "c2")
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop)
-        async with open_relay_client(URL, pin=PIN, connect=transport) as client:
+        transport.relay = await nursery.start(run_relay, memory_backend, stop)
+        async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport) as client:
             async with open_mirror(client, chat_ids=["c1", "c2"]) as mirror:
                 stop.set()
                 await client.wait_state(ConnectionState.RECONNECTING)
@@ -816,7 +793,7 @@ async def test_mirror_takes_a_reset_and_records_failures(
                 memory_backend.end_feeds("chat", "c2")
                 del memory_backend.chats["c2"]
                 stop = trio.Event()
-                transport.relay = await nursery.start(run_relay, stop)
+                transport.relay = await nursery.start(run_relay, memory_backend, stop)
                 await mirror.wait_for(lambda m: len(m.messages["c1"]) == 2)
                 assert mirror.messages["c1"] == memory_backend.messages["c1"]
                 await mirror.wait_for(lambda m: ("chat", "c2") in m.failures)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+from _helpers import PIN, one_chat
 
 from trio_relay import open_relay, open_sqlite_backend
 from trio_relay._store.sqlite_schema import WELCOME_TEXT
@@ -21,22 +22,15 @@ from trio_relay.client import (
     TokenInvalid,
     open_relay_client,
 )
-from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
+from trio_relay.testing import MemoryRelay, open_memory_relay
 
-PIN = "1234"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "client.md"
-
-
-def _backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
 
 
 async def test_a_device_name_pairs_and_reconnects_use_the_token(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN) as relay:
         transport = relay.connector()
         async with open_relay_client(relay.url, pin=PIN, device_name="Terminal on box",
                                      connect=transport) as client:
@@ -89,7 +83,7 @@ async def test_a_bad_token_is_token_invalid_and_never_retried(
             pytest.fail("entered with a bad token")  # pragma: no cover
     assert failed.value.code == "token_invalid"
     assert isinstance(failed.value, AuthFailed)
-    await trio.sleep(300)
+    await trio.sleep(300)  # mock time: five minutes without a retry
     assert len(transport.attempts) == 1
 
 
@@ -104,12 +98,12 @@ async def test_a_lockout_says_how_long_to_wait(
     assert locked.value.code == "locked_out"
     assert locked.value.retry_after == 600
     assert "try again in 10 minutes" in str(locked.value)
-    await trio.sleep(300)
+    await trio.sleep(300)  # mock time: five minutes without a retry
     assert len(transport.attempts) == 1  # never fed the lockout again
 
 
 async def test_revoking_ends_the_client_for_good(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN) as relay:
         transport = relay.connector()
         async with open_relay_client(relay.url, pin=PIN, device_name="Phone",
                                      connect=transport) as client:
@@ -120,7 +114,7 @@ async def test_revoking_ends_the_client_for_good(autojump_clock: trio.abc.Clock)
             assert lost.value.close_code == 1008
             assert "device revoked" in str(lost.value)
             assert client.state is ConnectionState.CLOSED
-        await trio.sleep(300)
+        await trio.sleep(300)  # mock time: five minutes without a retry
         assert len(transport.attempts) == 1
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, one_chat, run_relay
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,30 +31,24 @@ from trio_relay.client import (
     open_relay_client,
 )
 from trio_relay.testing import (
-    DEFAULT_PIN,
+    MEMORY_URL,
     MemoryBackend,
     MemoryConnector,
     MemoryRelay,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-URL = "ws://relay.test/ws"
 #: Store a message (pushed), drop the connection, let a second pass, let every task settle.
 Step = Literal["emit", "cut", "settle", "quiet"]
 
 
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 @asynccontextmanager
 async def client_of(transport: MemoryConnector) -> AsyncIterator[RelayClient]:
     # A fixed draw keeps reconnect times (and so every interleaving) reproducible.
-    async with open_relay_client(URL, pin=PIN, connect=transport,
+    async with open_relay_client(MEMORY_URL, pin=PIN, connect=transport,
                                  backoff=Backoff(random=lambda: 0.5)) as client:
         yield client
 
@@ -212,14 +207,9 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
 ) -> None:
     transport = MemoryConnector()
 
-    async def run_relay(stop: trio.Event, *, task_status: trio.TaskStatus[MemoryRelay]) -> None:
-        async with open_memory_relay(memory_backend, pin=PIN) as relay:
-            task_status.started(relay)
-            await stop.wait()
-
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
-        transport.relay = await nursery.start(run_relay, stop)
+        transport.relay = await nursery.start(run_relay, memory_backend, stop)
         async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
             memory_backend.add_message("c1", "one")
             assert isinstance(await anext(chat), MessageAdded)
@@ -230,7 +220,7 @@ async def test_a_relay_restart_gives_a_reset_not_a_silent_gap(
             transport.relay = None
             await trio.sleep(3)
             stop = trio.Event()
-            transport.relay = await nursery.start(run_relay, stop)
+            transport.relay = await nursery.start(run_relay, memory_backend, stop)
             reset = await anext(chat)
             assert reset == Reset(memory_backend.messages["c1"], seq=reset.seq)
             memory_backend.add_message("c1", "two")
@@ -301,6 +291,6 @@ async def test_many_reconnects_leave_nothing_behind(
                 assert client.statistics().buffered_events == 0
         await trio.testing.wait_all_tasks_blocked()
         assert idle(relay.relay.statistics())[:3] == (0, 0, 0)
-        await trio.sleep(31)  # the kept histories' grace period
+        await trio.sleep(relay.config.resume_grace + 1)  # mock time: kept histories expire
         assert relay.relay.statistics() == baseline
         assert idle(baseline) == (0, 0, 0, 0)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
-from _processes import alive, wait_gone
-from loguru import logger
+from _processes import HANGING, WAIT, alive, wait_for_file, wait_gone
 
 from trio_relay._agents.agent import Agent, AgentError
 from trio_relay._agents.command import CommandAgent
@@ -25,7 +24,6 @@ from trio_relay._agents.echo import EchoAgent
 from trio_relay._store.backend import Change
 from trio_relay._store.sqlite import SqliteBackend, open_sqlite_backend
 
-WAIT = 10.0  # bound on any single wait; the tests take a fraction of it
 PY = sys.executable
 
 # The scripts write each line in one write(): with PYTHONUNBUFFERED set, print() writes the
@@ -40,20 +38,6 @@ deadline = time.monotonic() + 10
 while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
     time.sleep(0.01)
 sys.stdout.write("second\\n"); sys.stdout.flush()
-"""
-
-# Starts a child (in its process group), writes "<its pid> <child's pid>" to $PIDS, says so,
-# and hangs. With $IGNORE_TERM both ignore SIGTERM, so only SIGKILL stops them.
-HANGING = """
-import os, signal, subprocess, sys, time
-if os.environ.get("IGNORE_TERM"):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-with open(os.environ["PIDS"] + ".tmp", "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-os.rename(os.environ["PIDS"] + ".tmp", os.environ["PIDS"])
-sys.stdout.write("started\\n"); sys.stdout.flush()
-time.sleep(60)
 """
 
 # Leaves a child running, holding stdout open, and exits at once.
@@ -77,24 +61,6 @@ def command(script: str, **options: Any) -> CommandAgent:
 
 def read_pids(path: Path) -> list[int]:
     return [int(pid) for pid in path.read_text().split()]
-
-
-async def wait_for_file(path: Path) -> None:
-    with trio.fail_after(WAIT):
-        while not await trio.Path(path).exists():  # noqa: ASYNC110 - written by another process
-            await trio.sleep(0.01)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    handler = logger.add(lines.append, level="DEBUG", format="{level}|{message}", diagnose=False)
-    logger.enable("trio_relay")
-    try:
-        yield lines
-    finally:
-        logger.disable("trio_relay")
-        logger.remove(handler)
 
 
 # --- the agent on its own ---------------------------------------------------------------------
@@ -168,14 +134,24 @@ async def test_environment_and_working_directory(
     assert "PATH" not in env and "SOME_VARIABLE" not in env
 
 
-async def test_output_is_decoded_incrementally() -> None:
-    # "é" is split across two writes; a byte that is not UTF-8 becomes U+FFFD.
-    script = ("import sys, time; out = sys.stdout.buffer\n"
-              "out.write(b'caf\\xc3'); out.flush(); time.sleep(0.1)\n"
+async def test_output_is_decoded_incrementally(tmp_path: Path) -> None:
+    # "é" is split across two writes, the second only once the first was emitted; a byte
+    # that is not UTF-8 becomes U+FFFD.
+    gate = tmp_path / "gate"
+    script = ("import os, sys, time; out = sys.stdout.buffer\n"
+              "out.write(b'caf\\xc3'); out.flush()\n"
+              "deadline = time.monotonic() + 10\n"
+              "while not os.path.exists(os.environ['GATE']) and time.monotonic() < deadline:\n"
+              "    time.sleep(0.01)\n"
               "out.write(b'\\xa9 \\xff!'); out.flush()")
     pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        gate.touch()
+
     with trio.fail_after(WAIT):
-        text = await command(script).reply("x", pieces.append)
+        text = await command(script, env={"GATE": str(gate)}).reply("x", emit)
     assert text == "".join(pieces) == "café \ufffd!"
     assert len(pieces) == 2
 
@@ -387,7 +363,8 @@ async def test_closing_the_backend_kills_running_commands(tmp_path: Path) -> Non
 
 
 async def test_sends_queue_one_run_per_chat(tmp_path: Path) -> None:
-    # Each run appends "start" and "end" to a file: runs of one chat never overlap.
+    # Each run appends "start" and "end" to a file: runs of one chat never overlap. Each
+    # run takes 0.2 s (its sleep is the slow agent, not a wait): room for an overlap.
     runs = tmp_path / "runs"
     script = ("import os, sys, time\nprompt = sys.stdin.read()\n"
               "open(os.environ['RUNS'], 'a').write(f'start {prompt}\\n')\n"

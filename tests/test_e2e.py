@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from _helpers import Frame
+from _processes import WAIT, read_line
 from trio_websocket import ConnectionClosed
 
 from trio_relay import open_relay
@@ -24,8 +25,6 @@ from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
-WAIT = 10.0  # generous bound on any single wait (a TestClient's too); tests take far less
 
 
 async def _login(ws: TestClient, pin: str) -> Frame:
@@ -61,18 +60,6 @@ async def test_loopback_two_clients_see_the_same_stream() -> None:
             assert relay.statistics().connections == 2
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @asynccontextmanager
 async def _serve_subprocess(data_dir: Path, pin: str) -> AsyncIterator[tuple[trio.Process, str]]:
     """`trio-relay serve` in a subprocess; yields it and the URL it printed."""
@@ -86,12 +73,12 @@ async def _serve_subprocess(data_dir: Path, pin: str) -> AsyncIterator[tuple[tri
         )
         assert process.stdout is not None
         buffer = bytearray()
-        first = await _read_line(process.stdout, buffer)
+        first = await read_line(process.stdout, buffer)
         assert first.startswith("trio-relay serving ws://127.0.0.1:"), first
-        assert await _read_line(process.stdout, buffer) == "PIN: " + pin
-        assert await _read_line(process.stdout, buffer) == f"data: {data_dir}"
+        assert await read_line(process.stdout, buffer) == "PIN: " + pin
+        assert await read_line(process.stdout, buffer) == f"data: {data_dir}"
         port = first.rsplit(":", 1)[1].split("/")[0]
-        assert await _read_line(process.stdout, buffer) == f"web client: http://127.0.0.1:{port}/"
+        assert await read_line(process.stdout, buffer) == f"web client: http://127.0.0.1:{port}/"
         try:
             yield process, first.split()[-1]
         finally:
@@ -202,8 +189,8 @@ async def test_serve_generates_a_pin_when_none_is_given(tmp_path: Path) -> None:
         )
         assert process.stdout is not None
         buffer = bytearray()
-        url = (await _read_line(process.stdout, buffer)).split()[-1]
-        pin_line = await _read_line(process.stdout, buffer)
+        url = (await read_line(process.stdout, buffer)).split()[-1]
+        pin_line = await read_line(process.stdout, buffer)
         pin = pin_line.split()[1]
         assert pin.isdigit() and len(pin) == 6
         async with open_loopback_client(url) as ws:

@@ -12,13 +12,14 @@ import base64
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 import trustme
+from _helpers import still_serves, wait_until
 from _rawws import (
     BINARY,
     CLOSE,
@@ -50,16 +51,6 @@ CONFIG = RelayConfig(handshake_timeout=10, close_timeout=5, auth_timeout=30,
 
 
 @pytest.fixture
-def records() -> Iterator[list[Any]]:
-    captured: list[Any] = []
-    logger.enable("trio_relay")
-    handler = logger.add(lambda message: captured.append(message.record), level="TRACE")
-    yield captured
-    logger.remove(handler)
-    logger.disable("trio_relay")
-
-
-@pytest.fixture
 async def memory(memory_backend: MemoryBackend) -> AsyncIterator[MemoryRelay]:
     memory_backend.add_chat("p1", "c1")
     async with open_memory_relay(memory_backend, pin=PIN, config=CONFIG) as relay:
@@ -82,12 +73,6 @@ def assert_no_traceback(records: list[Any]) -> None:
 def logged(records: list[Any], text: str) -> list[str]:
     """The messages of every line logged that holds ``text``."""
     return [r["message"] for r in records if text in r["message"]]
-
-
-async def still_serves(memory: MemoryRelay) -> None:
-    client = await memory.connect(authenticate=PIN)
-    assert (await client.subscribe("chat", "c1"))["type"] == "subscribed"
-    await client.close()
 
 
 def status_of(answer: bytes) -> int:
@@ -461,12 +446,6 @@ async def _tls_attempt(port: int, data: bytes) -> bytes:
     return received
 
 
-async def _settled(relay: Any, baseline: Any) -> None:
-    with trio.fail_after(5):
-        while relay.statistics() != baseline:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
-
-
 @pytest.mark.parametrize("data", [
     b"",  # connects, says nothing: dropped at the handshake timeout
     b"\x16\x03\x01\x02\x00",  # a TLS record header, then nothing
@@ -482,7 +461,7 @@ async def test_tls_garbage_and_stalls_are_dropped_and_leave_nothing(
         await trio.testing.wait_all_tasks_blocked()
         baseline = relay.statistics()
         assert await _tls_attempt(port, data) == b""  # nothing in clear text, ever
-        await _settled(relay, baseline)
+        await wait_until(lambda: relay.statistics() == baseline, 5)
     assert_no_traceback(records)
 
 
@@ -495,7 +474,7 @@ async def test_a_failed_tls_handshake_is_logged_and_counted(
         baseline = relay.statistics()
         records.clear()
         await _tls_attempt(port, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
-        await _settled(relay, baseline)
+        await wait_until(lambda: relay.statistics() == baseline, 5)
         assert relay.counters.handshakes_failed == 1
     assert [r for r in records if r["extra"].get("peer", "").startswith("127.0.0.1:")]
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, PROFILES, Frame, demo_chats
 
 from trio_relay import CloseCode, RelayConfig, Snapshot, Update
 from trio_relay._store.backend import BackendError
 from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
-    DEFAULT_PIN,
     HANG,
     MemoryBackend,
     MemoryRelay,
@@ -28,22 +28,7 @@ from trio_relay.testing import (
     open_memory_relay,
 )
 
-Frame = dict[str, Any]
-
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-PROFILES = [{"id": "sonnet", "name": "Sonnet"}, {"id": "opus", "name": "Opus"}]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    """Project p1 with chat c1 (one stored message), an empty project p2, two model profiles."""
-    backend = MemoryBackend()
-    backend.add_project("p1", "Project one")
-    backend.add_project("p2", "Project two")
-    backend.add_chat("p1", "c1", title="First chat")
-    backend.add_message("c1", "hello", role="user")
-    backend.set_model_profiles(PROFILES)
-    return backend
+memory_backend = pytest.fixture(demo_chats, name="memory_backend")
 
 
 def push(resource: str, resource_id: str | None, data: Any, seq: int) -> Frame:

@@ -15,34 +15,20 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, one_chat, still_serves, wait_until
 from trio_websocket import ConnectionRejected, wrap_client_stream
 from wsproto.frame_protocol import Opcode
 
 from trio_relay import CloseCode, RelayConfig, open_relay
 from trio_relay._server.connection import Connection
 from trio_relay.testing import (
-    DEFAULT_PIN,
     MemoryBackend,
     MemoryRelay,
     TestClient,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-Frame = dict[str, Any]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
-
-
-async def _still_serves(memory: MemoryRelay) -> None:
-    client = await memory.connect(authenticate=PIN)
-    assert (await client.subscribe("chat", "c1"))["type"] == "subscribed"
-    await client.close()
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 # --- origin allowlist -------------------------------------------------------------------------
@@ -167,7 +153,7 @@ async def test_a_client_that_never_completes_the_handshake_is_dropped(
         assert await stream.receive_some() == b""  # the relay closed it
         assert trio.current_time() - start == pytest.approx(10)
         assert await memory.quiet_statistics() == baseline
-        await _still_serves(memory)
+        await still_serves(memory)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +179,7 @@ async def test_plain_http_and_garbage_are_refused_at_once(
     assert received.startswith(b"HTTP/1.1 4")  # a 4xx answer, then the stream closes
     assert trio.current_time() == start  # at once, not after the handshake timeout
     assert await memory_relay.quiet_statistics() == baseline
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 # --- faults -----------------------------------------------------------------------------------
@@ -217,7 +203,7 @@ async def test_a_ping_that_arrives_while_the_relay_closes(
     code, _ = await client.wait_closed()
     assert code == CloseCode.UNSUPPORTED_DATA
     assert await memory_relay.quiet_statistics() == baseline
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
@@ -243,7 +229,7 @@ async def test_a_bug_in_a_handler_closes_that_connection_1011_only(
     assert code == CloseCode.INTERNAL_ERROR == 1011
     memory_backend.emit("chat", "c1", {"after": "the bug"})
     assert (await bystander.next_push())["data"] == {"after": "the bug"}
-    await _still_serves(memory_relay)
+    await still_serves(memory_relay)
 
 
 async def test_shutdown_closes_every_client_with_1001(
@@ -288,27 +274,31 @@ async def test_tcp_reset_at_any_point_leaves_nothing_behind(
         baseline = relay.statistics()
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with trio.open_nursery() as nursery:
-            if when == "mid-handshake":
-                await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr")
-            elif when != "before-handshake":
+            # Each case waits until the relay is at the point being tested (a real socket:
+            # nothing to wait on but what the relay reports).
+            if when in ("before-handshake", "mid-handshake"):
+                if when == "mid-handshake":
+                    await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr")
+                await wait_until(lambda: relay.statistics().tasks > baseline.tasks, 5)
+            else:
                 ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+                await wait_until(lambda: relay.statistics().connections == 1, 5)
                 if when in ("after-auth", "mid-stream"):
                     await ws.send_message(json.dumps({"id": 1, "type": "auth", "pin": PIN}))
                     await ws.send_message(json.dumps({"id": 2, "type": "subscribe",
                                                       "resource": "chat", "resourceId": "c1"}))
-                    with trio.fail_after(5):
-                        while relay.statistics().subscriptions == 0:  # noqa: ASYNC110
-                            await trio.sleep(0.01)
+                    await wait_until(lambda: relay.statistics().subscriptions == 1, 5)
                 if when == "mid-stream":
                     for n in range(200):
                         memory_backend.emit("chat", "c1", {"n": n, "pad": "x" * 1000})
-            await trio.sleep(0.01)  # let the relay get to the point being tested
+                    with trio.fail_after(5):  # the first push is here: the rest are on the way
+                        while "n" not in (json.loads(await ws.get_message()).get("data") or {}):
+                            pass
             await _reset(stream)
             nursery.cancel_scope.cancel()
-        with trio.fail_after(5):
-            # (The chat's replay buffer is kept for resume_grace; everything else goes now.)
-            while attrs.evolve(relay.statistics(), kept_histories=0) != baseline:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        # (The chat's replay buffer is kept for resume_grace; everything else goes now.)
+        await wait_until(
+            lambda: attrs.evolve(relay.statistics(), kept_histories=0) == baseline, 5)
         assert memory_backend.open_feeds == {}
         # The relay is unharmed: the next client is served.
         async with trio.open_nursery() as nursery:

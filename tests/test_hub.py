@@ -87,7 +87,7 @@ async def test_two_feeds_on_one_key_both_get_every_change_in_order(
                 for i in range(n):
                     hub.publish(KEY, i)
                     if i % 5 == 4:  # let the readers keep up with the small buffers
-                        await trio.sleep(0.01)
+                        await trio.testing.wait_all_tasks_blocked()
     expected = [Change(i, i + 1) for i in range(n)]
     assert first == expected
     assert second == expected
@@ -194,7 +194,7 @@ async def test_end_wakes_a_waiting_reader(autojump_clock: trio.abc.Clock) -> Non
             nursery.start_soon(collect, feed, got)
             await trio.testing.wait_all_tasks_blocked()
             hub.publish(KEY, "x")
-            await trio.sleep(1)
+            await trio.testing.wait_all_tasks_blocked()  # the reader took it, and waits again
             hub.end(KEY)
     assert got == [Change("x", 1)]
 

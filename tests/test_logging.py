@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 from loguru import logger
@@ -15,16 +13,6 @@ from trio_relay.testing import MemoryBackend, open_memory_relay
 
 PIN = "731904"
 SECRET_TEXT = "the launch codes are 0000"
-
-
-@pytest.fixture
-def records() -> Iterator[list[Any]]:
-    captured: list[Any] = []
-    logger.enable("trio_relay")
-    handler = logger.add(lambda message: captured.append(message.record), level="TRACE")
-    yield captured
-    logger.remove(handler)
-    logger.disable("trio_relay")
 
 
 def _rendered(record: Any) -> str:

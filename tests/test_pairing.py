@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, Frame, one_chat
 
 from trio_relay import RelayConfig
 from trio_relay._server.pairing import (
@@ -23,15 +24,6 @@ from trio_relay._server.pairing import (
 )
 from trio_relay.pytest_plugin import _marked
 from trio_relay.testing import MemoryBackend, MemoryRelay, TestClient, open_memory_relay
-
-PIN = "1234"
-Frame = dict[str, Any]
-
-
-def _backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
 
 
 async def _pair(relay: MemoryRelay, name: str = "Firefox on Android") -> tuple[TestClient, Frame]:
@@ -170,7 +162,7 @@ def test_a_broken_pairing_file_is_reported(tmp_path: Path, text: str) -> None:
 async def test_pin_with_a_device_name_pairs_and_the_token_signs_in(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN) as relay:
         _, device = await _pair(relay)
         assert set(device) == {"id", "name", "token"}
         assert device["name"] == "Firefox on Android"
@@ -188,7 +180,7 @@ async def test_pin_with_a_device_name_pairs_and_the_token_signs_in(
 
 
 async def test_a_wrong_or_revoked_token_is_token_invalid(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN) as relay:
         _, device = await _pair(relay)
         client = await relay.connect()
         wrong = await client.request("auth", token="not-a-token")
@@ -206,7 +198,7 @@ async def test_a_wrong_or_revoked_token_is_token_invalid(autojump_clock: trio.ab
 async def test_revoking_closes_the_devices_connections_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with open_memory_relay(_backend(), pin=PIN) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN) as relay:
         phone, device = await _pair(relay, "Phone")
         again = await relay.connect()
         await again.authenticate(token=device["token"])
@@ -227,7 +219,7 @@ async def test_a_revoke_in_the_pairing_file_closes_connections(
 ) -> None:
     path = tmp_path / PAIRING_FILE
     store = FileDeviceStore(path)
-    async with open_memory_relay(_backend(), pin=PIN, devices=store) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN, devices=store) as relay:
         phone, device = await _pair(relay, "Phone")
         # `trio-relay devices --revoke Phone`, from another process.
         FileDeviceStore(path).revoke(device["id"])
@@ -244,13 +236,13 @@ async def test_the_relay_follows_the_stores_pin(
     from trio_relay._server.relay import open_relay
 
     store = FileDeviceStore(tmp_path / PAIRING_FILE)
-    async with open_relay(_backend(), devices=store) as relay:
+    async with open_relay(one_chat(), devices=store) as relay:
         assert relay.pin == store.pin
         new = FileDeviceStore(tmp_path / PAIRING_FILE).new_pin()
-        await trio.sleep(1.5)
+        await trio.sleep(1.5)  # mock time: past the store's 1 s watch interval
         assert relay.pin == new
     with pytest.raises(ValueError, match="pin"):
-        async with open_relay(_backend()):
+        async with open_relay(one_chat()):
             pass
 
 
@@ -261,7 +253,7 @@ LOCKOUT = RelayConfig(pin_lockout_failures=3, pin_backoff_initial=0.5, pin_failu
 
 
 async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock) -> None:
-    async with open_memory_relay(_backend(), pin=PIN, config=LOCKOUT) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN, config=LOCKOUT) as relay:
         _, device = await _pair(relay)
         client = await relay.connect()
         first = trio.current_time()
@@ -299,7 +291,7 @@ async def test_the_lockout_says_how_long_to_wait(autojump_clock: trio.abc.Clock)
 
 
 async def test_each_message_carries_its_sender(autojump_clock: trio.abc.Clock) -> None:
-    backend = _backend()
+    backend = one_chat()
     async with open_memory_relay(backend, pin=PIN) as relay:
         watcher = await relay.connect(authenticate=PIN)
         await watcher.subscribe("chat", "c1")
@@ -434,7 +426,7 @@ async def test_a_pairing_that_cannot_be_stored_is_refused(
         raise PairingFileError(f"{path}: cannot write: No space left on device")
 
     monkeypatch.setattr("trio_relay._server.pairing._write_private", full_disk)
-    async with open_memory_relay(_backend(), pin=PIN, devices=store) as relay:
+    async with open_memory_relay(one_chat(), pin=PIN, devices=store) as relay:
         client = await relay.connect()
         reply = await client.request("auth", pin=PIN, deviceName="Phone")
         assert reply["type"] == "error" and reply["code"] == "internal_error"

@@ -3,30 +3,20 @@ fresh snapshot marked ``reset``; never a partial replay. In memory, under the mo
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, Frame, one_chat
 
 from trio_relay import BackendError, RelayConfig
 from trio_relay.testing import (
-    DEFAULT_PIN,
     MemoryBackend,
     MemoryRelay,
     TestClient,
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
-Frame = dict[str, Any]
-
-
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 async def _resume(memory: MemoryRelay, since: int, epoch: str | None) -> tuple[TestClient, Frame]:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN
 
-from trio_relay.testing import DEFAULT_PIN, MemoryBackend, MemoryRelay
-
-PIN = DEFAULT_PIN  # the memory_relay fixture's
+from trio_relay.testing import MemoryBackend, MemoryRelay
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from loguru import logger
+from _helpers import wait_until
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from trio_relay._agents.echo import EchoAgent
@@ -37,19 +37,6 @@ SEEDED_PROFILES = [
 async def backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
     async with open_sqlite_backend(tmp_path / "data") as backend:
         yield backend
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    # diagnose=False as the CLI sets it: loguru's variable dumps would show any local.
-    handler = logger.add(lines.append, level="DEBUG", format="{level}|{message}", diagnose=False)
-    logger.enable("trio_relay")  # the package silences itself until an application asks
-    try:
-        yield lines
-    finally:
-        logger.disable("trio_relay")
-        logger.remove(handler)
 
 
 def is_timestamp(value: object) -> bool:
@@ -700,8 +687,7 @@ async def test_the_log_is_checkpointed_in_the_worker_thread(
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(12):
                 await backend.send_message("welcome", f"message {i}")
-            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
-                await trio.sleep(0.01)
+            await wait_until(lambda: not backend._checkpointing)  # in a worker thread
     assert threads == [False, False]  # two checkpoints, neither on the event loop
     async with open_sqlite_backend(tmp_path) as backend:
         history = (await backend.get_history("welcome")).items
@@ -714,12 +700,18 @@ async def test_a_locked_database_is_waited_for_in_the_worker_thread(tmp_path: Pa
         other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         try:
+            written = trio.Event()
+
+            async def write() -> None:
+                await backend.send_message("welcome", "waited for the lock")
+                written.set()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(backend.send_message, "welcome", "waited for the lock")
-                # The event loop is not held up while the write waits for the lock.
-                with trio.fail_after(1):
-                    for _ in range(5):
-                        await trio.sleep(0.02)
+                nursery.start_soon(write)
+                # The write has the worker thread and waits there for the lock, while this
+                # task goes on: the event loop is not held up.
+                await wait_until(lambda: backend._limiter.borrowed_tokens == 1, 1)
+                assert not written.is_set()
                 other.rollback()
         finally:
             other.close()
@@ -761,8 +753,7 @@ async def test_a_failing_checkpoint_is_logged_and_the_backend_goes_on(
         async with open_sqlite_backend(tmp_path) as backend:
             for i in range(3):
                 await backend.send_message("welcome", f"message {i}")
-            while backend._checkpointing:  # noqa: ASYNC110  # real time: a thread is working
-                await trio.sleep(0.01)
+            await wait_until(lambda: not backend._checkpointing)  # in a worker thread
             await backend.send_message("welcome", "still here")
     assert any(line.startswith("ERROR|checkpoint of the write-ahead log failed")
                for line in log_lines)

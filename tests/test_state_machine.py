@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 import trio.testing
+from _helpers import PIN, Frame, count_tasks_in_run
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -61,7 +62,6 @@ from trio_relay import BackendError, RelayConfig, RelayStatistics, Snapshot
 from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay
 
-PIN = "1234"
 #: Real seconds a step may take before it counts as stuck.
 STEP_TIMEOUT = 30.0
 #: Clients connected at once, at most.
@@ -86,7 +86,6 @@ FAILING_CALLS = {
 }
 #: What the host may write to each kind of resource while a subscription is set up.
 HOST_WRITES = {"chat": ("chunk", "message"), "project": ("chat",), "modelProfiles": ("profiles",)}
-Frame = dict[str, Any]
 T = TypeVar("T")
 
 #: Put into a client's frames where a new connection of it begins.
@@ -94,19 +93,6 @@ NEW_CONNECTION: Frame = {"id": None, "type": "new connection (test marker)"}
 
 
 # --- the trio side ------------------------------------------------------------------------------
-
-
-def count_tasks_in_run() -> int:
-    """Every task of the trio run (system tasks aside): relay, clients, and the calling step."""
-
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(
-            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
-        )
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    return walk(root)
 
 
 class RelayLoop:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from importlib.metadata import entry_points
-from typing import Any
 
 import pytest
 import trio
@@ -40,8 +39,6 @@ from trio_relay.testing import (
     next_update,
     open_loopback_client,
 )
-
-Frame = dict[str, Any]
 
 
 async def next_event(subscription: Subscription) -> Event:

@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
 import trio
 import trustme
+from _helpers import Frame, wait_until
+from _processes import WAIT, read_line
 from cryptography.hazmat.primitives import serialization
 
 from trio_relay import Relay, RelayConfig, RelayStatistics, open_relay
@@ -28,8 +29,6 @@ from trio_relay.testing import MemoryBackend, TestClient, open_loopback_client
 
 pytestmark = pytest.mark.e2e
 
-Frame = dict[str, Any]
-WAIT = 10.0  # generous bound on any single wait; the tests finish in well under it
 PIN = "8642"
 
 
@@ -93,11 +92,7 @@ def _held(statistics: RelayStatistics) -> dict[str, int]:
 async def _idle(relay: Relay, baseline: RelayStatistics) -> None:
     """Wait (bounded) until the relay holds what it held at ``baseline``: no connection, no
     subscription, no task left behind."""
-    with trio.fail_after(WAIT):
-        # Polled: nothing signals a change of the statistics, and over real sockets the
-        # relay's tasks wait on the kernel, so wait_all_tasks_blocked would not do.
-        while _held(relay.statistics()) != _held(baseline):  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    await wait_until(lambda: _held(relay.statistics()) == _held(baseline), WAIT)
 
 
 async def test_a_client_that_trusts_the_ca_authenticates_subscribes_and_gets_pushes(
@@ -228,18 +223,6 @@ def test_a_port_in_use_exits_1(
 # --- trio-relay serve --tls-cert --tls-key, as a subprocess -----------------------------------
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @pytest.fixture
 def environ() -> Iterator[dict[str, str]]:
     """The environment for a subprocess, without any TRIO_RELAY_ setting of the caller's."""
@@ -260,10 +243,10 @@ async def test_serve_subprocess_with_tls(
         try:
             assert process.stdout is not None
             buffer = bytearray()
-            first = await _read_line(process.stdout, buffer)
+            first = await read_line(process.stdout, buffer)
             assert first.startswith("trio-relay serving wss://127.0.0.1:"), first
             assert first.endswith("/ws")
-            assert await _read_line(process.stdout, buffer) == "PIN: " + PIN
+            assert await read_line(process.stdout, buffer) == "PIN: " + PIN
             port = int(first.rpartition(":")[2].removesuffix("/ws"))
             async with open_wss(port, _client_context(certs)) as ws:
                 reply = await _login(ws)

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from _helpers import wait_until
 from _rawws import BINARY, CLOSE, TEXT, RawClient, close_payload, frame, raw_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -414,12 +415,6 @@ async def open_relay_on_loopback(
         yield relay, port
 
 
-async def _wait_idle(relay: Any) -> None:
-    with trio.fail_after(10):
-        while relay.statistics().connections:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
-
-
 async def test_a_loopback_client_that_stops_reading_is_closed_as_slow() -> None:
     backend = MemoryBackend()
     backend.add_chat("p1", "c1")
@@ -452,7 +447,7 @@ async def test_a_loopback_client_that_stops_reading_is_closed_as_slow() -> None:
         got = contents(client.events)
         assert got == [f"{i}:{BIG}" for i in range(len(got))]
         await stream.aclose()
-        await _wait_idle(relay)
+        await wait_until(lambda: not relay.statistics().connections)
 
 
 async def test_tls_connections_work_through_the_writer() -> None:
@@ -479,7 +474,7 @@ async def test_tls_connections_work_through_the_writer() -> None:
             pushes = [p for p in await ws.next_pushes(21) if p["type"] != "auth_required"]
             assert [p["data"]["message"]["content"] for p in pushes[:20]] == [
                 f"{i}:{BIG}" for i in range(20)]
-        await _wait_idle(relay)
+        await wait_until(lambda: not relay.statistics().connections)
 
 
 async def test_shutdown_during_a_half_sent_frame_finishes_it_then_closes_1001(
@@ -538,7 +533,7 @@ async def test_a_tls_client_that_stops_reading_is_closed_as_slow_and_freed() -> 
                     break
         assert relay.counters.slow_closes == 1
         # It never reads again: the relay gives up on the close after close_timeout.
-        await _wait_idle(relay)
+        await wait_until(lambda: not relay.statistics().connections)
         assert relay.statistics().subscriptions == 0
         await trio.aclose_forcefully(stream)
 
@@ -569,7 +564,7 @@ async def test_a_bad_frame_over_tls_gets_its_close_through_the_writer(
             await client.read_until(lambda events: False)
         assert close.code == code and client.ended
         await trio.aclose_forcefully(stream)
-        await _wait_idle(relay)
+        await wait_until(lambda: not relay.statistics().connections)
 
 
 # --- every interleaving of writes, with hypothesis ----------------------------------------------

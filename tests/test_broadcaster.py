@@ -1,5 +1,7 @@
 """The fan-out's guarantees: exact joins, one snapshot for a crowd, slow subscribers dropped alone.
 
+`trio_relay._stream.broadcaster` (and its registry), through a relay over memory streams.
+
 The setup race is built deterministically: `RacingBackend` runs a script inside ``get_history``
 (the snapshot read), so events are published while a subscription is being set up, before and
 after the moment the snapshot is taken, with or without checkpoints in between. Whatever the
@@ -11,12 +13,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
+from _helpers import PIN, Frame, one_chat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
@@ -31,7 +33,6 @@ from trio_relay import (
 )
 from trio_relay._wire.protocol import ResourceKey
 from trio_relay.testing import (
-    DEFAULT_PIN,
     HANG,
     MemoryBackend,
     MemoryRelay,
@@ -40,17 +41,10 @@ from trio_relay.testing import (
     open_memory_relay,
 )
 
-PIN = DEFAULT_PIN  # the memory_relay fixture's
 #: Bound on waiting for an in-process listener (mock time), so a lost update fails, not hangs.
 LISTENER_WAIT = 5.0
-Frame = dict[str, Any]
 
-@pytest.fixture
-def memory_backend() -> MemoryBackend:
-    """Chat c1 in project p1, empty."""
-    backend = MemoryBackend()
-    backend.add_chat("p1", "c1")
-    return backend
+memory_backend = pytest.fixture(one_chat, name="memory_backend")
 
 
 # --- a backend whose snapshot read races with events ----------------------------------------------

@@ -1,5 +1,6 @@
-"""The commands around pairing, as a user runs them: ``pin``, ``devices``, ``--version``, and
-``serve`` keeping its PIN and devices across restarts (real subprocesses, real time)."""
+"""The commands of `trio_relay._settings.cli` around pairing, as a user runs them: ``pin``,
+``devices``, ``--version``, and ``serve`` keeping its PIN and devices across restarts (real
+subprocesses, real time). Settings and their errors are in test_settings.py."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from typing import Any
 
 import pytest
 import trio
+from _helpers import Frame
+from _processes import read_line
 
 from trio_relay._server.pairing import PAIRING_FILE, FileDeviceStore
 from trio_relay._settings.cli import main
 from trio_relay.testing import open_loopback_client
 
 WAIT = 20.0
-Frame = dict[str, Any]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -133,18 +135,6 @@ def test_version_as_a_command() -> None:
     assert result.stdout.startswith("trio-relay ")
 
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    with trio.fail_after(WAIT):
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise AssertionError(f"relay exited early; output so far: {bytes(buffer)!r}")
-            buffer.extend(chunk)
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
 @asynccontextmanager
 async def _serve(data: Path, **env: str) -> AsyncIterator[tuple[str, str]]:
     """``trio-relay serve`` in a subprocess; yields its URL and the PIN line; stops it with
@@ -158,8 +148,8 @@ async def _serve(data: Path, **env: str) -> AsyncIterator[tuple[str, str]]:
         try:
             assert process.stdout is not None
             buffer = bytearray()
-            url = (await _read_line(process.stdout, buffer)).split()[-1]
-            pin_line = await _read_line(process.stdout, buffer)
+            url = (await read_line(process.stdout, buffer)).split()[-1]
+            pin_line = await read_line(process.stdout, buffer)
             yield url, pin_line
             process.send_signal(signal.SIGTERM)
             with trio.fail_after(WAIT):

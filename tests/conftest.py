@@ -1,0 +1,40 @@
+"""Fixtures shared by the test modules (their plain helpers are in _helpers.py).
+
+The relay fixtures (``memory_backend``, ``memory_relay``, ``relay_client``, ...) come from
+trio-relay's own pytest plugin, as they would for any user (docs/testing.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+
+@pytest.fixture
+def records() -> Iterator[list[Any]]:
+    """Every loguru record the package logs during the test, TRACE and up."""
+    captured: list[Any] = []
+    logger.enable("trio_relay")  # the package silences itself until an application asks
+    handler = logger.add(lambda message: captured.append(message.record), level="TRACE")
+    try:
+        yield captured
+    finally:
+        logger.remove(handler)
+        logger.disable("trio_relay")
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every line the package logs during the test, DEBUG and up, as ``LEVEL|message``."""
+    lines: list[str] = []
+    # diagnose=False as the CLI sets it: loguru's variable dumps would show any local.
+    handler = logger.add(lines.append, level="DEBUG", format="{level}|{message}", diagnose=False)
+    logger.enable("trio_relay")
+    try:
+        yield lines
+    finally:
+        logger.disable("trio_relay")
+        logger.remove(handler)
