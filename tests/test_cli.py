@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from _helpers import Frame
 from _processes import read_line
 
@@ -204,3 +205,41 @@ async def test_revoking_from_the_command_line_closes_the_device(tmp_path: Path) 
             assert result.returncode == 0, result.stderr
             assert await ws.wait_closed() == (1008, "device revoked")
         assert (await _auth(url, token=device["token"]))["code"] == "token_invalid"
+
+
+async def test_a_full_collection_follows_every_thousand_closed_connections(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # wsproto's frame parser is cyclic garbage once its connection ends; with serve's high
+    # GC thresholds only these collections free it.
+    import gc
+
+    from trio_relay import RelayCounters
+    from trio_relay._settings import cli
+
+    collections: list[int] = []
+
+    def collect(*args: object) -> int:
+        collections.append(1)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
+    counters = RelayCounters()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cli.collect_after_closes, counters)
+        await trio.testing.wait_all_tasks_blocked()  # it counts from here
+        counters.connections_accepted = counters.connections_closed = 999
+        await trio.sleep(5)
+        assert collections == []
+        counters.connections_accepted = counters.connections_closed = 1000
+        await trio.sleep(1.5)
+        assert collections == [1]
+        # With more open than the threshold, it waits for as many to close as are open.
+        counters.connections_accepted += 5000
+        counters.connections_closed += 1000
+        await trio.sleep(5)
+        assert collections == [1]
+        counters.connections_closed += 3000
+        await trio.sleep(1.5)
+        assert collections == [1, 1]
+        nursery.cancel_scope.cancel()

@@ -25,7 +25,7 @@ IDLE = RelayStatistics(
     kept_histories=0, tasks=1,
 )
 COUNTERS = RelayCounters(pushes_sent=7, slow_closes=1, failed_pins=2, backend_errors=3,
-                         connections_accepted=11, handshakes_failed=4)
+                         connections_accepted=11, connections_closed=9, handshakes_failed=4)
 
 
 def view(*, closing: bool = False, **stats: int) -> MetricsView:
@@ -126,6 +126,7 @@ def test_metrics_are_prometheus_text() -> None:
         "trio_relay_failed_pins_total": "2",
         "trio_relay_backend_errors_total": "3",
         "trio_relay_connections_accepted_total": "11",
+        "trio_relay_connections_closed_total": "9",
         "trio_relay_handshakes_failed_total": "4",
         "trio_relay_uptime_seconds": "12.5",
     }

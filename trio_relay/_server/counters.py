@@ -25,6 +25,8 @@ class RelayCounters:
     backend_errors: int = 0
     #: WebSocket connections accepted (the opening handshake succeeded).
     connections_accepted: int = 0
+    #: WebSocket connections that have ended, however they ended.
+    connections_closed: int = 0
     #: Streams dropped or refused before a WebSocket was open: bad HTTP, refused upgrades,
     #: handshake timeouts.
     handshakes_failed: int = 0

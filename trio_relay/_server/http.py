@@ -119,6 +119,8 @@ _METRICS: Final[tuple[tuple[str, str, str, Callable[[MetricsView], float]], ...]
      lambda m: m.counters.backend_errors),
     ("connections_accepted_total", "counter", "WebSocket handshakes accepted.",
      lambda m: m.counters.connections_accepted),
+    ("connections_closed_total", "counter", "WebSocket connections that have ended.",
+     lambda m: m.counters.connections_closed),
     ("handshakes_failed_total", "counter",
      "Streams refused or dropped before a WebSocket was open (bad HTTP, refused upgrades, "
      "handshake timeouts).",

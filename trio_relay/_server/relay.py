@@ -328,6 +328,7 @@ class Relay:
             await connection.run()
         finally:
             self._connections.discard(connection)
+            self.counters.connections_closed += 1
 
     # --- in-process use ---------------------------------------------------------------------
 

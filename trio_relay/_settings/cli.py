@@ -21,6 +21,7 @@ import trio
 from loguru import logger
 
 from .._chat_cli import add_chat_command, run_chat
+from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from .._server.relay import open_relay
 from .load import load_settings, unknown_variables
@@ -232,6 +233,11 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+#: A full collection follows every this many connections ended, or as many as are open if
+#: that is more (`collect_after_closes`).
+GC_AFTER_CLOSES: Final = 1000
+
+
 def tune_garbage_collector() -> None:
     """Collect cyclic garbage less often, as a long-running server should.
 
@@ -243,6 +249,24 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def collect_after_closes(
+    counters: RelayCounters, *, at_least: int = GC_AFTER_CLOSES, interval: float = 1.0
+) -> None:
+    """With thresholds this high, cyclic garbage is seldom collected, and every finished
+    WebSocket leaves some: wsproto's frame parser holds a generator of itself. A full
+    collection after every ``max(at_least, open connections)`` connections ended keeps that
+    garbage bounded at a cost proportional to the connections closed (a collection scans
+    the open ones)."""
+    collected_at = counters.connections_closed
+    while True:
+        await trio.sleep(interval)
+        closed = counters.connections_closed
+        still_open = counters.connections_accepted - closed
+        if closed - collected_at >= max(at_least, still_open):
+            gc.collect()
+            collected_at = closed
 
 
 async def open_listeners(
@@ -290,6 +314,7 @@ async def serve(
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(relay.serve_listeners, listeners)
+                    nursery.start_soon(collect_after_closes, relay.counters)
                     host = f"[{settings.host}]" if ":" in settings.host else settings.host
                     scheme = "ws" if ssl_context is None else "wss"
                     # Printed, not logged: the PIN must never reach a log line.
