@@ -34,7 +34,7 @@ from typing import Any, Protocol, TextIO
 
 import trio
 
-from .client import (
+from ..client import (
     AgentError,
     AuthFailed,
     Chunk,
