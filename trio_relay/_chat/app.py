@@ -10,6 +10,10 @@ never breaks what you are typing. Otherwise (input from a pipe or a file) it rea
 they come and prints plainly, and end of input leaves once the replies to what was sent have
 come (within ``--linger`` seconds). Connection trouble is reported while the client
 reconnects and resumes by itself.
+
+This module signs in (a saved device token, else the PIN, asked again if typed wrong), picks
+the screen, wires Ctrl-C, and turns errors into the exit status; `session.Session` is the
+rest.
 """
 
 from __future__ import annotations
