@@ -31,7 +31,7 @@ import trio.testing
 import wcwidth
 
 from trio_relay._agents.echo import EchoAgent
-from trio_relay._chat_cli import add_chat_command, run_chat
+from trio_relay._chat import add_chat_command, run_chat
 from trio_relay._wire.protocol import ResourceKey
 from trio_relay.client import open_relay_client
 from trio_relay.testing import MemoryBackend, MemoryRelay, open_memory_relay

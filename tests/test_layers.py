@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("facade: the relay an application opens", ("trio_relay._server.relay",)),
     ("outside: stores, agents, clients, settings and the testing kit", (
         "trio_relay._store.", "trio_relay._agents.", "trio_relay._client.", "trio_relay._chat.",
-        "trio_relay._settings.", "trio_relay._chat_cli", "trio_relay._memory_streams",
+        "trio_relay._settings.", "trio_relay._memory_streams",
         "trio_relay.testing", "trio_relay.pytest_plugin", "trio_relay.client",
         "trio_relay.__main__",
         "trio_relay._server", "trio_relay._stream", "trio_relay._wire", "trio_relay._store",

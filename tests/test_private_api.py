@@ -53,7 +53,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_client/transport.py", "link._reader"): _OWN_CLIENT,
     ("_client/transport.py", "link._writer"): _OWN_CLIENT,
     ("_client/transport.py", "link._keepalive"): _OWN_CLIENT,
-    ("_chat_cli.py", "argparse._SubParsersAction"):
+    ("_chat/cli.py", "argparse._SubParsersAction"):
         "a type annotation only: the standard library names no public type for what "
         "add_subparsers returns (typeshed uses this one)",
     ("_server/connection.py", "connection._counters"):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from loguru import logger
 
-from .._chat_cli import add_chat_command, run_chat
+from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from .._server.relay import open_relay
