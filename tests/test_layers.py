@@ -30,12 +30,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("edge: HTTP and the WebSocket handshake", (
         "trio_relay._server.edge", "trio_relay._server.http",
     )),
-    ("facade: the relay an application opens", ("trio_relay._server.relay",)),
+    ("facade: the relay an application opens", (
+        "trio_relay._server.relay", "trio_relay._server.listener",
+    )),
     ("outside: stores, agents, clients, settings and the testing kit", (
         "trio_relay._store.", "trio_relay._agents.", "trio_relay._client.", "trio_relay._chat.",
         "trio_relay._settings.", "trio_relay._memory_streams",
-        "trio_relay.testing", "trio_relay.pytest_plugin", "trio_relay.client",
-        "trio_relay.__main__",
+        "trio_relay.testing", "trio_relay._testing_client", "trio_relay.pytest_plugin",
+        "trio_relay.client", "trio_relay.__main__",
         "trio_relay._server", "trio_relay._stream", "trio_relay._wire", "trio_relay._store",
         "trio_relay._agents", "trio_relay._client", "trio_relay._chat", "trio_relay._settings",
         "trio_relay",
