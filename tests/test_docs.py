@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, get_args
 import attrs
 import pytest
 
-from trio_relay import RelayConfig, RelayStatistics
+from trio_relay import RelayStatistics
 from trio_relay._wire.protocol import (
     _REQUEST_TYPES,
     _WIRE_NAMES,
