@@ -1,9 +1,10 @@
 // The web client's state (trio_relay/web/state.js): what each push and each user action
-// makes of it, without a page. Run by tests/test_web_state.py, or `node --test tests/js/`.
+// makes of it, and what the page shows of it (view.js), without a page. Run by tests/test_web_state.py, or `node --test tests/js/`.
 
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
+import { initialState, reduce } from "../../trio_relay/web/state.js";
 import {
   authorOf,
   canSend,
@@ -14,7 +15,6 @@ import {
   deviceGone,
   formatWait,
   hashOf,
-  initialState,
   jsonBlock,
   lockedOut,
   lockoutText,
@@ -23,10 +23,9 @@ import {
   needsTicking,
   pageTitle,
   parseHash,
-  reduce,
   replyRunning,
   retryShown,
-} from "../../trio_relay/web/state.js";
+} from "../../trio_relay/web/view.js";
 
 const PROJECTS = [{ id: "demo", name: "Demo project" }, { id: "work", name: "Work" }];
 const PROFILES = [{ id: "echo", name: "Echo" }];

@@ -4,19 +4,20 @@
 // (render.js), and the I/O a change calls for (subscribing, storage, the URL, focus) is
 // run here, from the difference between the state before and after.
 
-import { defaultDeviceName, deviceNameProblem } from "./device-name.js";
+import { deviceNameProblem } from "./device-name.js";
 import { copyCode } from "./markdown.js";
 import { byTestId, createRenderer } from "./render.js";
+import { initialState, reduce } from "./state.js";
 import {
-  deviceGone,
-  describeFailure,
-  hashOf,
-  initialState,
-  lockedOut,
-  needsTicking,
-  parseHash,
-  reduce,
-} from "./state.js";
+  forgetDevice,
+  keepDevice,
+  keepDeviceName,
+  lastChats,
+  proposedDeviceName,
+  rememberChat,
+  storedDevice,
+} from "./storage.js";
+import { describeFailure, deviceGone, hashOf, lockedOut, needsTicking, parseHash } from "./view.js";
 import {
   AuthFailed,
   ConnectionLost,
@@ -26,65 +27,10 @@ import {
   relayUrl,
 } from "./ws-link.js";
 
-// --- what this browser keeps (localStorage, per relay origin) ----------------------------
-//
-// The device token the relay gave when this browser was paired (with its id and name):
-// with it a reload or a relay restart signs in without the PIN. Nothing else secret is kept.
-
-const DEVICE_KEY = "trio-relay.device";
-const DEVICE_NAME_KEY = "trio-relay.deviceName";
-const LAST_CHATS_KEY = "trio-relay.lastChats";
 const NOTICE_MS = 8000;
 const TICK_MS = 500; // a countdown on the page (reconnect, lockout) is redrawn this often
 
-function readStorage(key) {
-  try {
-    const text = window.localStorage.getItem(key);
-    return text === null ? null : JSON.parse(text);
-  } catch {
-    return null; // storage off (private mode, a policy) or a value this page did not write
-  }
-}
-
-function writeStorage(key, value) {
-  try {
-    if (value === null) window.localStorage.removeItem(key);
-    else window.localStorage.setItem(key, JSON.stringify(value));
-  } catch {
-    // Storage off: the page still works, it only asks for the PIN after a reload.
-  }
-}
-
-/** `{token, id, name}` of this browser's pairing, or null. */
-function storedDevice() {
-  const device = readStorage(DEVICE_KEY);
-  if (!device || typeof device.token !== "string" || !device.token) return null;
-  return {
-    token: device.token,
-    id: typeof device.id === "string" ? device.id : null,
-    name: typeof device.name === "string" ? device.name : "",
-  };
-}
-
-function forgetDevice() {
-  writeStorage(DEVICE_KEY, null);
-}
-
-/** The name typed last, else one from the browser. */
-function proposedDeviceName() {
-  const saved = readStorage(DEVICE_NAME_KEY);
-  return typeof saved === "string" && saved.trim() ? saved : defaultDeviceName();
-}
-
-function rememberChat(projectId, chatId) {
-  const last = readStorage(LAST_CHATS_KEY);
-  const chats = last && typeof last === "object" && !Array.isArray(last) ? last : {};
-  if (chats[projectId] === chatId) return;
-  chats[projectId] = chatId;
-  writeStorage(LAST_CHATS_KEY, chats);
-}
-
-/** A sign-in's or a session's error as the data state.js describes. */
+/** A sign-in's or a session's error as the data view.js describes. */
 function failureOf(error) {
   if (!error) return null;
   const kind = error instanceof AuthFailed ? "auth" : error instanceof ConnectionLost ? "lost" : "other";
@@ -236,7 +182,7 @@ class App {
         type: "chats-snapshot",
         generation,
         chats: Array.isArray(data.chats) ? [...data.chats] : [],
-        lastChats: readStorage(LAST_CHATS_KEY) ?? {},
+        lastChats: lastChats(),
       }),
       onEvent: (data) => this.dispatch({ type: "project-event", generation, data }),
       onComplete: () => this.notice("This project's chat list is no longer being updated."),
@@ -292,12 +238,12 @@ class App {
   }
 
   /** Keeps what the relay said about this device: its token (on pairing), id and name. */
-  keepDevice(token) {
+  keepPairing(token) {
     const device = this.link.session && this.link.session.device;
     if (!device || typeof device.id !== "string") return;
     const secret = typeof device.token === "string" && device.token ? device.token : token;
     if (!secret) return;
-    writeStorage(DEVICE_KEY, { token: secret, id: device.id, name: device.name ?? "" });
+    keepDevice({ token: secret, id: device.id, name: device.name ?? "" });
   }
 
   async signInWithToken() {
@@ -322,7 +268,7 @@ class App {
       return;
     }
     if (attempt !== this.state.login.attempt) return;
-    this.keepDevice(device.token);
+    this.keepPairing(device.token);
     this.enterWorkspace(attempt);
   }
 
@@ -342,7 +288,7 @@ class App {
       nameInput.focus();
       return;
     }
-    writeStorage(DEVICE_NAME_KEY, name);
+    keepDeviceName(name);
     this.dispatch({ type: "signin-started" });
     const { attempt } = this.state.login;
     try {
@@ -356,7 +302,7 @@ class App {
     }
     if (attempt !== this.state.login.attempt) return;
     pinInput.value = "";
-    this.keepDevice(null);
+    this.keepPairing(null);
     this.enterWorkspace(attempt);
   }
 

@@ -23,15 +23,16 @@ import {
   profileName,
   replyRunning,
   retryShown,
-} from "./state.js";
+} from "./view.js";
+import { State } from "./ws-link.js";
 
 const STATE_TEXT = {
-  "signed-out": "Signed out",
-  connecting: "Connecting…",
-  connected: "Connected",
-  reconnecting: "Reconnecting…",
-  offline: "Offline",
-  closed: "Disconnected",
+  [State.SIGNED_OUT]: "Signed out",
+  [State.CONNECTING]: "Connecting…",
+  [State.CONNECTED]: "Connected",
+  [State.RECONNECTING]: "Reconnecting…",
+  [State.OFFLINE]: "Offline",
+  [State.CLOSED]: "Disconnected",
 };
 
 const STATUS_TEXT = { streaming: "typing…", error: "failed", cancelled: "stopped" };
