@@ -106,7 +106,14 @@ class App {
 
   /** The I/O that a change of state calls for. */
   effects(before, after) {
-    const link = this.link;
+    this.syncSubscriptions(before, after);
+    if (after.loggedIn && hashOf(before) !== hashOf(after)) this.writeHash(hashOf(after));
+    this.syncFocus(before, after);
+    this.syncTimers(before, after);
+  }
+
+  /** One subscription for what is selected: a new selection closes the old one. */
+  syncSubscriptions(before, after) {
     // Signed out or the session ended: the link ended every subscription itself.
     if (before.loggedIn && !after.loggedIn) this.subs = { profiles: null, project: null, chat: null };
     const newChat = before.chat.generation !== after.chat.generation;
@@ -124,10 +131,13 @@ class App {
     if (newChat && after.loggedIn && after.chat.id) {
       if (after.project.id) rememberChat(after.project.id, after.chat.id);
       this.subscribeChat(after.chat);
-      // Straight to writing on a desktop; on a phone that would pop the keyboard over the chat.
-      if (!after.narrow) this.then(() => this.$("message-input").focus());
     }
-    if (after.loggedIn && hashOf(before) !== hashOf(after)) this.writeHash(hashOf(after));
+  }
+
+  syncFocus(before, after) {
+    const openedChat = before.chat.generation !== after.chat.generation && after.loggedIn && after.chat.id;
+    // Straight to writing on a desktop; on a phone that would pop the keyboard over the chat.
+    if (openedChat && !after.narrow) this.then(() => this.$("message-input").focus());
     if (!before.drawerOpen && after.drawerOpen) {
       this.then(() => {
         const target = this.document.querySelector('[data-testid="chat-item"][data-selected="true"] button')
@@ -139,6 +149,10 @@ class App {
       // Focus in the closing drawer would be lost: back to the button that opens it.
       if (after.narrow && this.$("sidebar").contains(this.document.activeElement)) this.$("chats-toggle").focus();
     }
+  }
+
+  /** A notice hides itself after a while; a countdown on the page is kept ticking. */
+  syncTimers(before, after) {
     if (after.notice && after.notice.text && after.notice.id !== before.notice?.id) {
       clearTimeout(this.noticeTimer);
       const { id } = after.notice;

@@ -282,7 +282,7 @@ function upsertChat(state, chat) {
 }
 
 /** A chat push: a stored message, or a piece of a streamed reply. */
-export function applyChatEvent(chat, data) {
+function applyChatEvent(chat, data) {
   if (!data || typeof data !== "object") return chat;
   const id = data.messageId;
   // A reply joined halfway (or after a reset) restarts from the push that came.
