@@ -426,6 +426,9 @@ class App {
       if (this.state.login.signingIn || lockedOut(this.state, Date.now())) return;
       if (this.state.login.mode === "token") this.signInWithToken();
       else this.signInWithPin();
+      // Drawn now, not a frame later: the last attempt's error is gone and Connect disabled
+      // before anything of this attempt can come back.
+      this.render();
     });
 
     win.addEventListener("hashchange", () => {
