@@ -1,7 +1,8 @@
 // ws-link.js's side of pairing (#18), over a scripted fake WebSocket: a PIN sign-in that pairs
 // switches the link to the device token for every reconnect; a token sign-in with keepTrying
 // waits out a relay that cannot be reached; a refused token ends the session and nothing is
-// tried again. Run in the page by tests/test_browser.py, which checks the result.
+// tried again. Run in the page by tests/test_browser.py and in Node by tests/test_ws_link.py;
+// both check the result with tests/_js.py.
 async () => {
   const { AuthFailed, RelayLink, State } = await import("/ws-link.js");
   const sockets = [];

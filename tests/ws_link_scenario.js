@@ -1,6 +1,7 @@
 // ws-link.js on its own, over a scripted fake WebSocket: what the seed's ws-link.ts got wrong
 // (routing pushes by resource type only, no timeouts, no resuming), done right. Run in the
-// page by tests/test_browser.py (page.evaluate), which checks the result it returns.
+// page by tests/test_browser.py (page.evaluate) and in Node by tests/test_ws_link.py; both
+// check the result it returns with tests/_js.py.
 async () => {
   const { RelayLink, RequestTimeout, State } = await import("/ws-link.js");
   const sockets = [];
