@@ -21,7 +21,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import attrs
 import trio
@@ -60,6 +60,9 @@ from .limits import PinGuard, TokenBucket, pin_matches
 from .pairing import Device, DeviceStore
 from .timers import ConnectionTimers
 from .websocket import ServerWebSocket
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 __all__ = ["Connection", "ConnectionContext"]
 
@@ -128,6 +131,13 @@ def _nothing() -> None:
 class Connection:
     """Serves one open WebSocket until either side ends it."""
 
+    # A relay holds thousands of these: no per-instance dict.
+    __slots__ = (
+        "__weakref__", "_bucket", "_config", "_counters", "_dispatching", "_idle", "_nursery",
+        "_requests", "_room", "_strikes", "authenticated", "context", "device_id", "id",
+        "peer", "sender", "socket", "subscriptions",
+    )
+
     def __init__(self, socket: ServerWebSocket, peer: str, context: ConnectionContext) -> None:
         self.socket = socket
         self.peer = peer
@@ -149,7 +159,12 @@ class Connection:
         self._bucket = TokenBucket(self._config.request_rate, self._config.request_burst)
         self._strikes = 0
         self._nursery: trio.Nursery | None = None
-        self.log = logger.bind(conn=self.id, peer=peer)
+
+    @property
+    def log(self) -> Logger:
+        """A logger with the connection's context; made when used (a few times a connection),
+        not kept (it would cost every idle connection its memory)."""
+        return logger.bind(conn=self.id, peer=self.peer)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -398,7 +413,7 @@ class Connection:
         self.device_id = device.id if device is not None else None
         self.sender = (
             {"deviceId": device.id, "name": device.name} if device is not None
-            else {"name": UNNAMED_DEVICE}
+            else _UNNAMED_SENDER
         )
         self.authenticated = True
         self.log.info("authenticated{}", f" as device {device.id}" if device else "")
@@ -495,6 +510,8 @@ class Connection:
 
 #: The sender of messages from a PIN sign-in that paired no device.
 UNNAMED_DEVICE = "Unnamed device"
+# One shared value (it is only read) rather than a dict on every such connection.
+_UNNAMED_SENDER: JSON = {"name": UNNAMED_DEVICE}
 
 
 def locked_out_text(seconds: int) -> str:

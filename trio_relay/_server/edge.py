@@ -147,32 +147,39 @@ class Edge:
         peer = peer_of(stream)
         address = peer.rpartition(":")[0] or peer
         self.per_address[address] = self.per_address.get(address, 0) + 1
-        log = logger.bind(peer=peer)
         try:
-            socket = None
-            with trio.move_on_after(self._config.handshake_timeout) as handshake:
-                self._handshakes.add(handshake)
-                if self._closing:
-                    handshake.cancel()
-                try:
-                    socket = await self._handshake(stream, address, handshake, log)
-                finally:
-                    self._handshakes.discard(handshake)
+            socket = await self._open_websocket(stream, peer, address)
             if socket is None:
-                if handshake.cancelled_caught:
-                    self._counters.handshakes_failed += 1
-                    log.debug("dropped: no request or upgrade within the handshake timeout")
                 return
             self._counters.connections_accepted += 1
             await self._serve_websocket(socket, peer)
         except Exception as exc:  # including groups; Cancelled and KeyboardInterrupt pass
-            log.opt(exception=exc).error("connection failed")
+            logger.bind(peer=peer).opt(exception=exc).error("connection failed")
         finally:
             self.per_address[address] -= 1
             if not self.per_address[address]:
                 del self.per_address[address]
             with trio.CancelScope(shield=True):
                 await _close(stream, self._config.close_timeout)
+
+    async def _open_websocket(
+        self, stream: trio.abc.Stream, peer: str, address: str
+    ) -> ServerWebSocket | None:
+        """Plain HTTP requests, then the handshake, under ``handshake_timeout``: the open
+        WebSocket, or None. (Its own frame: what it needed is freed before the WebSocket is
+        served, rather than kept for the connection's life.)"""
+        log = logger.bind(peer=peer)
+        with trio.move_on_after(self._config.handshake_timeout) as handshake:
+            self._handshakes.add(handshake)
+            if self._closing:
+                handshake.cancel()
+            try:
+                return await self._handshake(stream, address, handshake, log)
+            finally:
+                self._handshakes.discard(handshake)
+        self._counters.handshakes_failed += 1
+        log.debug("dropped: no request or upgrade within the handshake timeout")
+        return None
 
     async def _handshake(
         self, stream: trio.abc.Stream, address: str, deadline: trio.CancelScope,

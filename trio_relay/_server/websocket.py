@@ -67,6 +67,14 @@ def nonblocking_writer(stream: trio.abc.Stream) -> NonBlockingWrite | None:
 class ServerWebSocket:
     """The server side of one WebSocket whose opening handshake is done."""
 
+    # A relay holds thousands of these: no per-instance dict.
+    __slots__ = (
+        "_backlog", "_broken", "_close_timeout", "_drained", "_ignoring", "_max_backlog",
+        "_max_message_size", "_nursery", "_parts", "_read_scope", "_size",
+        "_stop_after_violation", "_violation", "_write_now", "_writing", "_ws", "closed",
+        "pinged_at", "stream",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
