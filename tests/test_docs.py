@@ -20,8 +20,8 @@ import attrs
 import pytest
 
 from trio_relay import RelayStatistics
+from trio_relay._wire.frames import _REQUEST_TYPES
 from trio_relay._wire.protocol import (
-    _REQUEST_TYPES,
     _WIRE_NAMES,
     ProtocolError,
     Reply,

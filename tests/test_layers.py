@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "trio_relay._server.connection", "trio_relay._server.websocket",
         "trio_relay._server.timers", "trio_relay._server.counters",
         "trio_relay._server.limits", "trio_relay._server.pairing",
+        "trio_relay._server.subscription",
     )),
     ("edge: HTTP and the WebSocket handshake", (
         "trio_relay._server.edge", "trio_relay._server.http",

@@ -56,8 +56,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_chat/cli.py", "argparse._SubParsersAction"):
         "a type annotation only: the standard library names no public type for what "
         "add_subparsers returns (typeshed uses this one)",
-    ("_server/connection.py", "connection._counters"):
-        "a _WebSubscription counts pushes on the RelayCounters of its own Connection",
     ("_server/relay.py", "relay._registry"): "open_relay starts the tasks of the Relay it made",
     ("_server/relay.py", "relay._timers"): "open_relay starts the tasks of the Relay it made",
     ("_server/relay.py", "relay._begin_shutdown"): "open_relay shuts down the Relay it made",

@@ -30,7 +30,7 @@ from loguru import logger
 from .._config import CloseCode, RelayConfig
 from .._errors import CodedError
 from .._store.backend import Backend, BackendError, NotFound
-from .._stream.broadcaster import Push, SubscribeFailed
+from .._stream.broadcaster import SubscribeFailed
 from .._stream.registry import BroadcasterRegistry
 from .._wire.framing import frame_text
 from .._wire.protocol import (
@@ -54,10 +54,12 @@ from .._wire.protocol import (
     UnsubscribeRequest,
     decode,
     encode,
+    error_reply,
 )
 from .counters import RelayCounters
-from .limits import PinGuard, TokenBucket, pin_matches
+from .limits import PinGuard, TokenBucket, locked_out_text, pin_matches
 from .pairing import Device, DeviceStore
+from .subscription import WebSubscription
 from .timers import ConnectionTimers
 from .websocket import ServerWebSocket
 
@@ -97,37 +99,6 @@ class _Refused(CodedError):
     """A request is answered with an error reply; raised from deep in a handler."""
 
 
-class _WebSubscription:
-    """A connection's membership in one broadcaster."""
-
-    __slots__ = ("connection", "key", "leave")
-
-    def __init__(self, connection: Connection, key: ResourceKey) -> None:
-        self.connection = connection
-        self.key = key
-        #: Leaves the broadcaster (idempotent); set once the subscription is live.
-        self.leave: Callable[[], None] = _nothing
-
-    def detach(self) -> None:
-        """Leave the broadcaster now (idempotent)."""
-        leave, self.leave = self.leave, _nothing
-        leave()  # ``leave`` refers to this object: dropping it frees it without the GC
-
-    def deliver(self, push: Push) -> None:
-        connection = self.connection
-        connection._counters.pushes_sent += 1
-        connection.push(push.frame)
-
-    def end(self, push: Push) -> None:
-        self.leave = _nothing  # the broadcaster has removed it
-        self.connection.push(push.frame)
-        self.connection.forget(self)
-
-
-def _nothing() -> None:
-    pass
-
-
 class Connection:
     """Serves one open WebSocket until either side ends it."""
 
@@ -150,7 +121,7 @@ class Connection:
         #: device name), and the sender its messages are stored with.
         self.device_id: str | None = None
         self.sender: JSON = None
-        self.subscriptions: dict[ResourceKey, _WebSubscription] = {}
+        self.subscriptions: dict[ResourceKey, WebSubscription] = {}
         # Requests read and not yet handled; the dispatcher task exists only while some wait.
         self._requests: deque[str] | None = None
         self._dispatching = False
@@ -283,7 +254,7 @@ class Connection:
             self._counters.slow_closes += 1
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
 
-    def forget(self, subscription: _WebSubscription) -> None:
+    def forget(self, subscription: WebSubscription) -> None:
         if self.subscriptions.get(subscription.key) is subscription:
             del self.subscriptions[subscription.key]
 
@@ -297,20 +268,20 @@ class Connection:
             self._strike()
             return
         if not self._bucket.take(trio.current_time()):
-            self.reply(_error(request, ErrorCode.RATE_LIMITED, "too many requests; slow down"))
+            self.reply(error_reply(request, ErrorCode.RATE_LIMITED, "too many requests; slow down"))
             self._strike()
             return
         if not self.authenticated and not isinstance(request, AuthRequest):
-            self.reply(_error(request, ErrorCode.NOT_AUTHENTICATED, "Not authenticated"))
+            self.reply(error_reply(request, ErrorCode.NOT_AUTHENTICATED, "Not authenticated"))
             self._strike()
             return
         try:
             await self._dispatch(request)
         except _Refused as exc:
-            self.reply(_error(request, exc.code, str(exc)))
+            self.reply(error_reply(request, exc.code, str(exc)))
         except Exception:
             self.log.exception("bug while handling a {} request", request.type)
-            self.reply(_error(request, ErrorCode.INTERNAL_ERROR, "internal error"))
+            self.reply(error_reply(request, ErrorCode.INTERNAL_ERROR, "internal error"))
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _strike(self) -> None:
@@ -451,7 +422,7 @@ class Connection:
         ):
             raise _Refused(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                            f"at most {self._config.max_subscriptions} subscriptions")
-        subscription = _WebSubscription(self, key)
+        subscription = WebSubscription(self, key, self._counters)
         try:
             broadcaster = self.context.registry.join(key, subscription)
         except SubscribeFailed as exc:
@@ -512,24 +483,6 @@ class Connection:
 UNNAMED_DEVICE = "Unnamed device"
 # One shared value (it is only read) rather than a dict on every such connection.
 _UNNAMED_SENDER: JSON = {"name": UNNAMED_DEVICE}
-
-
-def locked_out_text(seconds: int) -> str:
-    """The ``locked_out`` error text: how long to wait, in minutes from two minutes up."""
-    if seconds >= 120:
-        wait = f"{math.ceil(seconds / 60)} minutes"
-    else:
-        wait = f"{seconds} second{'s' * (seconds != 1)}"
-    return f"Too many failed attempts; try again in {wait}"
-
-
-def _error(request: Request, code: str, error: str) -> ErrorReply:
-    resource = getattr(request, "resource", None)
-    if isinstance(request, (SendRequest, CancelRequest)):
-        resource = "chat"
-    resource_id: str | None = getattr(request, "resource_id", None) or None
-    return ErrorReply(id=request.id, error=error, code=code, resource=resource,
-                      resource_id=resource_id)
 
 
 def _unreachable(value: object) -> NoReturn:

@@ -7,13 +7,14 @@ rules are tested synchronously and, inside the relay, follow trio's mock clock i
 from __future__ import annotations
 
 import hmac
+import math
 from collections import deque
 
 import attrs
 
 from .._config import RelayConfig
 
-__all__ = ["PinCheck", "PinGuard", "TokenBucket", "pin_matches"]
+__all__ = ["PinCheck", "PinGuard", "TokenBucket", "locked_out_text", "pin_matches"]
 
 
 def pin_matches(candidate: str, pin: str) -> bool:
@@ -136,3 +137,12 @@ class PinGuard:
 
     def tracked_addresses(self) -> int:
         return len(self._by_address)
+
+
+def locked_out_text(seconds: int) -> str:
+    """The ``locked_out`` error text: how long to wait, in minutes from two minutes up."""
+    if seconds >= 120:
+        wait = f"{math.ceil(seconds / 60)} minutes"
+    else:
+        wait = f"{seconds} second{'s' * (seconds != 1)}"
+    return f"Too many failed attempts; try again in {wait}"
