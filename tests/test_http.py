@@ -46,7 +46,8 @@ def header(response: HttpResponse, name: str) -> str | None:
 
 def test_the_page_and_its_files_are_package_data() -> None:
     web = WebFiles.load()
-    assert {"index.html", "app.js", "ws-link.js", "style.css"} <= set(web.files)
+    assert {"index.html", "app.js", "signin.js", "style.css", "ws-link.js", "ws-errors.js",
+            "ws-requests.js", "ws-subscriptions.js"} <= set(web.files)
     page = get("/")
     assert page.status == 200
     assert page.body == web.files["index.html"].body

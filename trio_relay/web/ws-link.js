@@ -16,16 +16,33 @@
 //
 // It renders nothing: app.js owns the page. Everything a browser-specific program would touch
 // (WebSocket, timers, randomness) can be passed in, so the module also runs outside a page.
+//
+// The parts: ws-errors.js (states, errors, relayUrl), ws-requests.js (requests and replies,
+// incoming frames), ws-subscriptions.js (subscriptions, pushes, resubscribing); this module
+// keeps the session (login, auth, reconnect) and is the one pages import.
 
-/** The connection states, as `link.state` and the "state" event report them. */
-export const State = Object.freeze({
-  SIGNED_OUT: "signed-out", // no session: nobody has logged in, or the page logged out
-  CONNECTING: "connecting", // the first connection of a login is being opened
-  CONNECTED: "connected", // authenticated, every subscription live
-  RECONNECTING: "reconnecting", // lost; a new connection is being tried (with backoff)
-  OFFLINE: "offline", // the browser says it has no network: waiting for it to come back
-  CLOSED: "closed", // the relay ended the session for good (sign-in refused, 1008): log in again
-});
+import {
+  AuthFailed,
+  ConnectionLost,
+  RelayError,
+  RequestRejected,
+  RequestTimeout,
+  State,
+} from "./ws-errors.js";
+import { RequestMethods } from "./ws-requests.js";
+import { SubscriptionMethods } from "./ws-subscriptions.js";
+
+// Everything pages imported from here before the split still comes from here.
+export {
+  AuthFailed,
+  ConnectionLost,
+  RelayError,
+  RequestRejected,
+  RequestTimeout,
+  State,
+  SubscriptionFailed,
+  relayUrl,
+} from "./ws-errors.js";
 
 /**
  * What `login()` takes: a PIN string, `{pin}`, `{pin, deviceName}` (pair this device: the
@@ -50,42 +67,6 @@ const POLICY_VIOLATION = 1008;
 /** The code this module closes its own connections with when it gives up on one. */
 const CLIENT_GAVE_UP = 4000;
 
-/** Every error this module raises or reports is a RelayError. */
-export class RelayError extends Error {
-  constructor(message, { code = null, closeCode = null, retryAfter = null } = {}) {
-    super(message);
-    this.name = new.target.name;
-    this.code = code; // the wire's stable `code`, when the relay sent one
-    this.closeCode = closeCode; // the WebSocket close code, when a close caused it
-    this.retryAfter = retryAfter; // seconds to wait, on `locked_out`
-  }
-}
-/**
- * The relay refused the sign-in; `message` is the relay's own text and `code` says why:
- * `auth_failed` (wrong PIN), `token_invalid` (unknown or revoked device token: forget it),
- * `locked_out` (too many failures; `retryAfter` seconds to wait), or a request error such as
- * `bad_request` (a device name the relay does not take).
- */
-export class AuthFailed extends RelayError {}
-/** A request got no reply within its timeout. */
-export class RequestTimeout extends RelayError {}
-/** The relay answered a request with an error reply; `code` says which kind. */
-export class RequestRejected extends RelayError {}
-/** The connection went away before a reply, or could not be opened. */
-export class ConnectionLost extends RelayError {}
-/** The relay ended a subscription: its stream failed, or it was refused on resubscribing. */
-export class SubscriptionFailed extends RelayError {}
-
-/** The relay's WebSocket URL for a page served by the relay itself (one port for both). */
-export function relayUrl(location) {
-  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
-}
-
-function keyOf(resource, resourceId) {
-  return resource === "modelProfiles" ? resource : `${resource}\u0000${resourceId}`;
-}
-
-const RETRYABLE_CODES = new Set(["rate_limited", "backend_error"]);
 /** ms a connection must last before the reconnect backoff starts over. */
 const STABLE_AFTER = 30_000;
 
@@ -446,341 +427,11 @@ export class RelayLink {
     for (const entry of subs) this._endSubscription(entry, error);
     this._setState(State.CLOSED);
   }
+}
 
-  // --- frames ----------------------------------------------------------------------------
-
-  _onFrame(conn, text) {
-    let frame;
-    try {
-      frame = JSON.parse(text);
-    } catch {
-      this._emit("error", new RelayError("the relay sent a frame that is not JSON"));
-      return;
-    }
-    if (frame === null || typeof frame !== "object") return;
-    if (frame.id === null || frame.id === undefined) {
-      if (frame.type === "auth_required") return;
-      if ((frame.type === "data" || frame.type === "error") && typeof frame.resource === "string") {
-        this._onPush(conn, frame);
-        return;
-      }
-      if (frame.type === "error") {
-        // An answer to a frame whose id could not be read: a bug on this side.
-        this._emit("error", new RequestRejected(frame.error ?? "error", { code: frame.code }));
-      }
-      return;
-    }
-    const request = conn.pending.get(frame.id);
-    if (!request) return; // its request timed out: the reply is too late to matter
-    conn.pending.delete(frame.id);
-    if (frame.type === "error" || frame.type === "auth_failed") {
-      const retryAfter = typeof frame.retryAfter === "number" ? frame.retryAfter : null;
-      request.settle(
-        null,
-        new RequestRejected(frame.error ?? "error", { code: frame.code ?? null, retryAfter }),
-      );
-    } else {
-      request.settle(frame, null);
-    }
-  }
-
-  _onPush(conn, frame) {
-    const entry = this._subs.get(keyOf(frame.resource, frame.resourceId));
-    // Pushes before the `subscribed` reply that starts them belong to an older subscription.
-    if (!entry || entry.conn !== conn || !entry.live) return;
-    if (typeof frame.seq === "number" && entry.seq !== null) {
-      if (frame.seq <= entry.seq) return; // already delivered
-      if (frame.seq !== entry.seq + 1) {
-        // The relay promises no gaps; if one shows anyway, start this resource over.
-        console.warn(`[ws-link] seq gap on ${frame.resource} ${frame.resourceId ?? ""}`);
-        entry.seq = null;
-        entry.epoch = null;
-        this._subscribeOn(conn, entry);
-        return;
-      }
-    }
-    if (typeof frame.seq === "number") entry.seq = frame.seq;
-    if (frame.type === "error" && RETRYABLE_CODES.has(frame.code)) {
-      // The relay's upstream for this resource failed (its final push): subscribe again after
-      // a backoff, from a fresh snapshot, as the protocol says, instead of freezing.
-      this._call(entry, "onInterrupted", new SubscriptionFailed(frame.error ?? "upstream failed",
-                                                               { code: frame.code }));
-      entry.live = false;
-      entry.seq = null;
-      entry.epoch = null;
-      this._resubscribeLater(conn, entry);
-    } else if (frame.type === "error") {
-      this._subs.delete(entry.key);
-      this._endSubscription(
-        entry,
-        new SubscriptionFailed(frame.error ?? "the subscription failed", { code: frame.code }),
-      );
-    } else if (frame.data && frame.data.completed === true && frame.data.type === undefined) {
-      this._subs.delete(entry.key);
-      entry.closed = true;
-      this._call(entry, "onComplete");
-    } else {
-      this._call(entry, "onEvent", frame.data, frame.seq);
-    }
-  }
-
-  // --- requests --------------------------------------------------------------------------
-
-  /**
-   * Send a request on `conn` now. `onReply(frame, error)` runs once: with the reply, as soon
-   * as it arrives (in the frame's own event, not a later microtask, so that the pushes right
-   * behind a reply find the state it set), or with RequestTimeout or ConnectionLost.
-   */
-  _send(conn, fields, timeout, onReply) {
-    const id = `w${this._nextId++}`;
-    const timer = this._setTimeout(() => {
-      conn.pending.delete(id);
-      onReply(null, new RequestTimeout(`no reply to ${fields.type} within ${timeout / 1000} s`));
-    }, timeout);
-    const settle = (frame, error) => {
-      this._clearTimeout(timer);
-      onReply(frame, error);
-    };
-    conn.pending.set(id, { settle });
-    try {
-      conn.ws.send(JSON.stringify({ id, ...fields }));
-    } catch (error) {
-      conn.pending.delete(id);
-      settle(null, new ConnectionLost(`cannot send: ${error.message}`));
-    }
-  }
-
-  /** `_send` as a promise of the reply frame. */
-  _request(conn, fields, timeout) {
-    return new Promise((resolve, reject) => {
-      this._send(conn, fields, timeout, (frame, error) => (error ? reject(error) : resolve(frame)));
-    });
-  }
-
-  /**
-   * Send one request once the link is CONNECTED (waiting through a reconnect) and resolve
-   * with the reply frame. The timeout counts from the call. A request whose connection drops
-   * before the reply is not sent again (the relay may have acted on it): ConnectionLost.
-   */
-  request(fields, { timeout = this.requestTimeout } = {}) {
-    if (!this._auth) {
-      return Promise.reject(this.error ?? new ConnectionLost("not logged in"));
-    }
-    return new Promise((resolve, reject) => {
-      let done = false;
-      const item = { fields, settle: null, timer: null };
-      item.settle = (frame, error) => {
-        if (done) return;
-        done = true;
-        this._clearTimeout(item.timer);
-        if (error) reject(error);
-        else resolve(frame);
-      };
-      item.timer = this._setTimeout(() => {
-        const index = this._queue.indexOf(item);
-        if (index >= 0) this._queue.splice(index, 1);
-        item.settle(null, new RequestTimeout(`no reply to ${fields.type} within ${timeout / 1000} s`));
-      }, timeout);
-      if (this._conn && this.state === State.CONNECTED) this._write(this._conn, item);
-      else this._queue.push(item);
-    });
-  }
-
-  _write(conn, item) {
-    // The timer of request() bounds the whole request; this one is only a backstop.
-    this._send(conn, item.fields, this.requestTimeout * 2, item.settle);
-  }
-
-  /** Send a message to a chat; resolves once the relay's backend accepted it. */
-  async send(chatId, message) {
-    await this.request({ type: "send", resourceId: chatId, message });
-  }
-
-  /** Create a chat in a project; resolves with the new chat. */
-  async createChat(projectId, { title, modelProfileId } = {}) {
-    const message = {};
-    if (title) message.title = title;
-    if (modelProfileId) message.modelProfileId = modelProfileId;
-    const reply = await this.request({
-      type: "create", resource: "chat", resourceId: projectId, message,
-    });
-    return reply.data.chat;
-  }
-
-  /** Stop the agent's answer running in a chat; resolves whether one was running. */
-  async cancelReply(chatId) {
-    const reply = await this.request({ type: "cancel", resourceId: chatId });
-    return Boolean(reply.data && reply.data.cancelled);
-  }
-
-  // --- subscriptions ---------------------------------------------------------------------
-
-  /**
-   * Watch a resource: "project" (its chats), "chat" (its messages and streamed replies) or
-   * "modelProfiles" (no id). The handlers:
-   *   onSnapshot(data, {reset})  the whole state: on subscribing, and whenever the relay could
-   *                              not replay what a reconnect missed (reset: true). Replace.
-   *   onEvent(data, seq)         one push, in order, each once, across reconnects
-   *   onResumed()                a reconnect resumed: the missed pushes follow as onEvent
-   *   onComplete()               the resource's stream ended (a deleted chat); no more calls
-   *   onInterrupted(error)       the relay's upstream failed; the link subscribes again
-   *                              after a backoff, and onSnapshot follows (reset)
-   *   onError(error)             the subscription ended with an error; no more calls
-   * Returns `{ready, close}`: `ready` resolves with the first snapshot's data and rejects if
-   * the subscription fails before it; `close()` unsubscribes. One subscription per resource.
-   */
-  subscribe(resource, resourceId, handlers = {}) {
-    if (!this._auth) throw new ConnectionLost("not logged in");
-    const key = keyOf(resource, resourceId);
-    if (this._subs.has(key)) throw new RelayError(`already subscribed to ${resource} ${resourceId}`);
-    const entry = {
-      key,
-      resource,
-      resourceId: resource === "modelProfiles" ? undefined : resourceId,
-      handlers,
-      seq: null,
-      epoch: null,
-      conn: null, // the connection the subscription was (or is being) made on
-      live: false, // its `subscribed` reply arrived on `conn`
-      closed: false,
-      ready: null,
-      resolveReady: null,
-      rejectReady: null,
-      retries: 0,
-    };
-    entry.ready = new Promise((resolve, reject) => {
-      entry.resolveReady = resolve;
-      entry.rejectReady = reject;
-    });
-    entry.ready.catch(() => {}); // the caller may not care; onError reports it too
-    this._subs.set(key, entry);
-    // Once authenticated, at once; otherwise the next connection subscribes it.
-    if (this._conn && this._conn.authed) this._subscribeOn(this._conn, entry);
-    return {
-      ready: entry.ready,
-      close: () => this._unsubscribe(entry),
-    };
-  }
-
-  _unsubscribe(entry) {
-    if (entry.closed) return;
-    entry.closed = true;
-    if (entry.rejectReady) {
-      // Closed before its first snapshot: `ready` must still settle.
-      entry.rejectReady(new SubscriptionFailed("unsubscribed before the first snapshot"));
-      entry.resolveReady = null;
-      entry.rejectReady = null;
-    }
-    if (this._subs.get(entry.key) === entry) this._subs.delete(entry.key);
-    const conn = this._conn;
-    if (conn && entry.conn === conn) {
-      const fields = { type: "unsubscribe", resource: entry.resource };
-      if (entry.resourceId !== undefined) fields.resourceId = entry.resourceId;
-      this._request(conn, fields, this.requestTimeout).catch(() => {});
-    }
-  }
-
-  /** Subscribe again to everything held; `done()` once each has had its answer. */
-  _resubscribeAll(conn, done) {
-    // Those subscribed already on this connection (by a "session" listener) are not sent twice.
-    const entries = [...this._subs.values()].filter((entry) => entry.conn !== conn);
-    let waiting = entries.length;
-    if (waiting === 0) {
-      done();
-      return;
-    }
-    // The relay answers one connection's requests in order, so they can all go at once.
-    for (const entry of entries) {
-      this._subscribeOn(conn, entry, () => {
-        waiting -= 1;
-        if (waiting === 0) done();
-      });
-    }
-  }
-
-  _subscribeOn(conn, entry, answered = () => {}) {
-    entry.conn = conn;
-    entry.live = false;
-    const fields = { type: "subscribe", resource: entry.resource };
-    if (entry.resourceId !== undefined) fields.resourceId = entry.resourceId;
-    if (entry.seq !== null && entry.epoch !== null) {
-      fields.sinceSeq = entry.seq;
-      fields.epoch = entry.epoch;
-    }
-    this._send(conn, fields, this.requestTimeout, (reply, error) => {
-      try {
-        if (entry.closed || this._conn !== conn || entry.conn !== conn) return;
-        if (error) this._subscribeFailed(conn, entry, error);
-        else this._subscribed(entry, reply);
-      } finally {
-        // Always counted, even for a subscription closed meanwhile (a chat deleted while
-        // the page was away, or left): else the reconnect would never report connected.
-        answered();
-      }
-    });
-  }
-
-  _subscribeFailed(conn, entry, error) {
-    if (error instanceof RequestRejected && RETRYABLE_CODES.has(error.code)) {
-      // Refused for now (the relay is busy, or the backend hiccuped): try again shortly.
-      this._resubscribeLater(conn, entry);
-    } else if (error instanceof RequestTimeout) {
-      // Every request gets a reply; none came, so this connection is not working.
-      this._abandon(conn, "subscribe timed out");
-    } else if (error instanceof RequestRejected) {
-      // not_found (deleted meanwhile), too_many_subscriptions, ...: this one is over.
-      this._subs.delete(entry.key);
-      this._endSubscription(entry, new SubscriptionFailed(error.message, { code: error.code }));
-    }
-  }
-
-  /** Subscribe `entry` again on `conn` after a jittered backoff of its own. */
-  _resubscribeLater(conn, entry) {
-    const { initial, maximum, multiplier } = this.backoff;
-    const delay = this._random() * Math.min(maximum, initial * multiplier ** entry.retries);
-    entry.retries += 1;
-    this._setTimeout(() => {
-      if (!entry.closed && this._conn === conn && entry.conn === conn) {
-        this._subscribeOn(conn, entry);
-      }
-    }, delay);
-  }
-
-  _subscribed(entry, reply) {
-    entry.retries = 0;
-    entry.live = true;
-    entry.epoch = reply.epoch ?? null;
-    if (typeof reply.seq === "number") entry.seq = reply.seq;
-    if (reply.resumed) {
-      this._call(entry, "onResumed");
-      return;
-    }
-    const first = entry.resolveReady !== null;
-    this._call(entry, "onSnapshot", reply.data, { reset: Boolean(reply.reset) || !first });
-    if (first) {
-      entry.resolveReady(reply.data);
-      entry.resolveReady = null;
-      entry.rejectReady = null;
-    }
-  }
-
-  _endSubscription(entry, error) {
-    entry.closed = true;
-    if (entry.rejectReady) {
-      entry.rejectReady(error);
-      entry.resolveReady = null;
-      entry.rejectReady = null;
-    }
-    this._call(entry, "onError", error);
-  }
-
-  _call(entry, name, ...args) {
-    const handler = entry.handlers[name];
-    if (!handler) return;
-    try {
-      handler(...args);
-    } catch (error) {
-      console.error(`[ws-link] ${name} handler failed`, error);
-    }
-  }
+// The requests' and subscriptions' methods, written in modules of their own, are the link's.
+for (const part of [RequestMethods, SubscriptionMethods]) {
+  const methods = Object.getOwnPropertyDescriptors(part.prototype);
+  delete methods.constructor;
+  Object.defineProperties(RelayLink.prototype, methods);
 }
