@@ -301,6 +301,7 @@ class Connection:
                              self.sender)
             if self.device_id is not None:
                 self.context.devices.seen(self.device_id)
+            await _let_fan_out()
             self.log.debug("sent a message to chat {}", request.resource_id)
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
@@ -483,6 +484,15 @@ class Connection:
 UNNAMED_DEVICE = "Unnamed device"
 # One shared value (it is only read) rather than a dict on every such connection.
 _UNNAMED_SENDER: JSON = {"name": UNNAMED_DEVICE}
+
+
+async def _let_fan_out() -> None:
+    """Let the broadcasters that the message woke fan it out before its sender hears back,
+    so that a sender that waits for each answer does not send the next message into the
+    middle of the last one's fan-out. Two checkpoints: trio runs a batch of ready tasks in
+    either order, so the second one is after the broadcasters whichever ran first."""
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _unreachable(value: object) -> NoReturn:
