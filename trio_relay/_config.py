@@ -109,3 +109,6 @@ class RelayStatistics:
     #: Stream histories (replay buffers) kept for resuming after their broadcaster ended.
     kept_histories: int
     tasks: int
+    #: Broadcasters whose last subscriber dropped, kept running for ``resume_grace`` so that
+    #: it resumes with what changed meanwhile (counted in ``broadcasters`` too).
+    lingering: int = 0

@@ -154,7 +154,7 @@ class Connection:
         finally:
             self._nursery = None
             for subscription in list(self.subscriptions.values()):
-                subscription.detach()
+                subscription.detach(linger=True)
             self.subscriptions.clear()
             code, reason = self.socket.closed or (1006, "")
             self.log.info("disconnected: {code}{reason}", code=code,

@@ -294,6 +294,7 @@ class Relay:
             listeners=self._listeners,
             broadcasters=self._registry.broadcasters,
             kept_histories=self._registry.kept_histories,
+            lingering=self._registry.lingering,
             tasks=_count_tasks(self._nursery) + _count_tasks(self._connections_nursery),
         )
 

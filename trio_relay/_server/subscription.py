@@ -24,7 +24,7 @@ class Subscriber(Protocol):
     def forget(self, subscription: WebSubscription) -> None: ...
 
 
-def _nothing() -> None:
+def _nothing(linger: bool = False) -> None:
     pass
 
 
@@ -38,12 +38,13 @@ class WebSubscription:
         self.key = key
         self.counters = counters
         #: Leaves the broadcaster (idempotent); set once the subscription is live.
-        self.leave: Callable[[], None] = _nothing
+        self.leave: Callable[[bool], None] = _nothing
 
-    def detach(self) -> None:
-        """Leave the broadcaster now (idempotent)."""
+    def detach(self, linger: bool = False) -> None:
+        """Leave the broadcaster now (idempotent); ``linger``: the connection dropped, so a
+        lone subscriber's broadcaster waits for it to come back and resume."""
         leave, self.leave = self.leave, _nothing
-        leave()  # ``leave`` refers to this object: dropping it frees it without the GC
+        leave(linger)  # ``leave`` refers to this object: dropping it frees it without the GC
 
     def deliver(self, push: Push) -> None:
         self.counters.pushes_sent += 1

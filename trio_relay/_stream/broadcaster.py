@@ -7,7 +7,11 @@ puts the text into its bounded outbound queue, an in-process listener into its o
 channel, and either closes itself when full. So a slow subscriber can never hold up the others.
 
 When the last subscriber leaves, the scope is cancelled: leaving the feed's ``async with``
-closes the upstream, and nothing else holds the broadcaster, so its buffers go with it.
+closes the upstream, and nothing else holds the broadcaster, so its buffers go with it. When
+the last one leaves by dropping (its connection ended, it did not unsubscribe) the broadcaster
+lingers instead: its scope gets a deadline ``linger`` seconds away, and it goes on numbering
+and recording changes, so a client that comes back within that time resumes with exactly what
+it missed. A new subscriber lifts the deadline.
 
 Joining a live broadcaster is exact thanks to versions (`_store.backend`). A joiner is
 registered first, so it sees every change from then on in a pending list; then it reads a
@@ -29,6 +33,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -134,8 +139,9 @@ class Synced:
     #: Deliver from here on (the missed or pending changes after ``seq`` first). Call it
     #: right after queuing the reply, with no ``await`` in between.
     go_live: Callable[[], None]
-    #: Leave the broadcaster at once (idempotent).
-    leave: Callable[[], None]
+    #: Leave the broadcaster (idempotent); ``leave(True)``: by dropping, so that a lone
+    #: subscriber's broadcaster lingers for its return.
+    leave: Callable[[bool], None]
 
 
 @attrs.define(eq=False)
@@ -160,6 +166,7 @@ class Broadcaster:
         replay_max_age: float,
         on_done: Callable[[Broadcaster], None],
         continues: StreamHistory | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.key = key
         self._open_feed = open_feed
@@ -175,6 +182,10 @@ class Broadcaster:
         self._final: Push | None = None
         self._advanced = trio.Event()
         self._continues = continues
+        self._linger = linger
+        #: Its last subscriber dropped: it runs until its scope's deadline, unless one joins.
+        self.lingering = False
+        self._lingered_out = False
         #: When the history it continues would have been forgotten (set by the relay).
         self.kept_until = math.inf
         #: This resource's numbering (replaced once started, unless it continues a kept one).
@@ -202,7 +213,10 @@ class Broadcaster:
     @property
     def resumable(self) -> bool:
         """Started and not ended: its history may be continued by the next broadcaster."""
-        return self._started.is_set() and self._start_error is None and self._final is None
+        return (
+            self._started.is_set() and self._start_error is None and self._final is None
+            and not self._lingered_out
+        )
 
     @property
     def done(self) -> bool:
@@ -227,6 +241,11 @@ class Broadcaster:
                 )
                 final = self._final_push(error="upstream failed")
             self._finish(final)
+        if self.lingering:
+            # Nobody came back in time: its history has had its grace, so it is not kept.
+            self.lingering = False
+            self._lingered_out = True
+            self._on_done(self)
 
     async def _pump(self) -> Push:
         async with AsyncExitStack() as stack:
@@ -331,13 +350,21 @@ class Broadcaster:
 
     def add(self, subscriber: Subscriber) -> None:
         """Register a joiner: it collects changes until `sync` makes it live."""
+        if self.lingering:
+            self.lingering = False
+            self._cancel_scope.deadline = math.inf
         self._pending[subscriber] = _Pending(self.seq)
 
-    def remove(self, subscriber: Subscriber) -> None:
-        """Unregister (idempotent); the last one out cancels the broadcaster."""
+    def remove(self, subscriber: Subscriber, linger: bool = False) -> None:
+        """Unregister (idempotent); the last one out cancels the broadcaster, or, if it
+        dropped (``linger``), leaves it running for ``linger`` seconds."""
         self._live.discard(subscriber)
         self._pending.pop(subscriber, None)
-        if not self._live and not self._pending and not self.done:
+        if not self._live and not self._pending and not self.done and not self.lingering:
+            if linger and self._linger > 0 and self.resumable:
+                self.lingering = True
+                self._cancel_scope.deadline = trio.current_time() + self._linger
+                return
             self._cancel_scope.cancel()
             self._on_done(self)
 
@@ -364,7 +391,7 @@ class Broadcaster:
                 return Synced(
                     None, since_seq, self.history.epoch, reset=False,
                     go_live=lambda: self._go_live(subscriber, since_seq, missed),
-                    leave=lambda: self.remove(subscriber),
+                    leave=partial(self.remove, subscriber),
                 )
         cached = self._cached
         if cached is not None and cached[1] == self.seq:
@@ -383,7 +410,7 @@ class Broadcaster:
         return Synced(
             snapshot, seq, self.history.epoch, reset=since_seq is not None,
             go_live=lambda: self._go_live(subscriber, seq),
-            leave=lambda: self.remove(subscriber),
+            leave=partial(self.remove, subscriber),
         )
 
     async def _fresh_snapshot(self) -> Snapshot:

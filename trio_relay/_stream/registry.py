@@ -42,6 +42,10 @@ class BroadcasterRegistry:
         return len(self._broadcasters)
 
     @property
+    def lingering(self) -> int:
+        return sum(b.lingering for b in self._broadcasters.values())
+
+    @property
     def kept_histories(self) -> int:
         return len(self._kept)
 
@@ -60,7 +64,7 @@ class BroadcasterRegistry:
         if self._closing:
             raise SubscribeFailed(ErrorCode.BACKEND_ERROR, "the relay is closing")
         broadcaster = self._broadcasters.get(key)
-        if broadcaster is None:
+        if broadcaster is None or broadcaster.done:  # (done: its linger ran out just now)
             open_feed, read_snapshot = self._upstream(key)
             kept = self._kept.pop(key, None)
             config = self._config
@@ -74,6 +78,7 @@ class BroadcasterRegistry:
                 replay_max_age=config.replay_max_age,
                 on_done=self._done,
                 continues=kept[0] if kept is not None else None,
+                linger=config.resume_grace,
             )
             if kept is not None:
                 broadcaster.kept_until = kept[1]
@@ -101,8 +106,8 @@ class BroadcasterRegistry:
     def _done(self, broadcaster: Broadcaster) -> None:
         if self._broadcasters.get(broadcaster.key) is broadcaster:
             del self._broadcasters[broadcaster.key]
-        if self._closing:
-            return
+        if self._closing or broadcaster.key in self._broadcasters:
+            return  # closing, or a newer broadcaster has the resource already
         if broadcaster.resumable:
             # Its last subscriber left: keep its history a while for clients that come back.
             expiry = trio.current_time() + self._config.resume_grace
