@@ -5,8 +5,9 @@ from __future__ import annotations
 import trio_relay
 
 PUBLIC = {
-    "Agent", "AgentError", "Backend", "BackendError", "Change", "ChangeHub", "CloseCode",
-    "CommandAgent", "Device", "DeviceStore", "EchoAgent", "ErrorCode", "Feed", "FeedOverflow",
+    "Agent", "AgentError", "Backend", "BackendError", "Bus", "BusError", "BusEvent", "Change", "ChangeHub", "CloseCode",
+    "CommandAgent", "Device", "DeviceStore", "EchoAgent", "EpochChanged", "ErrorCode", "Feed",
+    "FeedOverflow", "LocalBus", "Position", "ResourceKey",
     "FileDeviceStore", "Listener", "ListenerOverflow", "NotFound", "Relay", "RelayConfig",
     "RelayCounters", "RelayError", "RelayStatistics",
     "Snapshot", "SqliteBackend", "SubscriptionError", "Update", "UpstreamError",

@@ -212,7 +212,7 @@ def test_every_setting_has_a_key_a_variable_and_a_flag(tmp_path: Path, setting: 
         partner = "tls_key" if setting.name == "tls_cert" else "tls_cert"
         extra = {f"TRIO_RELAY_{partner.upper()}": "/partner.pem"}
     table = f"[{'.'.join(setting.path[:-1])}]\n" if len(setting.path) > 1 else ""
-    from_file = _load(tmp_path, f"{table}{setting.name} = {_toml(value)}\n", extra)
+    from_file = _load(tmp_path, f"{table}{setting.path[-1]} = {_toml(value)}\n", extra)
     from_env = _load(tmp_path, env={setting.env: text, **extra})
     from_flag = _load(tmp_path, env=extra, argv=[setting.flag, text])
     assert _value(from_file, setting) == _value(from_env, setting) == _value(from_flag, setting)
@@ -380,9 +380,9 @@ def test_the_operations_doc_lists_every_setting() -> None:
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 5 and re.fullmatch(r"`\w+`", cells[0]) and cells[1].startswith("`--"):
             rows[cells[0].strip("`")] = cells
-    assert sorted(rows) == sorted(setting.name for setting in all_settings())
+    assert sorted(rows) == sorted(setting.path[-1] for setting in all_settings())
     for setting in all_settings():
-        _, flag, env, default, meaning = rows[setting.name]
+        _, flag, env, default, meaning = rows[setting.path[-1]]
         assert flag == f"`{setting.flag}`"
         assert env == f"`{setting.env}`"
         assert default.replace("`", "").startswith(setting.default_text.replace("`", "")), (

@@ -34,7 +34,14 @@ from ._store.hub import ChangeHub as ChangeHub
 from ._store.hub import FeedOverflow as FeedOverflow
 from ._store.sqlite import SqliteBackend as SqliteBackend
 from ._store.sqlite import open_sqlite_backend as open_sqlite_backend
+from ._stream.bus import Bus as Bus
+from ._stream.bus import BusError as BusError
+from ._stream.bus import BusEvent as BusEvent
+from ._stream.bus import EpochChanged as EpochChanged
+from ._stream.bus import Position as Position
+from ._stream.local_bus import LocalBus as LocalBus
 from ._wire.protocol import ErrorCode as ErrorCode
+from ._wire.protocol import ResourceKey as ResourceKey
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,9 @@ class CloseCode:
     # 1013 "Try Again Later" is IANA-registered for exactly this: the client may reconnect and
     # resume at once; it is kept apart from 1008 so that clients know it is not terminal.
     SLOW_CONSUMER: Final = 1013
+    # 1012 "Service Restart": the broker lost a resource's history or stayed unreachable; the
+    # client reconnects (maybe to another relay) and resumes, or gets a fresh snapshot.
+    SERVICE_RESTART: Final = 1012
 
 
 def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
@@ -90,6 +93,12 @@ class RelayConfig:
     #: Seconds a resource's numbering and replay buffer are kept after its last subscriber
     #: left, so that a lone subscriber's reconnect still resumes; then they are freed.
     resume_grace: float = attrs.field(default=30.0, validator=positive)
+    #: With a broker: every call to it is bounded by this; a broker that does not answer in
+    #: time (frozen, or the network to it lost) counts as unreachable.
+    broker_timeout: float = attrs.field(default=5.0, validator=positive)
+    #: With a broker: how long live subscriptions wait for an unreachable broker to come back
+    #: before their clients are closed with 1012 (to reconnect and resume, maybe elsewhere).
+    broker_grace: float = attrs.field(default=30.0, validator=positive)
     #: Serve the web client at ``/`` (``/healthz`` and ``/metrics`` are always served).
     web_client: bool = True
     #: Write each frame into the client's socket at once, without waiting, when nothing is

@@ -41,13 +41,15 @@ from ._server.pairing import DeviceStore
 from ._server.relay import Relay, open_relay
 from ._store.backend import Backend
 from ._store.memory import HANG, MemoryBackend
-from ._testing_client import GatedStream, TestClient
+from ._stream.bus import Bus
+from ._testing_client import Frame, GatedStream, TestClient
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 __all__ = [
     "DEFAULT_PIN",
+    "Frame",
     "HANG",
     "MEMORY_URL",
     "GatedStream",
@@ -225,19 +227,24 @@ async def open_memory_relay(
     config: RelayConfig | None = None,
     client_timeout: float = 30.0,
     devices: DeviceStore | None = None,
+    broker: Bus | str | None = None,
 ) -> AsyncIterator[MemoryRelay]:
     """A relay on an in-memory listener; ``client_timeout`` bounds every client wait.
 
     ``devices`` is the relay's device store (`open_relay`'s): a fresh in-memory one unless
-    given. Choose ``client_timeout`` longer than any relay timer a test waits out (the PIN
-    backoff, ``resume_grace``, ...), or the client gives up first.
+    given. ``broker`` is `open_relay`'s (a shared `LocalBus` lets several memory relays in
+    one test play the nodes of a cluster). Choose ``client_timeout`` longer than any relay
+    timer a test waits out (the PIN backoff, ``resume_grace``, ...), or the client gives up
+    first.
     """
     listener = MemoryListener()
     try:
         # The clients' nursery encloses the relay, so that on the way out the relay closes
         # them (1001) while they can still answer, as real clients would.
         async with trio.open_nursery() as client_nursery:
-            async with open_relay(backend, pin=pin, config=config, devices=devices) as relay:
+            async with open_relay(
+                backend, pin=pin, config=config, devices=devices, broker=broker
+            ) as relay:
                 await relay._nursery.start(relay.serve_listeners, [listener])
                 yield MemoryRelay(relay, listener, client_nursery, client_timeout)
             client_nursery.cancel_scope.cancel()

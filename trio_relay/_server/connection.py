@@ -93,6 +93,8 @@ class ConnectionContext:
     current_pin: Callable[[], str] = attrs.field(repr=False)
     #: Stores a sent message with its sender (passed only to backends that take one).
     send_message: Callable[[str, JSON, JSON], Awaitable[None]]
+    #: Why writes are refused right now (the broker is unreachable), or None.
+    writes_refused: Callable[[], str | None] = lambda: None
 
 
 class _Refused(CodedError):
@@ -297,6 +299,7 @@ class Connection:
         elif isinstance(request, UnsubscribeRequest):
             self._unsubscribe(request)
         elif isinstance(request, SendRequest):
+            self._check_writable()
             await self._call(self.context.send_message, request.resource_id, request.message,
                              self.sender)
             if self.device_id is not None:
@@ -313,6 +316,7 @@ class Connection:
                                  resource_id=request.resource_id,
                                  data={"cancelled": bool(cancelled)}))
         elif isinstance(request, CreateRequest):
+            self._check_writable()
             chat = await self._call(self.context.backend.create_chat, request.resource_id,
                                     request.title, request.model_profile_id)
             chat_id = chat.get("id") if isinstance(chat, dict) else None
@@ -323,6 +327,14 @@ class Connection:
                                  data={"chat": chat}))
         else:  # pragma: no cover - decode() returns only the types above
             _unreachable(request)
+
+    def _check_writable(self) -> None:
+        # A write that could not reach the other relays' subscribers is refused up front,
+        # rather than stored and seen only here.
+        reason = self.context.writes_refused()
+        if reason is not None:
+            self._counters.backend_errors += 1
+            raise _Refused(ErrorCode.BACKEND_ERROR, reason)
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Call the backend within ``backend_timeout``; its failures become error replies."""

@@ -93,6 +93,8 @@ class MetricsView:
     counters: RelayCounters
     uptime: float
     closing: bool
+    #: Why the relay cannot serve fully right now (its broker is unreachable), or None.
+    degraded: str | None = None
 
 
 # name, type, help, and where the value comes from
@@ -145,14 +147,17 @@ def render_metrics(view: MetricsView) -> str:
 
 
 def _health(view: MetricsView) -> HttpResponse:
-    status = "shutting_down" if view.closing else "ok"
-    body = json.dumps({
+    status = "shutting_down" if view.closing else "degraded" if view.degraded else "ok"
+    health: dict[str, object] = {
         "status": status,
         "uptimeSeconds": round(view.uptime, 3),
         "connections": view.statistics.connections,
-    }, separators=(",", ":")).encode()
+    }
+    if view.degraded and not view.closing:
+        health["reason"] = view.degraded
+    body = json.dumps(health, separators=(",", ":")).encode()
     return HttpResponse(
-        503 if view.closing else 200, body,
+        200 if status == "ok" else 503, body,
         (("Content-Type", "application/json"), ("Cache-Control", "no-store")),
     )
 

@@ -11,6 +11,10 @@
 
 Leaving ``async with open_relay(...)`` stops accepting, closes every client with 1001 (within
 ``shutdown_timeout``), then cancels the broadcasters, whose feeds close on the way out.
+
+With a broker (``broker=``: a `Bus`, or a ``redis://`` URL the relay opens and closes itself)
+the backend's changes are forwarded to the bus through its `ChangeHub`, and the broadcasters
+follow the bus, so that several relays share one numbering per resource (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from __future__ import annotations
 import inspect
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -29,7 +33,9 @@ from loguru import logger
 from .._config import CloseCode, RelayConfig, RelayStatistics
 from .._errors import raise_single
 from .._store.backend import Backend
+from .._store.hub import ChangeHub
 from .._stream.broadcaster import SubscribeFailed
+from .._stream.bus import Bus
 from .._stream.registry import BroadcasterRegistry
 from .._wire.protocol import JSON, RESOURCES, ResourceKey
 from .connection import Connection, ConnectionContext
@@ -66,8 +72,11 @@ class Relay:
         nursery: trio.Nursery,
         connections_nursery: trio.Nursery,
         devices: DeviceStore | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.backend = backend
+        #: The broker the relay shares its resources' streams through, if any.
+        self.bus = bus
         #: The paired devices (`trio_relay.DeviceStore`); revoke with `revoke_device`.
         self.devices = devices if devices is not None else DeviceStore()
         if not (pin or self.devices.pin):
@@ -82,12 +91,13 @@ class Relay:
         self._nursery = nursery
         self._connections_nursery = connections_nursery
         self._connections: set[Connection] = set()
-        self._registry = BroadcasterRegistry(backend, config, nursery)
+        self._registry = BroadcasterRegistry(backend, config, nursery, bus)
         self._timers = ConnectionTimers(config)
         self._context = ConnectionContext(
             config=config, backend=backend, counters=self.counters, registry=self._registry,
             timers=self._timers, pin_guard=self.pin_guard, devices=self.devices,
             current_pin=lambda: self.pin, send_message=self._send_message,
+            writes_refused=self._writes_refused,
         )
         self._edge = Edge(
             config, self.counters,
@@ -148,6 +158,11 @@ class Relay:
                 self.devices.flush()
             except Exception as exc:
                 logger.opt(exception=exc).error("could not write the device store")
+
+    def _writes_refused(self) -> str | None:
+        if self.bus is not None and not self.bus.healthy:
+            return "the relay cannot reach its broker; nothing was stored, try again"
+        return None
 
     async def _send_message(self, chat_id: str, message: JSON, sender: JSON) -> None:
         if self._sender_accepted:
@@ -270,6 +285,7 @@ class Relay:
 
         It is stored with the sender ``{"name": sender}`` (by a backend that keeps senders).
         """
+        self._check_writable()
         with trio.fail_after(self.config.backend_timeout):
             await self._send_message(chat_id, message, {"name": sender})
 
@@ -282,8 +298,14 @@ class Relay:
         self, project_id: str, title: str | None = None, model_profile_id: str | None = None
     ) -> JSON:
         """Create a chat as the host; the project's subscribers get a push."""
+        self._check_writable()
         with trio.fail_after(self.config.backend_timeout):
             return await self.backend.create_chat(project_id, title, model_profile_id)
+
+    def _check_writable(self) -> None:
+        reason = self._writes_refused()
+        if reason is not None:
+            raise RelayError(reason)
 
     def statistics(self) -> RelayStatistics:
         """What the relay holds right now; after every client has left it returns to idle."""
@@ -303,7 +325,12 @@ class Relay:
         return trio.current_time() - self._started_at
 
     def _metrics_view(self) -> MetricsView:
-        return MetricsView(self.statistics(), self.counters, self.uptime, self._closing)
+        degraded = None
+        if self.bus is not None and not self.bus.healthy:
+            degraded = "broker unreachable"
+        return MetricsView(
+            self.statistics(), self.counters, self.uptime, self._closing, degraded
+        )
 
     # --- shutdown ---------------------------------------------------------------------------
 
@@ -367,12 +394,15 @@ async def open_relay(
     pin: str | None = None,
     config: RelayConfig | None = None,
     devices: DeviceStore | None = None,
+    broker: Bus | str | None = None,
 ) -> AsyncIterator[Relay]:
     """Run a relay for the duration of the block.
 
     ``pin`` is what clients sign in with (None: the one ``devices`` keeps, as a
     `FileDeviceStore` does). ``devices`` holds the paired devices: an in-memory
-    `DeviceStore` unless you give one.
+    `DeviceStore` unless you give one. ``broker`` scales the relay out: a ``redis://`` URL
+    (with the extra ``trio-relay[redis]``) or a `Bus`; the backend must then publish its
+    changes through a `ChangeHub` in its ``hub`` attribute, as the built-in backends do.
 
     ::
 
@@ -387,30 +417,77 @@ async def open_relay(
     """
     config = config or RelayConfig()
     try:
-        async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as connections_nursery:
-                relay = Relay(
-                    backend,
-                    pin=pin,
-                    config=config,
-                    nursery=nursery,
-                    connections_nursery=connections_nursery,
-                    devices=devices,
-                )
-                nursery.start_soon(relay._registry.forget_kept_histories,
-                                   name="forget kept histories")
-                nursery.start_soon(relay._timers.run, name="auth deadlines and pings")
-                if relay.devices.watch_interval is not None:
-                    nursery.start_soon(relay._watch_devices, relay.devices.watch_interval,
-                                       name="device store")
-                try:
-                    yield relay
-                finally:
-                    relay._begin_shutdown()
-                    # Clients get shutdown_timeout to finish their closing handshakes.
-                    connections_nursery.cancel_scope.deadline = (
-                        trio.current_time() + config.shutdown_timeout
-                    )
-            nursery.cancel_scope.cancel()
+        async with AsyncExitStack() as stack:
+            bus = await _open_broker(stack, broker, backend, config)
+            async with _serve_relay(backend, pin, config, devices, bus) as relay:
+                yield relay
     except BaseExceptionGroup as group:
         raise_single(group)
+
+
+async def _open_broker(
+    stack: AsyncExitStack, broker: Bus | str | None, backend: Backend, config: RelayConfig
+) -> Bus | None:
+    """Open the broker (for a URL), and forward the backend's changes to it until the end."""
+    if broker is None:
+        return None
+    hub = getattr(backend, "hub", None)
+    if not isinstance(hub, ChangeHub):
+        raise RelayError(
+            "a relay with a broker needs a backend that publishes its changes through a"
+            " ChangeHub in its `hub` attribute (as the built-in backends do)"
+        )
+    if isinstance(broker, str):
+        from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
+
+        bus: Bus = await stack.enter_async_context(
+            open_redis_bus(
+                broker, replay_size=config.replay_buffer_size,
+                replay_max_age=config.replay_max_age, timeout=config.broker_timeout,
+                grace=config.broker_grace,
+            )
+        )
+    else:
+        bus = broker
+    forward = bus.forward
+
+    def outlet(key: Hashable, data: JSON) -> None:
+        if isinstance(key, ResourceKey):  # a store's keys are (`_store.backend.chat_key`)
+            forward(key, data)
+
+    hub.outlet = outlet
+    stack.callback(setattr, hub, "outlet", None)
+    return bus
+
+
+@asynccontextmanager
+async def _serve_relay(
+    backend: Backend, pin: str | None, config: RelayConfig, devices: DeviceStore | None,
+    bus: Bus | None,
+) -> AsyncIterator[Relay]:
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as connections_nursery:
+            relay = Relay(
+                backend,
+                pin=pin,
+                config=config,
+                nursery=nursery,
+                connections_nursery=connections_nursery,
+                devices=devices,
+                bus=bus,
+            )
+            nursery.start_soon(relay._registry.forget_kept_histories,
+                               name="forget kept histories")
+            nursery.start_soon(relay._timers.run, name="auth deadlines and pings")
+            if relay.devices.watch_interval is not None:
+                nursery.start_soon(relay._watch_devices, relay.devices.watch_interval,
+                                   name="device store")
+            try:
+                yield relay
+            finally:
+                relay._begin_shutdown()
+                # Clients get shutdown_timeout to finish their closing handshakes.
+                connections_nursery.cancel_scope.deadline = (
+                    trio.current_time() + config.shutdown_timeout
+                )
+        nursery.cancel_scope.cancel()

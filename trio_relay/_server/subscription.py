@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from .._config import CloseCode
 from .._stream.broadcaster import Push
 from .._wire.protocol import ResourceKey
 from .counters import RelayCounters
@@ -22,6 +23,8 @@ class Subscriber(Protocol):
     def push(self, frame: bytes) -> None: ...
 
     def forget(self, subscription: WebSubscription) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
 
 
 def _nothing(linger: bool = False) -> None:
@@ -52,5 +55,9 @@ class WebSubscription:
 
     def end(self, push: Push) -> None:
         self.leave = _nothing  # the broadcaster has removed it
+        if push.restart:
+            # Reconnecting is the client's way back: it resumes, or gets a fresh snapshot.
+            self.connection.close(CloseCode.SERVICE_RESTART, push.error or "service restart")
+            return
         self.connection.push(push.frame)
         self.connection.forget(self)

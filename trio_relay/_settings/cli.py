@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import trio
 from loguru import logger
@@ -24,6 +25,7 @@ from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from .._server.relay import open_relay
+from .._stream.bus import BusError
 from .load import load_settings, unknown_variables
 from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
 
@@ -309,7 +311,8 @@ async def serve(
                 [profile.wire() for profile in settings.model_profiles], settings.agents()
             )
         async with open_relay(
-            backend, pin=settings.pin, config=settings.relay, devices=devices
+            backend, pin=settings.pin, config=settings.relay, devices=devices,
+            broker=settings.broker.url,
         ) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -325,6 +328,8 @@ async def serve(
                         print(f"PIN: {relay.pin} (kept in {PAIRING_FILE}; `trio-relay pin --new`"
                               " replaces it)", flush=True)
                     print(f"data: {data_dir}", flush=True)
+                    if settings.broker.url is not None:
+                        print(f"broker: {redact_url(settings.broker.url)}", flush=True)
                     if settings.relay.web_client:
                         web = "http" if ssl_context is None else "https"
                         print(f"web client: {web}://{host}:{port}/", flush=True)
@@ -334,6 +339,16 @@ async def serve(
                     nursery.cancel_scope.cancel()  # stop accepting first
             # Leaving open_relay closes every client with 1001.
     logger.info("stopped")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, fit for a terminal or a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_config(file: Path) -> int:
@@ -401,8 +416,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_garbage_collector()
         try:
             trio.run(serve, settings, data_dir, ssl_context)
-        except (OSError, PortInUse, PairingFileError) as exc:
+        except (OSError, PortInUse, PairingFileError, BusError) as exc:
             print(f"trio-relay: {exc}", file=sys.stderr)
+            return 1
+        except ImportError as exc:
+            if settings.broker.url is None:
+                raise
+            print(f"trio-relay: a Redis broker needs `pip install 'trio-relay[redis]'` ({exc})",
+                  file=sys.stderr)
             return 1
         return 0
     if args.command == "chat":

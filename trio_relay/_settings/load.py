@@ -159,9 +159,9 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
         table: Any = data
         for part in setting.path[:-1]:
             table = table.get(part) if isinstance(table, dict) else None
-        value = table.get(setting.name) if isinstance(table, dict) else None
+        value = table.get(setting.path[-1]) if isinstance(table, dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            table[setting.name] = str(base / value)
+            table[setting.path[-1]] = str(base / value)
 
 
 def _anchor_profile_paths(data: dict[str, Any], base: Path) -> None:

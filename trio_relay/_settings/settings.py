@@ -210,6 +210,19 @@ PROFILE_KINDS: Final[dict[str, type[ModelProfile]]] = {
 
 
 @attrs.frozen(kw_only=True)
+class BrokerSettings:
+    """The ``[broker]`` table: the engine several relays share their streams through."""
+
+    #: ``redis://[:PASSWORD@]HOST:PORT/DB`` (or ``rediss://``) to scale out through Redis
+    #: (install ``trio-relay[redis]``); every relay on the same broker and data serves every
+    #: client (docs/scaling.md).
+    url: str | None = attrs.field(
+        default=None, repr=False,
+        metadata={"alias": "broker", "default_text": "none: one process, streams in memory"},
+    )
+
+
+@attrs.frozen(kw_only=True)
 class ServeSettings:
     """Everything ``trio-relay serve`` needs; `load_settings` builds one."""
 
@@ -239,6 +252,8 @@ class ServeSettings:
     tls_key: Path | None = attrs.field(default=None, metadata={"default_text": "none (`ws://`)"})
     #: Limits and timeouts of the relay.
     relay: RelayConfig = attrs.field(factory=RelayConfig)
+    #: The broker, to scale out.
+    broker: BrokerSettings = attrs.field(factory=BrokerSettings)
     #: The model profiles clients choose from, each naming its agent (``[[model_profiles]]``
     #: tables, config file only); None: keep the ones in the database.
     model_profiles: tuple[ModelProfile, ...] | None = None
@@ -268,10 +283,13 @@ class Setting:
     doc: str
     #: The default as shown in ``--help`` and the docs.
     default_text: str
+    #: The name of its variable and flag, where not the field's own (``broker.url`` is
+    #: ``TRIO_RELAY_BROKER`` and ``--broker``).
+    alias: str | None = None
 
     @property
     def name(self) -> str:
-        return self.path[-1]
+        return self.alias or self.path[-1]
 
     @property
     def key(self) -> str:
@@ -322,6 +340,7 @@ def _leaves() -> Iterator[Setting]:
             default=default,
             doc=str(doc),
             default_text=str(field.metadata.get("default_text") or _show(default)),
+            alias=field.metadata.get("alias"),
         )
 
 
@@ -405,7 +424,7 @@ def markdown_table(table: tuple[str, ...] = ()) -> str:
             default = setting.default_text
             if default == _show(setting.default) and setting.default != ():
                 default = f"`{default}`"  # a value, not words
-            rows.append(f"| `{setting.name}` | `{setting.flag}` | `{setting.env}` | {default} |"
+            rows.append(f"| `{setting.path[-1]}` | `{setting.flag}` | `{setting.env}` | {default} |"
                         f" {setting.doc} |")
     return "\n".join(rows)
 

@@ -11,7 +11,7 @@ falls that far behind fails with `FeedOverflow` instead of holding the publisher
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -55,6 +55,9 @@ class ChangeHub:
     def __init__(self, *, feed_buffer: int = DEFAULT_FEED_BUFFER) -> None:
         self._feed_buffer = feed_buffer
         self._topics: dict[Hashable, _Topic] = {}
+        #: Also hands every change to this (a relay on a bus forwards them to the bus). An
+        #: ``end`` is handed on as ``{"completed": True}``.
+        self.outlet: Callable[[Hashable, JSON], None] | None = None
 
     def version(self, key: Hashable) -> int:
         """The version of the last change published for ``key`` (0 if none)."""
@@ -68,6 +71,8 @@ class ChangeHub:
             topic = self._topics[key] = _Topic()
         topic.version += 1
         change = Change(data, topic.version)
+        if self.outlet is not None:
+            self.outlet(key, data)
         for watcher in topic.watchers:
             if watcher.overflowed or watcher.ended:
                 continue
@@ -83,6 +88,8 @@ class ChangeHub:
     def end(self, key: Hashable, error: BaseException | None = None) -> None:
         """End every open feed of ``key``: they finish after what they hold, or raise
         ``error`` (the upstream completed, or it failed)."""
+        if self.outlet is not None:
+            self.outlet(key, {"completed": True})
         topic = self._topics.get(key)
         for watcher in topic.watchers if topic is not None else ():
             watcher.ended = True

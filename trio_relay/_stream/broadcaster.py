@@ -24,6 +24,15 @@ the pushes it missed from that buffer. The history outlives its broadcaster for 
 period (the relay keeps it), and a new broadcaster continues it only if the backend's version
 shows that nothing changed while nobody watched; otherwise it starts a new epoch, and
 resuming clients get a fresh snapshot marked ``reset``.
+
+With a `Bus` (``bus``) the broadcaster numbers nothing itself: it reads the bus's position of
+its resource before each snapshot (the snapshot holds every event up to it, as the backend
+writes before it publishes), follows the resource on the bus from there, and takes each
+event's ``seq`` and the bus's epoch as its own, so every relay process delivers the same
+numbering. A client resuming with pushes this broadcaster never saw (it reconnected to
+another process, or after a restart) gets them from the bus's kept history. If the bus lost
+that history or stayed unreachable, the broadcaster ends with a final push marked
+``restart``: its web clients are closed with 1012 and come back to a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from .._errors import CodedError
 from .._store.backend import BackendError, Change, Feed, NotFound, Snapshot
 from .._wire.framing import frame_text
 from .._wire.protocol import JSON, DataReply, ErrorCode, ErrorReply, ResourceKey, encode
+from .bus import Bus, BusError, Position
 
 __all__ = ["Broadcaster", "Push", "StreamHistory", "Subscriber", "SubscribeFailed", "Synced"]
 
@@ -61,6 +71,9 @@ class Push:
     final: bool = False
     #: For a final push after a failure: why the upstream ended.
     error: str | None = None
+    #: For a final push: the bus lost this resource's history or stayed unreachable, so its
+    #: subscribers should reconnect and start again (web clients are closed with 1012).
+    restart: bool = False
     #: ``text`` as one WebSocket frame, the same bytes for every web client (`_framing`).
     frame: bytes = attrs.field(init=False, eq=False, repr=False)
 
@@ -167,6 +180,7 @@ class Broadcaster:
         on_done: Callable[[Broadcaster], None],
         continues: StreamHistory | None = None,
         linger: float = 0.0,
+        bus: Bus | None = None,
     ) -> None:
         self.key = key
         self._open_feed = open_feed
@@ -183,6 +197,7 @@ class Broadcaster:
         self._advanced = trio.Event()
         self._continues = continues
         self._linger = linger
+        self._bus = bus
         #: Its last subscriber dropped: it runs until its scope's deadline, unless one joins.
         self.lingering = False
         self._lingered_out = False
@@ -232,6 +247,14 @@ class Broadcaster:
         with self._cancel_scope:
             try:
                 final = await self._pump()
+            except BusError as exc:
+                if not self._started.is_set():
+                    self._fail_start(exc)
+                    return
+                logger.bind(resource=str(self.key)).warning(
+                    "bus feed of {resource} ended: {error}", resource=str(self.key), error=exc
+                )
+                final = self._final_push(error=f"{exc}; reconnect to resume", restart=True)
             except Exception as exc:
                 if not self._started.is_set():
                     self._fail_start(exc)
@@ -248,6 +271,8 @@ class Broadcaster:
             self._on_done(self)
 
     async def _pump(self) -> Push:
+        if self._bus is not None:
+            return await self._pump_bus(self._bus)
         async with AsyncExitStack() as stack:
             with trio.fail_after(self._timeout):
                 feed = await stack.enter_async_context(self._open_feed())
@@ -259,6 +284,29 @@ class Broadcaster:
             async for change in feed:
                 self._publish(change)
         return self._final_push(error=None)
+
+    async def _pump_bus(self, bus: Bus) -> Push:
+        with trio.fail_after(self._timeout):
+            snapshot, position = await self._bus_snapshot(bus)
+        history = self.history
+        history.epoch, history.seq, history.version = position.epoch, position.seq, position.seq
+        for pending in self._pending.values():
+            pending.registered_at_seq = self.seq
+        self._cached = (snapshot, self.seq)
+        self._started.set()
+        logger.bind(resource=str(self.key)).debug("broadcaster for {} follows the bus", self.key)
+        async with bus.follow(self.key, position) as events:
+            async for event in events:
+                if event.data == _COMPLETED:  # the backend ended the resource (a deleted chat)
+                    break
+                self._publish(Change(event.data, event.seq))
+        return self._final_push(error=None)
+
+    async def _bus_snapshot(self, bus: Bus) -> tuple[Snapshot, Position]:
+        """A snapshot versioned by the bus: the position first, then the backend's rows."""
+        position = await bus.head(self.key)
+        snapshot = await self._read_snapshot()
+        return Snapshot(snapshot.items, position.seq), position
 
     def _begin_history(self, snapshot: Snapshot) -> None:
         kept = self._continues
@@ -280,24 +328,15 @@ class Broadcaster:
             if history.version is not None and change.version <= history.version:
                 return  # already part of the first snapshot
             history.version = change.version
-        seq = history.seq + 1
-        try:
-            text = encode(
-                DataReply(
-                    id=None,
-                    resource=self.key.resource,
-                    resource_id=self.key.resource_id or None,
-                    data=change.data,
-                    seq=seq,
-                )
-            )
-        except (TypeError, ValueError):
+        # On a bus, the bus numbered it (and the feed delivers each seq once, in order).
+        seq = history.seq + 1 if self._bus is None or change.version is None else change.version
+        push = self._push_of(seq, change.data, change.version)
+        if push is None:
             logger.bind(resource=str(self.key)).error(
                 "dropped a change of {} that is not JSON-serializable", self.key
             )
             return
         history.seq = seq
-        push = Push(self.key, seq, change.data, text, change.version)
         history.record(push, trio.current_time())
         for subscriber in self._live:
             subscriber.deliver(push)
@@ -312,7 +351,7 @@ class Broadcaster:
         self._advanced.set()
         self._advanced = trio.Event()
 
-    def _final_push(self, *, error: str | None) -> Push:
+    def _final_push(self, *, error: str | None, restart: bool = False) -> Push:
         resource_id = self.key.resource_id or None
         if error is None:
             data: JSON = {"completed": True}
@@ -330,7 +369,9 @@ class Broadcaster:
                     resource=self.key.resource, resource_id=resource_id, seq=self.seq + 1,
                 )
             )
-        return Push(self.key, self.seq + 1, data, text, final=True, error=error)
+        return Push(
+            self.key, self.seq + 1, data, text, final=True, error=error, restart=restart
+        )
 
     def _finish(self, final: Push) -> None:
         self._final = final
@@ -386,6 +427,8 @@ class Broadcaster:
             missed = self.history.between(
                 since_seq, pending.registered_at_seq, trio.current_time()
             )
+            if missed is None and self._bus is not None:
+                missed = await self._missed_on_bus(self._bus, since_seq, pending)
             room = math.inf if max_replay is None else max_replay
             if missed is not None and len(missed) + len(pending.pushes) <= room:
                 return Synced(
@@ -413,9 +456,49 @@ class Broadcaster:
             leave=partial(self.remove, subscriber),
         )
 
+    async def _missed_on_bus(
+        self, bus: Bus, since_seq: int, pending: _Pending
+    ) -> list[Push] | None:
+        """The pushes after ``since_seq`` from the bus's kept history (another process, or
+        an earlier broadcaster, delivered them); None if the bus no longer has them all."""
+        try:
+            with trio.fail_after(self._timeout):
+                events = await bus.read(
+                    self.key, self.history.epoch, since_seq, pending.registered_at_seq
+                )
+        except (BusError, trio.TooSlowError):
+            return None  # a fresh snapshot is the safe answer
+        pushes = []
+        for event in events or ():
+            push = self._push_of(event.seq, event.data, event.seq)
+            if push is None:
+                return None
+            pushes.append(push)
+        return pushes if events is not None else None
+
+    def _push_of(self, seq: int, data: JSON, version: int | None) -> Push | None:
+        """``data`` as the push numbered ``seq``, encoded once; None if it is not JSON."""
+        try:
+            text = encode(
+                DataReply(
+                    id=None, resource=self.key.resource,
+                    resource_id=self.key.resource_id or None, data=data, seq=seq,
+                )
+            )
+        except (TypeError, ValueError):
+            return None
+        return Push(self.key, seq, data, text, version)
+
     async def _fresh_snapshot(self) -> Snapshot:
         try:
             with trio.fail_after(self._timeout):
+                if self._bus is not None:
+                    snapshot, position = await self._bus_snapshot(self._bus)
+                    if position.epoch != self.history.epoch:
+                        raise SubscribeFailed(
+                            ErrorCode.BACKEND_ERROR, "the resource's stream restarted; try again"
+                        )
+                    return snapshot
                 return await self._read_snapshot()
         except Exception as exc:
             raise _as_subscribe_failed(exc, self.key) from None
@@ -458,9 +541,16 @@ class Broadcaster:
                 subscriber.deliver(push)
 
 
+#: The data of a resource's final event on a bus: the backend ended it (as in-process, the
+#: final push of a completed upstream).
+_COMPLETED: JSON = {"completed": True}
+
+
 def _as_subscribe_failed(exc: BaseException, key: ResourceKey) -> SubscribeFailed:
     if isinstance(exc, SubscribeFailed):
         return exc
+    if isinstance(exc, BusError):
+        return SubscribeFailed(ErrorCode.BACKEND_ERROR, str(exc) or "the broker failed")
     if isinstance(exc, NotFound):
         return SubscribeFailed(ErrorCode.NOT_FOUND, str(exc) or f"{key} not found")
     if isinstance(exc, BackendError):

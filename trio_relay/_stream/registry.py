@@ -5,7 +5,7 @@ subscriber (a web client or an in-process listener) joins, and forgets it when i
 leaves. A broadcaster that ends with its stream intact leaves its `StreamHistory` behind for
 ``resume_grace`` seconds, so that a lone subscriber who drops and comes back still resumes;
 one permanent task frees each kept history when its grace period is over, by the deadline of
-a cancel scope.
+a cancel scope. With a bus nothing is kept here: the bus keeps each resource's history.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .._config import RelayConfig
 from .._store.backend import Backend, Feed, Snapshot
 from .._wire.protocol import ErrorCode, ResourceKey
 from .broadcaster import Broadcaster, StreamHistory, SubscribeFailed, Subscriber, Synced
+from .bus import Bus
 
 __all__ = ["BroadcasterRegistry"]
 
@@ -27,8 +28,11 @@ __all__ = ["BroadcasterRegistry"]
 class BroadcasterRegistry:
     """The broadcasters of one relay, keyed by resource; their tasks run in ``nursery``."""
 
-    def __init__(self, backend: Backend, config: RelayConfig, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, backend: Backend, config: RelayConfig, nursery: trio.Nursery, bus: Bus | None = None
+    ) -> None:
         self._backend = backend
+        self._bus = bus
         self._config = config
         self._nursery = nursery
         self._broadcasters: dict[ResourceKey, Broadcaster] = {}
@@ -78,7 +82,9 @@ class BroadcasterRegistry:
                 replay_max_age=config.replay_max_age,
                 on_done=self._done,
                 continues=kept[0] if kept is not None else None,
-                linger=config.resume_grace,
+                # On a bus, the bus's kept history is the window for resuming.
+                linger=config.resume_grace if self._bus is None else 0.0,
+                bus=self._bus,
             )
             if kept is not None:
                 broadcaster.kept_until = kept[1]
@@ -106,8 +112,8 @@ class BroadcasterRegistry:
     def _done(self, broadcaster: Broadcaster) -> None:
         if self._broadcasters.get(broadcaster.key) is broadcaster:
             del self._broadcasters[broadcaster.key]
-        if self._closing or broadcaster.key in self._broadcasters:
-            return  # closing, or a newer broadcaster has the resource already
+        if self._closing or self._bus is not None or broadcaster.key in self._broadcasters:
+            return  # closing, on a bus, or a newer broadcaster has the resource already
         if broadcaster.resumable:
             # Its last subscriber left: keep its history a while for clients that come back.
             expiry = trio.current_time() + self._config.resume_grace
