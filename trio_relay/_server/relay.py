@@ -455,8 +455,9 @@ async def _open_broker(
         if isinstance(key, ResourceKey):  # a store's keys are (`_store.backend.chat_key`)
             forward(key, data)
 
-    hub.outlet = outlet
+    hub.outlet, hub.flusher = outlet, bus.flush
     stack.callback(setattr, hub, "outlet", None)
+    stack.callback(setattr, hub, "flusher", None)
     return bus
 
 

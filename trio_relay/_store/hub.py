@@ -11,7 +11,7 @@ falls that far behind fails with `FeedOverflow` instead of holding the publisher
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -58,6 +58,17 @@ class ChangeHub:
         #: Also hands every change to this (a relay on a bus forwards them to the bus). An
         #: ``end`` is handed on as ``{"completed": True}``.
         self.outlet: Callable[[Hashable, JSON], None] | None = None
+        #: Waits until what went to the outlet is delivered beyond this process (the bus's
+        #: `flush`); None: nothing to wait for.
+        self.flusher: Callable[[], Awaitable[None]] | None = None
+
+    async def flush(self) -> None:
+        """Return once every change published so far has left through the outlet (at once
+        without one): a store with an outbox deletes its rows after this."""
+        if self.flusher is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.flusher()
 
     def version(self, key: Hashable) -> int:
         """The version of the last change published for ``key`` (0 if none)."""

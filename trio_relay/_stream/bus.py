@@ -63,6 +63,11 @@ class Bus(Protocol):
         Changes are published in batches by a task of the bus, in the order forwarded."""
         ...
 
+    async def flush(self) -> None:
+        """Return once every change forwarded before the call is published (a store's
+        outbox deletes its rows only then, so that a crash loses nothing)."""
+        ...
+
     async def publish(self, key: ResourceKey, data: JSON) -> Position:
         """Publish one event now and return the position it was given."""
         ...

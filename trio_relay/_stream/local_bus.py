@@ -74,6 +74,10 @@ class LocalBus:
     def forward(self, key: ResourceKey, data: JSON) -> None:
         self._append(key, data)
 
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check()  # forwarded changes are published at once; a failed bus has none
+
     async def publish(self, key: ResourceKey, data: JSON) -> Position:
         await trio.lowlevel.checkpoint()
         self._check()
