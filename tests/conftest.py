@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _postgres import postgres_dsn, postgres_server  # noqa: F401 - fixtures for every module
 from loguru import logger
 
 
