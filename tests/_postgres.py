@@ -41,7 +41,12 @@ def find_binary(name: str) -> str | None:
     if found is not None:
         return found
     candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
-    candidates.sort(key=lambda path: int(Path(path).parts[-3]) if Path(path).parts[-3].isdigit() else 0)
+
+    def version(path: str) -> int:
+        number = Path(path).parts[-3]
+        return int(number) if number.isdigit() else 0
+
+    candidates.sort(key=version)
     return candidates[-1] if candidates else None
 
 

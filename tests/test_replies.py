@@ -72,6 +72,7 @@ class FakeStore:
         self.history_reads = 0
         self.store_error: BaseException | None = None
         self.stored: list[tuple[str, str, str]] = []
+        self.failed: list[ReplyJob] = []
         self._send, self.events = trio.open_memory_channel[Event](math.inf)
 
     def agent_for(self, model_profile_id: str) -> Agent:
@@ -86,12 +87,16 @@ class FakeStore:
         self.history_reads += 1
         return list(self.history)
 
-    async def store_reply(self, chat_id: str, message_id: str, content: str) -> None:
+    async def store_reply(self, job: ReplyJob, message_id: str, content: str) -> None:
         await trio.lowlevel.checkpoint()
         if self.store_error is not None:
             raise self.store_error
-        self.stored.append((chat_id, message_id, content))
-        self.publish(chat_id, {"type": "message", "id": message_id, "content": content})
+        self.stored.append((job.chat_id, message_id, content))
+        self.publish(job.chat_id, {"type": "message", "id": message_id, "content": content})
+
+    async def reply_failed(self, job: ReplyJob) -> None:
+        await trio.lowlevel.checkpoint()
+        self.failed.append(job)
 
     async def next(self) -> Event:
         return await self.events.receive()
@@ -219,6 +224,7 @@ async def test_a_failing_agent_is_reported_and_nothing_is_stored(
         "type": "error", "messageId": started["messageId"], "error": told}
     await wait_all_tasks_blocked()
     assert store.stored == []
+    assert store.failed == [job("c1")]  # the store closes the job (PostgreSQL's lease)
 
 
 async def test_a_reply_that_cannot_be_stored_is_reported(
@@ -227,11 +233,14 @@ async def test_a_reply_that_cannot_be_stored_is_reported(
     store.store_error = OSError("disk full")
     replies.queue(job("c1"))
     assert await store.types(4) == ["reply_started", "chunk", "chunk", "error"]
+    await wait_all_tasks_blocked()
+    assert store.failed == [job("c1")]
     store.store_error = NotFound("chat 'c1' not found")  # deleted meanwhile: nothing to tell
     replies.queue(job("c1"))
     assert await store.types(3) == ["reply_started", "chunk", "chunk"]
     await wait_all_tasks_blocked()
     assert store.events.statistics().current_buffer_used == 0
+    assert store.failed == [job("c1")]  # a deleted chat's job went with it
 
 
 async def test_an_agent_that_does_not_answer_gets_no_reply(

@@ -14,8 +14,12 @@ through ``publish``:
 
 The answer, or a stopped reply as far as it got with `STOPPED_NOTE`, is kept by
 `ChatStore.store_reply`, which stores it and publishes its ``message`` under the store's own
-consistency rule. A run's time limit is its agent's (`CommandAgent.timeout`), reported as an
-`AgentError` like any failure of the agent.
+consistency rule. A reply that ends with nothing stored (the agent failed, or its answer could
+not be stored) is handed back through `ChatStore.reply_failed`, so a store that records its
+jobs (PostgreSQL's, with leases) closes the job; a reply cut short by the runner's shutdown is
+handed back through neither: it is the store's to recover (PostgreSQL's lease expires and
+another node stores an "interrupted" note). A run's time limit is its agent's
+(`CommandAgent.timeout`), reported as an `AgentError` like any failure of the agent.
 """
 
 from __future__ import annotations
@@ -60,10 +64,15 @@ class ChatStore(Protocol):
         stored: all but that message and the user messages after it (they wait their turn)."""
         ...
 
-    async def store_reply(self, chat_id: str, message_id: str, content: str) -> None:
-        """Store the agent's answer as the chat's next (assistant) message under
+    async def store_reply(self, job: ReplyJob, message_id: str, content: str) -> None:
+        """Store the agent's answer to ``job`` as its chat's next (assistant) message under
         ``message_id``, and publish ``{"type": "message", ...}``; `NotFound` if the chat is
-        gone."""
+        gone (or the job is no longer this store's to answer)."""
+        ...
+
+    async def reply_failed(self, job: ReplyJob) -> None:
+        """The reply to ``job`` ended with nothing stored (the agent failed, or the answer
+        could not be stored); the error event is already published."""
         ...
 
 
@@ -154,23 +163,34 @@ class Replies:
                 if stopped:
                     assert message_id is not None
                     self._publish(chat_id, {"type": "cancelled", "messageId": message_id})
-                    await self._store_stopped(chat_id, message_id, text)
+                    await self._store_stopped(job, message_id, text)
         finally:
             # No checkpoint since the loop found the queue empty, so no job can be stranded.
             if self._queues.get(chat_id) is queue:
                 del self._queues[chat_id]
 
-    async def _store_stopped(self, chat_id: str, message_id: str, text: str) -> None:
+    async def _store_stopped(self, job: ReplyJob, message_id: str, text: str) -> None:
         """A stopped reply is stored as far as it got, with a note that it was stopped (and
         only the note if it had not begun), so that it never shows as an empty message."""
         content = f"{text}\n\n{STOPPED_NOTE}" if text.strip() else STOPPED_NOTE
         try:
-            await self._store.store_reply(chat_id, message_id, content)
+            await self._store.store_reply(job, message_id, content)
         except NotFound:
             pass  # the chat was deleted meanwhile
         except Exception:
-            logger.bind(resource=str(chat_key(chat_id))).exception(
+            logger.bind(resource=str(chat_key(job.chat_id))).exception(
                 "could not store the stopped reply"
+            )
+            await self._failed(job)
+
+    async def _failed(self, job: ReplyJob) -> None:
+        try:
+            await self._store.reply_failed(job)
+        except NotFound:
+            pass
+        except Exception:
+            logger.bind(resource=str(chat_key(job.chat_id))).exception(
+                "could not close the failed reply's job"
             )
 
     async def _reply(self, job: ReplyJob, queue: _ChatQueue) -> None:
@@ -197,6 +217,7 @@ class Replies:
             # line says what happened, and the chat is told.
             log.error("agent failed: {}", exc.detail)
             self._publish(chat_id, {"type": "error", "messageId": message_id, "error": str(exc)})
+            await self._failed(job)
             return
         except Exception:
             # Handlers should set diagnose=False (as the CLI does): its variable dumps would
@@ -205,9 +226,10 @@ class Replies:
             self._publish(
                 chat_id, {"type": "error", "messageId": message_id, "error": "agent failed"}
             )
+            await self._failed(job)
             return
         try:
-            await self._store.store_reply(chat_id, message_id, text)
+            await self._store.store_reply(job, message_id, text)
         except NotFound:
             log.debug("chat deleted before its reply was stored")
         except Exception:
@@ -215,6 +237,7 @@ class Replies:
             self._publish(
                 chat_id, {"type": "error", "messageId": message_id, "error": "reply not saved"}
             )
+            await self._failed(job)
 
 
 @asynccontextmanager

@@ -36,6 +36,7 @@ from .._agents.agent import Agent, HistoryItem
 from .._agents.echo import EchoAgent
 from .._errors import raise_single
 from .._wire.protocol import JSON, ResourceKey
+from . import rules
 from . import sqlite_sql as sql
 from .backend import (
     MODEL_PROFILES_KEY,
@@ -59,50 +60,12 @@ __all__ = [
 ]
 
 DATABASE_NAME: Final = "trio-relay.sqlite3"
-DEFAULT_CHAT_TITLE: Final = "New chat"
 #: Messages stored between two checkpoints of the write-ahead log (SQLite's own default
 #: is 1000 pages, about 4 MiB; a message is usually far smaller than a page).
 CHECKPOINT_EVERY: Final = 1000
-# The seeded profiles that pace the echo agent differently from the backend's own agent.
-_PROFILE_CHUNK_DELAYS: Final = {"echo-fast": 0.01, "echo-slow": 0.3}
 
-_MESSAGE_FIELDS: Final = ("text", "content", "message")
 
 _T = TypeVar("_T")
-
-
-# --- validation --------------------------------------------------------------------------------
-
-
-def _message_text(message: JSON) -> str:
-    """The text of a client's ``message``: a string, or an object's text/content/message."""
-    if isinstance(message, str) and message:
-        return message
-    if isinstance(message, dict):
-        for field in _MESSAGE_FIELDS:
-            value = message.get(field)
-            if isinstance(value, str) and value:
-                return value
-    raise BackendError(
-        "message must be a non-empty string or an object with a non-empty string"
-        " under 'text', 'content' or 'message'"
-    )
-
-
-def _checked_profiles(profiles: list[JSON]) -> list[sql.Row]:
-    checked: list[sql.Row] = []
-    seen: set[str] = set()
-    for i, profile in enumerate(profiles):
-        if not isinstance(profile, dict):
-            raise ValueError(f"model profile {i} must be a dict")
-        for field in ("id", "name", "agent"):
-            if not isinstance(profile.get(field), str) or not profile[field]:
-                raise ValueError(f"model profile {i} needs a non-empty string {field!r}")
-        if profile["id"] in seen:
-            raise ValueError(f"model profile id {profile['id']!r} appears twice")
-        seen.add(profile["id"])
-        checked.append({"id": profile["id"], "name": profile["name"], "agent": profile["agent"]})
-    return checked
 
 
 # --- the backend -------------------------------------------------------------------------------
@@ -203,24 +166,34 @@ class SqliteBackend:
     # --- writes ---
 
     async def send_message(
-        self, chat_id: str, message: JSON, *, sender: JSON | None = None
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None,
+        nonce: str | None = None,
     ) -> None:
         """Store a user message, with ``sender`` (any JSON, stored as it is), and queue the
-        chat's agent to answer it."""
-        content = _message_text(message)
+        chat's agent to answer it.
+
+        ``nonce`` (the client's ``clientNonce``) makes a retried send safe: a message with the
+        same nonce already stored in the chat is neither stored nor answered again."""
+        content = rules.message_text(message)
+        nonce = rules.checked_nonce(nonce)
         try:
             sender_text = None if sender is None else json.dumps(sender, ensure_ascii=False)
         except (TypeError, ValueError):
             raise BackendError("sender must be JSON") from None
 
-        def stored(result: tuple[sql.Row, sql.Row]) -> None:
-            message, chat = result
+        def stored(result: tuple[sql.Row, sql.Row, bool]) -> None:
+            message, chat, new = result
+            if not new:
+                return  # a retry: its first send was pushed and answered
             self.hub.publish(chat_key(chat_id), {"type": "message", "message": message})
             # Queued under the lock, so replies run in the order the messages were stored.
             self._replies.queue(ReplyJob(chat_id, content, chat["modelProfileId"], message["id"]))
 
         await self._write_batched(
-            partial(sql.insert_message, chat_id, sql.new_id(), "user", content, sender=sender_text),
+            partial(
+                sql.insert_message, chat_id, sql.new_id(), "user", content,
+                sender=sender_text, nonce=nonce,
+            ),
             stored,
         )
         logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
@@ -324,7 +297,7 @@ class SqliteBackend:
         model_profile_id = model_profile_id or profiles[0]
         if model_profile_id not in profiles:
             raise BackendError(f"unknown model profile {model_profile_id!r}")
-        title = (title or "").strip() or DEFAULT_CHAT_TITLE
+        title = (title or "").strip() or rules.DEFAULT_CHAT_TITLE
         write = partial(sql.insert_chat, project_id, title, model_profile_id)
         async with self._lock:
             chat = await self._run(write)
@@ -372,7 +345,7 @@ class SqliteBackend:
         reply already running keeps its agent. Raises `ValueError` for a malformed list or an
         agent for no profile: this is the host's call, not a client's.
         """
-        checked = _checked_profiles(profiles)
+        checked = rules.checked_profiles(profiles)
         if agents is not None:
             strays = sorted(set(agents) - {p["id"] for p in checked})
             if strays:
@@ -400,13 +373,7 @@ class SqliteBackend:
 
     def agent_for(self, model_profile_id: str) -> Agent:
         """The agent that answers in a chat of the given model profile."""
-        configured = self.agents.get(model_profile_id)
-        if configured is not None:
-            return configured
-        delay = _PROFILE_CHUNK_DELAYS.get(model_profile_id)
-        if delay is None:
-            return self.agent
-        return attrs.evolve(self.agent, chunk_delay=delay)
+        return rules.agent_for(model_profile_id, self.agents, self.agent)
 
 
 @attrs.frozen
@@ -426,12 +393,16 @@ class _ChatStore:
     async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
         return await self.backend._run(partial(sql.select_earlier, chat_id, message_id))
 
-    async def store_reply(self, chat_id: str, message_id: str, content: str) -> None:
+    async def store_reply(self, job: ReplyJob, message_id: str, content: str) -> None:
         backend = self.backend
-        write = partial(sql.insert_message, chat_id, message_id, "assistant", content)
+        write = partial(sql.insert_message, job.chat_id, message_id, "assistant", content)
         async with backend._lock:
-            stored, _ = await backend._run(write)
-            backend.hub.publish(chat_key(chat_id), {"type": "message", "message": stored})
+            stored, _, _ = await backend._run(write)
+            backend.hub.publish(chat_key(job.chat_id), {"type": "message", "message": stored})
+
+    async def reply_failed(self, job: ReplyJob) -> None:
+        """Nothing to close: SQLite keeps no record of a reply's job."""
+        await trio.lowlevel.checkpoint()
 
 
 @asynccontextmanager

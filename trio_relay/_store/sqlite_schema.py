@@ -21,8 +21,8 @@ __all__ = [
 DEFAULT_MODEL_PROFILE: Final = "echo"
 
 # PRAGMA user_version of the schema below. 0 means a fresh file: the only time we seed.
-# 2: messages.sender (`MIGRATIONS`).
-SCHEMA_VERSION: Final = 2
+# 2: messages.sender; 3: messages.nonce (`MIGRATIONS`).
+SCHEMA_VERSION: Final = 3
 
 # One statement each: executescript() would commit the transaction they run in.
 SCHEMA: Final = (
@@ -47,9 +47,13 @@ SCHEMA: Final = (
         role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
         content TEXT NOT NULL,
         created_at TEXT NOT NULL,
-        sender TEXT
+        sender TEXT,
+        nonce TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, seq)",
+    # A retried send (same client nonce, same chat) is stored once.
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_by_nonce ON messages (chat_id, nonce)"
+    " WHERE nonce IS NOT NULL",
     # position: profiles are listed in the order the host gave them.
     """CREATE TABLE IF NOT EXISTS model_profiles (
         id TEXT PRIMARY KEY,
@@ -62,8 +66,10 @@ SCHEMA: Final = (
 # What takes a database of the version before each to that version, one statement each.
 # messages.sender: who sent a user message, as JSON; NULL for agent replies and for messages
 # stored before senders existed (they are shown as before).
+# messages.nonce: the client's nonce of a user message (its unique index is in SCHEMA).
 MIGRATIONS: Final = {
     2: ("ALTER TABLE messages ADD COLUMN sender TEXT",),
+    3: ("ALTER TABLE messages ADD COLUMN nonce TEXT",),
 }
 
 WELCOME_TEXT: Final = (

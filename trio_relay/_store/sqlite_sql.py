@@ -237,22 +237,30 @@ def select_history(chat_id: str, conn: sqlite3.Connection) -> list[JSON]:
 
 def insert_message(
     chat_id: str, message_id: str, role: str, content: str, conn: sqlite3.Connection,
-    sender: str | None = None,
-) -> tuple[Row, Row]:
-    """Store a message (``sender`` as JSON text); return it and its chat. `NotFound` if the
-    chat is gone."""
+    sender: str | None = None, nonce: str | None = None,
+) -> tuple[Row, Row, bool]:
+    """Store a message (``sender`` as JSON text); return it, its chat, and whether it is new:
+    a message with the same ``nonce`` in the chat is returned as it was stored, and nothing
+    is stored again. `NotFound` if the chat is gone."""
     with transaction(conn):
         chat = select_chat(conn, chat_id)
+        if nonce is not None:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND nonce = ?",
+                (chat_id, nonce),
+            ).fetchone()
+            if row is not None:
+                return _message(row), chat, False
         conn.execute(
-            "INSERT INTO messages (id, chat_id, role, content, created_at, sender)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, chat_id, role, content, now(), sender),
+            "INSERT INTO messages (id, chat_id, role, content, created_at, sender, nonce)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (message_id, chat_id, role, content, now(), sender, nonce),
         )
         row = conn.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
         ).fetchone()
     assert row is not None
-    return _message(row), chat
+    return _message(row), chat, True
 
 
 def insert_chat(
