@@ -1,0 +1,668 @@
+"""`PostgresBackend`: the `Backend` on a shared PostgreSQL database, for a cluster of relays.
+
+It stores what `SqliteBackend` stores, behaves the same, and answers through the same reply
+runner (``replies``); the schema is created and migrated by the backend itself
+(``postgres_schema``; the SQL is in ``postgres_sql``). psycopg's async connection does not run
+under Trio, so its synchronous API runs in worker threads: a bounded connection pool, and a
+`trio.CapacityLimiter` of the pool's size in front of it.
+
+The consistency rule in one process is SQLite's: a write and its ``hub.publish`` happen under
+``self._lock``, with no ``await`` between the commit and the publish, and a snapshot reads
+``hub.version`` and its rows under the same lock, so a snapshot's version covers exactly the
+changes of this process in its rows. (Across processes the bus numbers the events: a relay
+with a broker takes each resource's position from the bus, not from this hub.) Streamed agent
+output (``reply_started``, ``chunk``, ``cancelled``, ``error``) changes no rows and is
+published at once, without the lock.
+
+Across nodes:
+
+- **Outbox.** Every stored change's event is written to the ``outbox`` table in the change's
+  own transaction, with a lease. Right after the commit, under the lock, this node publishes
+  it (a relay with a broker forwards it to the bus); a drain task then waits for
+  `ChangeHub.flush` (the bus has it) and only then deletes the rows. While rows wait, their
+  lease is renewed. Rows whose lease ran out were left by a node that crashed between the
+  commit and the publish (or could not publish for that long): any node claims them after
+  that short delay (``lease`` seconds) and publishes them, in order. An event is therefore
+  published at least once; twice only when a node dies after publishing and before deleting.
+- **Reply jobs.** The node that stores a user message runs its reply, recorded in the same
+  transaction as a ``reply_jobs`` row it owns with a lease, renewed while the reply runs. A
+  job whose lease ran out (its node died or stopped) is closed by any node, which stores an
+  assistant message saying the reply was interrupted (`postgres_sql.INTERRUPTED_NOTE`). A
+  reply is stored only together with closing its job, and only by the job's owner, so a chat
+  never shows two replies, and never one stuck running. A node that stops releases its jobs
+  at once; a node id is new each time the backend opens, so a restarted node takes over its
+  own earlier jobs like any other.
+- **Nonces.** A send with a ``nonce`` already stored in the chat stores and answers nothing
+  (a unique index, so also when two nodes get the same retry at once).
+
+Faults: an unreachable database at start raises `DatabaseUnavailable`, naming host, port and
+database (never the password). While running, a call that cannot reach the database fails
+with `DatabaseUnavailable` (a `BackendError`, so the client gets an error frame) and the pool
+reconnects by itself once the database is back; a statement that runs longer than
+``statement_timeout`` is cancelled by the server, and a call whose server stops answering
+altogether (frozen) has its connection cut after ``call_timeout`` (real time, by a watchdog
+thread): both fail with a clear `BackendError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Final, TypeVar
+
+import attrs
+import psycopg
+import trio
+from loguru import logger
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .._agents.agent import Agent, HistoryItem, answers
+from .._agents.echo import EchoAgent
+from .._errors import raise_single
+from .._wire.protocol import JSON, ResourceKey
+from . import postgres_sql as sql
+from . import rules
+from .backend import MODEL_PROFILES_KEY, BackendError, Feed, Snapshot, chat_key, project_key
+from .hub import ChangeHub
+from .postgres_schema import migrate
+from .replies import Replies, ReplyJob, open_replies
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["DatabaseUnavailable", "PostgresBackend", "open_postgres_backend"]
+
+DEFAULT_POOL_SIZE: Final = 8
+#: Seconds a statement may run before the server cancels it.
+DEFAULT_STATEMENT_TIMEOUT: Final = 10.0
+#: Seconds a whole call may take before its connection is cut (a server that stopped
+#: answering); also the bound on waiting for a free connection and on connecting.
+DEFAULT_CALL_TIMEOUT: Final = 15.0
+#: Seconds a node's claim on a reply job or an unpublished event holds without renewal.
+DEFAULT_LEASE: Final = 10.0
+#: Expired jobs or events claimed per pass.
+_CLAIM_BATCH: Final = 100
+
+_T = TypeVar("_T")
+
+
+class DatabaseUnavailable(BackendError):
+    """The PostgreSQL database cannot be reached (or stopped answering); ``str()`` is safe to
+    show: it names host, port and database, never the password."""
+
+
+@attrs.frozen
+class _Where:
+    """The database's address, for messages; built without the password."""
+
+    host: str
+    port: str
+    database: str
+    password: str | None
+
+    @classmethod
+    def of(cls, dsn: str) -> _Where:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            raise BackendError("the database URL is not a valid PostgreSQL conninfo") from None
+        return cls(
+            str(params.get("host") or os.environ.get("PGHOST") or "localhost"),
+            str(params.get("port") or os.environ.get("PGPORT") or "5432"),
+            str(params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") or "?"),
+            None if params.get("password") is None else str(params["password"]),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}, database {self.database!r}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a driver's message) without the password, and on one line."""
+        if self.password:
+            text = text.replace(self.password, "***")
+        return " ".join(text.split())
+
+
+class _Watchdog:
+    """Cuts the connection of a call that takes longer than ``limit`` seconds of real time:
+    a frozen server never answers, and libpq has no client-side timeout of its own. Real
+    time, in a thread of its own, so that a test's mock clock never fires it."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._calls: dict[int, tuple[float, int]] = {}  # call -> (deadline, socket fd)
+        self._cut: set[int] = set()
+        self._mutex = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="trio-relay-pg-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    @contextmanager
+    def watch(self, conn: sql.Conn) -> Iterator[Callable[[], bool]]:
+        """Watch one call on ``conn``; yields a function telling whether it was cut."""
+        call = id(threading.current_thread())
+        with self._mutex:
+            self._calls[call] = (time.monotonic() + self.limit, conn.fileno())
+        try:
+            yield lambda: call in self._cut
+        finally:
+            with self._mutex:
+                self._calls.pop(call, None)
+                self._cut.discard(call)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(min(0.25, self.limit / 4)):
+            now = time.monotonic()
+            with self._mutex:
+                for call, (deadline, fd) in list(self._calls.items()):
+                    if now > deadline and call not in self._cut:
+                        self._cut.add(call)
+                        try:
+                            # A shutdown wakes the blocked read; libpq then reports the
+                            # connection lost, and the pool discards it.
+                            with socket.socket(fileno=os.dup(fd)) as sock:
+                                sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+
+
+class PostgresBackend:
+    """The `Backend` over a PostgreSQL database. Get one from `open_postgres_backend`.
+
+    Besides the protocol's methods it offers the host's side, as `SqliteBackend` does:
+    `rename_chat`, `delete_chat` and `set_model_profiles`, each pushed to the relevant feed.
+    Agents are chosen as in `SqliteBackend` (``agents``, else ``agent``).
+    """
+
+    #: The runner of this backend's replies, set by `open_postgres_backend`.
+    _replies: Replies
+
+    def __init__(
+        self,
+        pool: ConnectionPool[sql.Conn],
+        *,
+        limiter: trio.CapacityLimiter,
+        agent: EchoAgent,
+        where: _Where,
+        lease: float,
+        watchdog: _Watchdog,
+        statement_timeout: float,
+    ) -> None:
+        self.hub = ChangeHub()
+        self.agent = agent
+        self.agents: dict[str, Agent] = {}
+        #: This backend's node id: the owner of its jobs and events (new at every open).
+        self.node = uuid.uuid4().hex
+        self.where = where
+        self._pool = pool
+        self._limiter = limiter
+        self._lease = sql.Lease(self.node, lease)
+        self._watchdog = watchdog
+        self._statement_timeout = statement_timeout
+        self._lock = trio.Lock()
+        self._closed = False
+        self._healthy = True
+        # Projects are only ever seeded: read once. (The profiles are not cached: another
+        # node may change them.)
+        self._projects: list[JSON] | None = None
+        # Reply jobs this node runs or has queued (user message id -> chat id), and the ids
+        # of outbox rows it published but has not deleted yet: their leases are renewed.
+        self._jobs: dict[str, str] = {}
+        self._unflushed: list[int] = []
+        self._undeleted: set[int] = set()
+        self._drain_wanted = trio.Event()
+
+    @property
+    def healthy(self) -> bool:
+        """False since a call found the database unreachable, until one succeeds again
+        (``/healthz`` may answer 503 meanwhile)."""
+        return self._healthy
+
+    # --- running SQL in a worker thread ---
+
+    async def _run(self, fn: Callable[[sql.Conn], _T], *, read: bool = False) -> _T:
+        if self._closed:
+            raise BackendError("backend is closed")
+        return await self._run_anyway(fn, read=read)
+
+    async def _run_anyway(self, fn: Callable[[sql.Conn], _T], *, read: bool = False) -> _T:
+        # Abandoned when cancelled: the thread finishes by itself (the watchdog bounds it),
+        # and a write it commits meanwhile is not lost: its events wait in the outbox.
+        try:
+            result = await trio.to_thread.run_sync(
+                self._call, fn, read, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except DatabaseUnavailable:
+            self._healthy = False
+            raise
+        self._healthy = True
+        return result
+
+    def _call(self, fn: Callable[[sql.Conn], _T], read: bool) -> _T:
+        """In the worker thread: ``fn`` on a pooled connection, its failures made clear. A
+        read that finds its connection broken (the server restarted) is tried once more on a
+        fresh one."""
+        for attempt in (1, 2):
+            try:
+                return self._call_once(fn)
+            except _Stale as stale:
+                if not read or attempt == 2:
+                    raise stale.error from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _call_once(self, fn: Callable[[sql.Conn], _T]) -> _T:
+        where = self.where
+        try:
+            with self._pool.connection(timeout=self._watchdog.limit) as conn:
+                with self._watchdog.watch(conn) as was_cut:
+                    try:
+                        return fn(conn)
+                    except psycopg.errors.QueryCanceled:
+                        raise BackendError(
+                            f"the database did not answer within {self._statement_timeout:g}"
+                            " seconds (statement_timeout)"
+                        ) from None
+                    except psycopg.OperationalError as exc:
+                        if was_cut():
+                            raise DatabaseUnavailable(
+                                f"the database at {where} did not answer within"
+                                f" {self._watchdog.limit:g} seconds"
+                            ) from None
+                        if conn.broken:
+                            # The server went away (or restarted): every pooled connection
+                            # is likely stale; replace them all.
+                            self._pool.drain()
+                            raise _Stale(DatabaseUnavailable(
+                                f"lost the database at {where}: {where.scrub(str(exc))}"
+                            )) from None
+                        raise
+        except PoolTimeout:
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {where} (no connection within"
+                f" {self._watchdog.limit:g} seconds)"
+            ) from None
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"lost the database at {where}: {where.scrub(str(exc))}"
+            ) from None
+
+    async def _snapshot(
+        self, key: ResourceKey, read: Callable[[sql.Conn], list[JSON]]
+    ) -> Snapshot:
+        async with self._lock:
+            # This node's writes wait for the lock, so the version still matches the rows.
+            version = self.hub.version(key)
+            items = await self._run(read, read=True)
+        return Snapshot(items, version)
+
+    # --- publishing stored changes (under the lock, right after their commit) ---
+
+    def _emit(self, events: Sequence[sql.Event]) -> None:
+        for event in events:
+            if event.data is None:
+                self.hub.end(event.key)
+            else:
+                self.hub.publish(event.key, event.data)
+            self._unflushed.append(event.outbox_id)
+            self._undeleted.add(event.outbox_id)
+        if events:
+            self._drain_wanted.set()
+
+    async def _drain(self) -> None:
+        """Delete the outbox rows of published events once they have left this process."""
+        while True:
+            await self._drain_wanted.wait()
+            self._drain_wanted = trio.Event()
+            ids, self._unflushed = self._unflushed, []
+            try:
+                await self.hub.flush()
+                await self._run_anyway(partial(sql.delete_outbox, ids))
+            except Exception as exc:
+                # Kept, and renewed: tried again with the next event or the next pass.
+                logger.opt(exception=exc).warning("could not clear {} outbox rows", len(ids))
+                self._unflushed[:0] = ids
+                continue
+            self._undeleted.difference_update(ids)
+
+    async def _maintain(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Every third of a lease: renew this node's claims, close the jobs of nodes that
+        stopped, and publish the events they left unpublished."""
+        task_status.started()
+        while True:
+            try:
+                await self._maintain_once()
+            except Exception as exc:
+                logger.opt(exception=exc).warning("lease upkeep failed: {}", exc)
+            await trio.sleep(self._lease.seconds / 3)
+
+    async def _maintain_once(self) -> None:
+        jobs, rows = list(self._jobs), sorted(self._undeleted)
+        if jobs or rows:
+            await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
+        async with self._lock:
+            closed = await self._run_anyway(
+                partial(sql.take_over_jobs, self._lease, _CLAIM_BATCH)
+            )
+            for message, events in closed:
+                logger.bind(resource=str(chat_key(str(message["chatId"])))).warning(
+                    "a reply was interrupted (its relay stopped); marked as such"
+                )
+                self._emit(events)
+        async with self._lock:
+            left = await self._run_anyway(partial(sql.claim_outbox, self._lease, _CLAIM_BATCH))
+            if left:
+                logger.warning("publishing {} events a stopped relay left unpublished", len(left))
+            self._emit(left)
+
+    # --- reads ---
+
+    async def list_projects(self) -> list[JSON]:
+        if self._projects is None:
+            self._projects = await self._run(sql.select_projects, read=True)
+        else:
+            await trio.lowlevel.checkpoint()
+        return [dict(project) for project in self._projects]
+
+    async def get_model_profiles(self) -> Snapshot:
+        return await self._snapshot(MODEL_PROFILES_KEY, sql.select_profiles)
+
+    async def list_chats(self, project_id: str) -> Snapshot:
+        return await self._snapshot(project_key(project_id), partial(sql.select_chats, project_id))
+
+    async def get_history(self, chat_id: str) -> Snapshot:
+        return await self._snapshot(chat_key(chat_id), partial(sql.select_history, chat_id))
+
+    # --- writes ---
+
+    async def send_message(
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        """Store a user message, with ``sender`` (any JSON, stored as it is), and queue the
+        chat's agent to answer it on this node. A ``nonce`` already stored in the chat (a
+        retried send, on any node) stores and answers nothing."""
+        content = rules.message_text(message)
+        nonce = rules.checked_nonce(nonce)
+        try:
+            sender_text = None if sender is None else json.dumps(sender, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raise BackendError("sender must be JSON") from None
+        agents = dict(self.agents)
+
+        def agent_answers(profile: str) -> bool:
+            return answers(rules.agent_for(profile, agents, self.agent))
+
+        write = partial(
+            sql.insert_user_message, chat_id, sql.new_id(), content, sender_text, nonce,
+            agent_answers, self._lease,
+        )
+        async with self._lock:
+            stored, chat, new, events = await self._run(write)
+            if not new:
+                return
+            self._emit(events)
+            # Queued under the lock, so replies run in the order the messages were stored.
+            job = ReplyJob(chat_id, content, str(chat["modelProfileId"]), str(stored["id"]))
+            if self._replies.queue(job):
+                self._jobs[job.message_id] = chat_id
+        logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
+
+    async def create_chat(
+        self,
+        project_id: str,
+        title: str | None = None,
+        model_profile_id: str | None = None,
+    ) -> JSON:
+        if title is not None and not isinstance(title, str):
+            raise BackendError("title must be a string")
+        profiles = [p["id"] for p in (await self.get_model_profiles()).items]
+        if not profiles:
+            raise BackendError("there are no model profiles to create a chat with")
+        model_profile_id = model_profile_id or str(profiles[0])
+        if model_profile_id not in profiles:
+            raise BackendError(f"unknown model profile {model_profile_id!r}")
+        title = (title or "").strip() or rules.DEFAULT_CHAT_TITLE
+        write = partial(sql.insert_chat, project_id, title, model_profile_id, self._lease)
+        async with self._lock:
+            chat, events = await self._run(write)
+            self._emit(events)
+        logger.info("created chat {} in project {}", chat["id"], project_id)
+        return chat
+
+    async def rename_chat(self, chat_id: str, title: str) -> JSON:
+        """Retitle a chat and return it; pushes ``chat_renamed`` to its project's feed."""
+        if not isinstance(title, str) or not title.strip():
+            raise BackendError("title must be a non-empty string")
+        async with self._lock:
+            chat, events = await self._run(
+                partial(sql.update_chat_title, chat_id, title.strip(), self._lease)
+            )
+            self._emit(events)
+        return chat
+
+    async def cancel_reply(self, chat_id: str) -> bool:
+        """Stop the reply running in a chat on this node (queued ones still run); push
+        ``cancelled``. A reply running on another node is not stopped from here."""
+        await self._run(partial(sql.select_chat, chat_id=chat_id), read=True)
+        return self._replies.cancel(chat_id)
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
+        async with self._lock:
+            _, events = await self._run(partial(sql.delete_chat, chat_id, self._lease))
+            self._emit(events)  # chat_deleted, and the end of the chat's own feeds
+            self._replies.forget(chat_id)
+            for message_id in [m for m, c in self._jobs.items() if c == chat_id]:
+                del self._jobs[message_id]
+        logger.info("deleted chat {}", chat_id)
+
+    async def set_model_profiles(
+        self, profiles: list[JSON], agents: Mapping[str, Agent] | None = None
+    ) -> None:
+        """As `SqliteBackend.set_model_profiles`: replace all model profiles and push them.
+        The agents are this node's: each node of a cluster is given its own."""
+        checked = rules.checked_profiles(profiles)
+        if agents is not None:
+            strays = sorted(set(agents) - {str(p["id"]) for p in checked})
+            if strays:
+                raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
+        async with self._lock:
+            events = await self._run(partial(sql.store_profiles, checked, self._lease))
+            if agents is not None:
+                self.agents = dict(agents)
+            self._emit(events)
+        logger.info("model profiles replaced ({} profiles)", len(checked))
+
+    # --- feeds ---
+
+    def watch_project(self, project_id: str) -> Feed:
+        return self.hub.open_feed(project_key(project_id))
+
+    def watch_chat(self, chat_id: str) -> Feed:
+        return self.hub.open_feed(chat_key(chat_id))
+
+    def watch_model_profiles(self) -> Feed:
+        return self.hub.open_feed(MODEL_PROFILES_KEY)
+
+    # --- replies ---
+
+    def agent_for(self, model_profile_id: str) -> Agent:
+        """The agent that answers in a chat of the given model profile."""
+        return rules.agent_for(model_profile_id, self.agents, self.agent)
+
+
+@attrs.frozen
+class _ChatStore:
+    """What the reply runner needs of a `PostgresBackend` (`replies.ChatStore`)."""
+
+    backend: PostgresBackend
+
+    def agent_for(self, model_profile_id: str) -> Agent:
+        return self.backend.agent_for(model_profile_id)
+
+    def publish(self, chat_id: str, data: JSON) -> None:
+        """Streamed agent output changes no rows: published without the lock."""
+        self.backend.hub.publish(chat_key(chat_id), data)
+
+    async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
+        return await self.backend._run(
+            partial(sql.select_earlier, chat_id, message_id), read=True
+        )
+
+    async def store_reply(self, job: ReplyJob, message_id: str, content: str) -> None:
+        backend = self.backend
+        write = partial(
+            sql.insert_reply, job.chat_id, job.message_id, message_id, content, backend._lease
+        )
+        try:
+            async with backend._lock:
+                _, events = await backend._run(write)
+                backend._emit(events)
+        finally:
+            backend._jobs.pop(job.message_id, None)
+
+    async def reply_failed(self, job: ReplyJob) -> None:
+        backend = self.backend
+        backend._jobs.pop(job.message_id, None)
+        await backend._run(partial(sql.close_job, job.message_id, backend._lease))
+
+
+def _connect_and_migrate(dsn: str, where: _Where, connect_timeout: float) -> int:
+    try:
+        timeout = max(1, round(connect_timeout))
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=timeout) as conn:
+            return migrate(conn)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot reach the database at {where}: {where.scrub(str(exc))}"
+        ) from None
+
+
+@asynccontextmanager
+async def open_postgres_backend(
+    dsn: str,
+    *,
+    agent: EchoAgent | None = None,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    lease: float = DEFAULT_LEASE,
+) -> AsyncIterator[PostgresBackend]:
+    """Connect to the database at ``dsn`` (a ``postgresql://`` URL or a conninfo string),
+    create or migrate its schema (seeding a new one), and run this node's replies, leases and
+    outbox. Raises `DatabaseUnavailable` if the database cannot be reached.
+
+    ``pool_size`` bounds the connections (and worker threads) this node uses;
+    ``statement_timeout`` (seconds) is set on every connection; ``call_timeout`` bounds a
+    whole call in real time (a server that stopped answering); ``lease`` is how long a job
+    or an unpublished event of this node survives it without renewal: the delay before
+    another node takes over after a crash.
+
+    Leaving the context cancels the replies still running and releases their jobs (any node
+    then closes them as interrupted), and closes the pool.
+    """
+    if pool_size < 1:
+        raise ValueError("pool_size must be at least 1")
+    if not 0 < statement_timeout <= call_timeout:
+        raise ValueError("statement_timeout must be positive and at most call_timeout")
+    if lease <= 0:
+        raise ValueError("lease must be positive")
+    where = _Where.of(dsn)
+    await trio.to_thread.run_sync(_connect_and_migrate, dsn, where, call_timeout)
+    pool: ConnectionPool[sql.Conn] = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=pool_size,
+        open=False,
+        timeout=call_timeout,
+        reconnect_timeout=0,  # keep trying to reconnect for as long as it takes
+        name="trio-relay",
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "connect_timeout": max(1, round(call_timeout)),
+            "application_name": "trio-relay",
+            "options": f"-c statement_timeout={round(statement_timeout * 1000)}",
+        },
+    )
+    await trio.to_thread.run_sync(partial(pool.open, wait=False))
+    watchdog = _Watchdog(call_timeout)
+    watchdog.start()
+    limiter = trio.CapacityLimiter(pool_size)
+    logger.info("postgres backend opened at {}", where)
+    backend = PostgresBackend(
+        pool, limiter=limiter, agent=agent or EchoAgent(), where=where, lease=lease,
+        watchdog=watchdog, statement_timeout=statement_timeout,
+    )
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    store = _ChatStore(backend)
+                    async with open_replies(store, store.publish) as replies:
+                        backend._replies = replies
+                        nursery.start_soon(backend._drain)
+                        await nursery.start(backend._maintain)
+                        try:
+                            yield backend
+                        finally:
+                            backend._closed = True
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise_single(group)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _close(backend, pool, watchdog)
+        logger.info("postgres backend at {} closed", where)
+
+
+async def _close(
+    backend: PostgresBackend, pool: ConnectionPool[sql.Conn], watchdog: _Watchdog
+) -> None:
+    """Release this node's jobs (another node, or this one restarted, closes them as
+    interrupted at once) and clear what it published; then close the pool."""
+    try:
+        jobs = list(backend._jobs)
+        if jobs:
+            await backend._run_anyway(partial(sql.release_jobs, backend._lease, jobs))
+        ids = sorted(backend._undeleted)
+        if ids:
+            await backend.hub.flush()
+            await backend._run_anyway(partial(sql.delete_outbox, ids))
+    except Exception as exc:
+        # Their leases run out instead: the same outcome, a little later.
+        logger.opt(exception=exc).warning("could not release this relay's jobs and events")
+    finally:
+        try:
+            await trio.to_thread.run_sync(partial(pool.close, timeout=1.0))
+        finally:
+            watchdog.stop()
+
+
+class _Stale(Exception):
+    """A pooled connection was found broken before anything was done on it (maybe)."""
+
+    def __init__(self, error: DatabaseUnavailable) -> None:
+        super().__init__(str(error))
+        self.error = error
