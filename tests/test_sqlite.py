@@ -1,10 +1,17 @@
-"""The sqlite backend: storage, seeding, the echo agent's streamed replies, and exact feeds."""
+"""The built-in stores: storage, seeding, the echo agent's streamed replies, and exact feeds.
+
+Every test that takes ``backend`` or ``open_store`` runs against both stores, SQLite and
+PostgreSQL (a real server, tests/_postgres.py); the ones on ``sqlite_backend`` or
+``open_sqlite_backend`` are about SQLite's own machinery. PostgreSQL's own behaviour (leases,
+the outbox, faults) is in test_postgres.py.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -20,6 +27,7 @@ from trio_relay._agents.echo import EchoAgent
 from trio_relay._agents.silent import SilentAgent
 from trio_relay._store import sqlite, sqlite_schema, sqlite_sql
 from trio_relay._store.backend import Backend, BackendError, Change, NotFound
+from trio_relay._store.postgres import PostgresBackend, open_postgres_backend
 from trio_relay._store.sqlite import (
     DATABASE_NAME,
     SqliteBackend,
@@ -33,8 +41,26 @@ SEEDED_PROFILES = [
 ]
 
 
+Store = SqliteBackend | PostgresBackend
+OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+    """Opens the store under test (``agent=`` as both take it); again for the same data."""
+    if request.param == "sqlite":
+        return partial(open_sqlite_backend, tmp_path / "data")
+    return partial(open_postgres_backend, request.getfixturevalue("postgres_dsn"))
+
+
 @pytest.fixture
-async def backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
+async def backend(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store() as backend:
+        yield backend
+
+
+@pytest.fixture
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[SqliteBackend]:
     async with open_sqlite_backend(tmp_path / "data") as backend:
         yield backend
 
@@ -114,10 +140,10 @@ async def test_fresh_database_is_seeded(tmp_path: Path, autojump_clock: MockCloc
 
 
 async def test_reopen_keeps_history_and_does_not_reseed(
-    tmp_path: Path, autojump_clock: MockClock
+    open_store: OpenStore, autojump_clock: MockClock
 ) -> None:
     profiles = [{"id": "only", "name": "Only", "agent": "echo"}]
-    async with open_sqlite_backend(tmp_path, agent=EchoAgent(chunk_delay=0.01)) as backend:
+    async with open_store(agent=EchoAgent(chunk_delay=0.01)) as backend:
         chat = await backend.create_chat("demo", "Kept")
         async with backend.watch_chat(chat["id"]) as feed:
             await backend.send_message(chat["id"], "remember me")
@@ -126,7 +152,7 @@ async def test_reopen_keeps_history_and_does_not_reseed(
         await backend.set_model_profiles(profiles)
         before = (await backend.get_history(chat["id"])).items
         projects = await backend.list_projects()
-    async with open_sqlite_backend(tmp_path) as backend:
+    async with open_store() as backend:
         assert await backend.list_projects() == projects
         chats = (await backend.list_chats("demo")).items
         assert [c["title"] for c in chats] == ["Hello again", "Kept"]
@@ -136,7 +162,7 @@ async def test_reopen_keeps_history_and_does_not_reseed(
         assert (await backend.get_model_profiles()).items == profiles
 
 
-async def test_wire_shapes(backend: SqliteBackend, autojump_clock: MockClock) -> None:
+async def test_wire_shapes(backend: Store, autojump_clock: MockClock) -> None:
     (project,) = await backend.list_projects()
     assert set(project) == {"id", "name", "createdAt"}
     assert is_timestamp(project["createdAt"])
@@ -167,7 +193,7 @@ async def test_wire_shapes(backend: SqliteBackend, autojump_clock: MockClock) ->
 
 
 async def test_chats_are_listed_in_creation_order(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     titles = ["a", "b", "c", "d"]
     for title in titles:
@@ -177,7 +203,7 @@ async def test_chats_are_listed_in_creation_order(
     assert [c["createdAt"] for c in listed] == sorted(c["createdAt"] for c in listed)
 
 
-async def test_create_chat_titles(backend: SqliteBackend, autojump_clock: MockClock) -> None:
+async def test_create_chat_titles(backend: Store, autojump_clock: MockClock) -> None:
     assert (await backend.create_chat("demo", None))["title"] == "New chat"
     assert (await backend.create_chat("demo", "   "))["title"] == "New chat"
     assert (await backend.create_chat("demo", "  Plans "))["title"] == "Plans"
@@ -188,7 +214,7 @@ async def test_create_chat_titles(backend: SqliteBackend, autojump_clock: MockCl
 # --- errors ----------------------------------------------------------------------------------
 
 
-async def test_unknown_project_or_chat(backend: SqliteBackend, autojump_clock: MockClock) -> None:
+async def test_unknown_project_or_chat(backend: Store, autojump_clock: MockClock) -> None:
     with pytest.raises(NotFound):
         await backend.list_chats("nope")
     with pytest.raises(NotFound):
@@ -210,7 +236,7 @@ async def test_unknown_project_or_chat(backend: SqliteBackend, autojump_clock: M
     ["", None, 5, [], {}, ["hi"], {"text": ""}, {"text": 3}, {"title": "hi"}, {"text": None}],
 )
 async def test_bad_messages_are_refused(
-    backend: SqliteBackend, message: Any, autojump_clock: MockClock
+    backend: Store, message: Any, autojump_clock: MockClock
 ) -> None:
     with pytest.raises(BackendError, match="non-empty string"):
         await backend.send_message("welcome", message)
@@ -222,7 +248,7 @@ async def test_bad_messages_are_refused(
     ["hi", {"text": "hi"}, {"content": "hi"}, {"message": "hi"}, {"text": "", "content": "hi"}],
 )
 async def test_message_forms(
-    backend: SqliteBackend, message: Any, autojump_clock: MockClock
+    backend: Store, message: Any, autojump_clock: MockClock
 ) -> None:
     async with backend.watch_chat("welcome") as feed:
         await backend.send_message("welcome", message)
@@ -232,24 +258,26 @@ async def test_message_forms(
 
 
 async def test_rename_rejects_empty_title(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     with pytest.raises(BackendError):
         await backend.rename_chat("welcome", "  ")
 
 
-async def test_calls_after_close_are_refused(tmp_path: Path, autojump_clock: MockClock) -> None:
-    async with open_sqlite_backend(tmp_path) as backend:
+async def test_calls_after_close_are_refused(
+    open_store: OpenStore, autojump_clock: MockClock
+) -> None:
+    async with open_store() as backend:
         pass
     with pytest.raises(BackendError, match="closed"):
         await backend.list_projects()
 
 
 async def test_error_in_the_block_propagates_unwrapped(
-    tmp_path: Path, autojump_clock: MockClock
+    open_store: OpenStore, autojump_clock: MockClock
 ) -> None:
     with pytest.raises(KeyError) as info:
-        async with open_sqlite_backend(tmp_path):
+        async with open_store():
             raise KeyError("mine")
     assert type(info.value) is KeyError
     assert info.value.__context__ is None  # not chained to the nursery's exception group
@@ -259,7 +287,7 @@ async def test_error_in_the_block_propagates_unwrapped(
 
 
 async def test_send_streams_the_reply_in_order(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     async with backend.watch_chat("welcome") as feed:
         await backend.send_message("welcome", "hello streaming world")
@@ -286,7 +314,7 @@ async def test_send_streams_the_reply_in_order(
 
 
 async def test_snapshots_match_versions_on_a_project(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     async with backend.watch_project("demo") as feed:
         snapshot = await backend.list_chats("demo")
@@ -302,7 +330,7 @@ async def test_snapshots_match_versions_on_a_project(
 
 
 async def test_snapshots_hold_exactly_the_changes_up_to_their_version(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     """Snapshots taken while replies stream include a stored message iff its version is <=."""
     stored: dict[str, int] = {}  # message id -> version of its change
@@ -327,7 +355,7 @@ async def test_snapshots_hold_exactly_the_changes_up_to_their_version(
 
 
 async def test_two_sends_reply_in_order_without_interleaving(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     async with backend.watch_chat("welcome") as feed:
         for text in ("first", "second", "third"):
@@ -379,13 +407,13 @@ class GatedAgent(EchoAgent):
         return content
 
 
-async def test_chats_reply_concurrently(tmp_path: Path) -> None:
+async def test_chats_reply_concurrently(open_store: OpenStore) -> None:
     # Decided by who is waiting, not by timing, and on the real clock: mock time jumps while
     # sqlite threads work, so durations (and fail_after) would be flaky under autojump. If
     # replies ran one chat after another, the second agent could not start while the first
     # is held at its gate.
     agent = GatedAgent()
-    async with open_sqlite_backend(tmp_path / "data", agent=agent) as backend:
+    async with open_store(agent=agent) as backend:
         other = await backend.create_chat("demo", None)
         async with (
             backend.watch_chat("welcome") as feed_a,
@@ -405,19 +433,22 @@ async def test_chats_reply_concurrently(tmp_path: Path) -> None:
 
 
 async def test_model_profiles_pace_the_agent(
-    backend: SqliteBackend, autojump_clock: MockClock
+    sqlite_backend: SqliteBackend, autojump_clock: MockClock
 ) -> None:
-    assert backend.agent_for("echo") is backend.agent
-    assert backend.agent_for("unknown") is backend.agent
-    assert backend.agent_for("echo-fast") == attrs.evolve(backend.agent, chunk_delay=0.01)
-    assert backend.agent_for("echo-slow") == attrs.evolve(backend.agent, chunk_delay=0.3)
-    chat = await backend.create_chat("demo", "slow", model_profile_id="echo-slow")
+    # Timed on the mock clock: SQLite only (PostgreSQL's lease upkeep has deadlines of its
+    # own that the autojump clock jumps to while a worker thread runs).
+    agent, agent_for = sqlite_backend.agent, sqlite_backend.agent_for
+    assert agent_for("echo") is agent
+    assert agent_for("unknown") is agent
+    assert agent_for("echo-fast") == attrs.evolve(agent, chunk_delay=0.01)
+    assert agent_for("echo-slow") == attrs.evolve(agent, chunk_delay=0.3)
+    chat = await sqlite_backend.create_chat("demo", "slow", model_profile_id="echo-slow")
     assert chat["modelProfileId"] == "echo-slow"
-    async with backend.watch_chat(chat["id"]) as feed:
+    async with sqlite_backend.watch_chat(chat["id"]) as feed:
         start = trio.current_time()
-        await backend.send_message(chat["id"], "take your time")
+        await sqlite_backend.send_message(chat["id"], "take your time")
         await read_until(feed)
-    assert trio.current_time() - start == pytest.approx(backend.agent.chunks * 0.3)
+    assert trio.current_time() - start == pytest.approx(sqlite_backend.agent.chunks * 0.3)
 
 
 @attrs.frozen
@@ -428,7 +459,7 @@ class FailingAgent(EchoAgent):
 
 
 async def test_a_silent_profiles_chats_get_no_reply(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     profiles = [{"id": "quiet", "name": "Quiet", "agent": "silent"}]
     await backend.set_model_profiles(profiles, agents={"quiet": SilentAgent()})
@@ -446,9 +477,9 @@ async def test_a_silent_profiles_chats_get_no_reply(
 
 
 async def test_agent_failure_is_reported_and_logged(
-    tmp_path: Path, log_lines: list[str], autojump_clock: MockClock
+    open_store: OpenStore, log_lines: list[str], autojump_clock: MockClock
 ) -> None:
-    async with open_sqlite_backend(tmp_path, agent=FailingAgent()) as backend:
+    async with open_store(agent=FailingAgent()) as backend:
         async with backend.watch_chat("welcome") as feed:
             for _ in range(2):  # the backend keeps going after a failure
                 await backend.send_message("welcome", "top secret words")
@@ -471,7 +502,7 @@ async def test_agent_failure_is_reported_and_logged(
 
 
 async def test_create_rename_and_delete_are_pushed(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     async with backend.watch_project("demo") as feed:
         chat = await backend.create_chat("demo", None)
@@ -497,27 +528,27 @@ async def test_create_rename_and_delete_are_pushed(
 
 
 async def test_deleting_a_chat_stops_its_replies(
-    backend: SqliteBackend, mock_clock: MockClock
+    sqlite_backend: SqliteBackend, mock_clock: MockClock
 ) -> None:
     # A clock that moves only when told: an autojump clock would run the whole reply while
     # the test waits on sqlite's thread, and nothing would be left to stop.
-    chat = await backend.create_chat("demo", None)
+    chat = await sqlite_backend.create_chat("demo", None)
     seen: list[Change] = []
 
     async def collect(feed: AsyncIterator[Change]) -> None:
         async for change in feed:
             seen.append(change)
 
-    async with backend.watch_chat(chat["id"]) as feed, trio.open_nursery() as nursery:
+    async with sqlite_backend.watch_chat(chat["id"]) as feed, trio.open_nursery() as nursery:
         nursery.start_soon(collect, feed)
-        await backend.send_message(chat["id"], "first of many")
-        await backend.send_message(chat["id"], "second of many")
-        mock_clock.jump(backend.agent.chunk_delay)
+        await sqlite_backend.send_message(chat["id"], "first of many")
+        await sqlite_backend.send_message(chat["id"], "second of many")
+        mock_clock.jump(sqlite_backend.agent.chunk_delay)
         await wait_all_tasks_blocked()
         assert sorted(types(seen)) == ["chunk", "message", "message", "reply_started"]
 
-        await backend.delete_chat(chat["id"])
-        assert not backend._replies.active_chats
+        await sqlite_backend.delete_chat(chat["id"])
+        assert not sqlite_backend._replies.active_chats
         for _ in range(10):
             mock_clock.jump(1.0)
             await wait_all_tasks_blocked()
@@ -526,7 +557,7 @@ async def test_deleting_a_chat_stops_its_replies(
 
 
 async def test_set_model_profiles_is_pushed(
-    backend: SqliteBackend, autojump_clock: MockClock
+    backend: Store, autojump_clock: MockClock
 ) -> None:
     profiles = [
         {"id": "b", "name": "B", "agent": "echo", "extra": "dropped"},
@@ -553,7 +584,7 @@ async def test_set_model_profiles_is_pushed(
     ],
 )
 async def test_set_model_profiles_checks_them(
-    backend: SqliteBackend, profiles: Any, autojump_clock: MockClock
+    backend: Store, profiles: Any, autojump_clock: MockClock
 ) -> None:
     with pytest.raises(ValueError):
         await backend.set_model_profiles(profiles)
@@ -586,32 +617,32 @@ async def test_leaving_cancels_a_reply_and_leaves_no_task(
 
 
 async def test_projects_and_profiles_are_read_once_and_kept_current(
-    backend: SqliteBackend, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+    sqlite_backend: SqliteBackend, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    projects = await backend.list_projects()
-    profiles = await backend.get_model_profiles()
+    projects = await sqlite_backend.list_projects()
+    profiles = await sqlite_backend.get_model_profiles()
     projects[0]["name"] = "changed by a caller"  # what a caller does to its copy stays there
     profiles.items.clear()
     reads: list[object] = []
-    run = backend._run
+    run = sqlite_backend._run
 
     async def counting(fn: Any) -> Any:
         reads.append(fn)
         return await run(fn)
 
-    monkeypatch.setattr(backend, "_run", counting)
-    assert (await backend.list_projects())[0]["name"] == "Demo project"
-    assert [p["id"] for p in (await backend.get_model_profiles()).items] == [
+    monkeypatch.setattr(sqlite_backend, "_run", counting)
+    assert (await sqlite_backend.list_projects())[0]["name"] == "Demo project"
+    assert [p["id"] for p in (await sqlite_backend.get_model_profiles()).items] == [
         "echo", "echo-fast", "echo-slow"]
     assert reads == []  # both from memory
-    await backend.set_model_profiles([{"id": "only", "name": "Only", "agent": "echo"}])
-    after = await backend.get_model_profiles()
+    await sqlite_backend.set_model_profiles([{"id": "only", "name": "Only", "agent": "echo"}])
+    after = await sqlite_backend.get_model_profiles()
     assert [p["id"] for p in after.items] == ["only"]
     assert (after.version or 0) > (profiles.version or 0)
 
 
 async def test_concurrent_sends_are_stored_in_one_batch(
-    backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
+    sqlite_backend: SqliteBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
     run_batch = sqlite_sql.run_batch
@@ -625,12 +656,12 @@ async def test_concurrent_sends_are_stored_in_one_batch(
 
     async def send(chat_id: str, text: str) -> None:
         try:
-            await backend.send_message(chat_id, text)
+            await sqlite_backend.send_message(chat_id, text)
         except NotFound as exc:
             failures.append(exc)
 
     with trio.fail_after(10):
-        async with backend.watch_chat("welcome") as feed:
+        async with sqlite_backend.watch_chat("welcome") as feed:
             async with trio.open_nursery() as nursery:
                 for i in range(10):
                     nursery.start_soon(send, "welcome", f"batched {i}")
@@ -646,7 +677,7 @@ async def test_concurrent_sends_are_stored_in_one_batch(
                 change = await feed.__anext__()
                 if change.data["type"] == "message" and change.data["message"]["role"] == "user":
                     pushed.append(change.data["message"]["content"])
-        history = (await backend.get_history("welcome")).items
+        history = (await sqlite_backend.get_history("welcome")).items
     stored = [m["content"] for m in history if m["role"] == "user"]
     assert sorted(stored) == sorted(f"batched {i}" for i in range(10))
     assert pushed == stored
@@ -757,3 +788,61 @@ async def test_a_failing_checkpoint_is_logged_and_the_backend_goes_on(
             await backend.send_message("welcome", "still here")
     assert any(line.startswith("ERROR|checkpoint of the write-ahead log failed")
                for line in log_lines)
+
+
+# --- exactly once: a send's nonce --------------------------------------------------------------
+
+
+async def test_a_retried_send_is_stored_and_answered_once(
+    backend: Store, autojump_clock: MockClock
+) -> None:
+    async with backend.watch_chat("welcome") as feed:
+        await backend.send_message("welcome", "only once", nonce="n-1")
+        await backend.send_message("welcome", "only once", nonce="n-1")  # the retry
+        await backend.send_message("welcome", "again, new nonce", nonce="n-2")
+        await backend.send_message("welcome", "no nonce")
+        await backend.send_message("welcome", "no nonce")
+        changes = await read_until(feed, done=4)
+    history = (await backend.get_history("welcome")).items[1:]
+    by_role = {
+        role: [m["content"] for m in history if m["role"] == role]
+        for role in ("user", "assistant")
+    }
+    assert by_role["user"] == ["only once", "again, new nonce", "no nonce", "no nonce"]
+    assert by_role["assistant"] == [f"Echo: {text}" for text in by_role["user"]]
+    assert types(changes).count("reply_started") == 4
+    assert all("nonce" not in m for m in history)  # never shown to clients
+    # The same nonce in another chat is another message.
+    other = await backend.create_chat("demo", None)
+    await backend.send_message(other["id"], "elsewhere", nonce="n-1")
+    assert [m["content"] for m in (await backend.get_history(other["id"])).items] == [
+        "elsewhere"
+    ]
+
+
+@pytest.mark.parametrize("nonce", ["", 5, "x" * 201, ["n"]])
+async def test_a_bad_nonce_is_refused(
+    backend: Store, nonce: Any, autojump_clock: MockClock
+) -> None:
+    with pytest.raises(BackendError, match="clientNonce"):
+        await backend.send_message("welcome", "hi", nonce=nonce)
+    assert len((await backend.get_history("welcome")).items) == 1
+
+
+async def test_an_older_sqlite_file_gains_the_nonce_column(tmp_path: Path) -> None:
+    path = tmp_path / DATABASE_NAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in sqlite_schema.SCHEMA:  # version 2: no nonce column, no nonce index
+        if "messages_by_nonce" not in statement:
+            conn.execute(statement.replace(",\n        nonce TEXT", ""))
+    conn.execute("INSERT INTO projects VALUES ('p', 'P', '2026-01-01T00:00:00.000Z')")
+    conn.execute("INSERT INTO chats VALUES ('c', 'p', 'C', 'echo', '2026-01-01T00:00:00.000Z')")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    async with open_sqlite_backend(tmp_path) as backend:
+        for _ in range(2):
+            await backend.send_message("c", "hi", nonce="n")
+        assert [m["content"] for m in (await backend.get_history("c")).items] == ["hi"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    conn.close()
