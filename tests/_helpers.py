@@ -9,11 +9,20 @@ the plugin's ``memory_backend`` with one of the builders here, in one line::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import trio
 
+from trio_relay._store.sqlite import SqliteBackend
 from trio_relay.testing import DEFAULT_PIN, MemoryBackend, MemoryRelay, open_memory_relay
+
+if TYPE_CHECKING:
+    from trio_relay._store.postgres import PostgresBackend
+
+#: One of the built-in stores, and what opens one (conftest's ``open_store`` fixture).
+Store: TypeAlias = "SqliteBackend | PostgresBackend"
+OpenStore: TypeAlias = "Callable[..., AbstractAsyncContextManager[Store]]"
 
 #: A wire frame as the tests read and write it.
 Frame = dict[str, Any]

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
-from _helpers import PIN
+from _helpers import PIN, OpenStore
 
 from trio_relay._agents.echo import EchoAgent
 from trio_relay._store.replies import STOPPED_NOTE
-from trio_relay._store.sqlite import open_sqlite_backend
 from trio_relay.testing import MemoryBackend, open_memory_relay
 
 
@@ -74,9 +72,9 @@ async def _frames_until(client: Any, kind: str) -> list[dict[str, Any]]:
                 return frames
 
 
-async def test_cancel_stops_the_default_backends_reply(tmp_path: Path) -> None:
-    # Real time (the SQLite backend works in a thread), every wait bounded.
-    async with open_sqlite_backend(tmp_path, agent=StallingAgent()) as backend:
+async def test_cancel_stops_the_default_backends_reply(open_store: OpenStore) -> None:
+    # Real time (the built-in stores work in threads), every wait bounded; on both stores.
+    async with open_store(agent=StallingAgent()) as backend:
         async with open_memory_relay(backend, pin=PIN) as memory:
             client = await memory.connect(authenticate=PIN)
             await client.subscribe("chat", "welcome")
@@ -110,8 +108,10 @@ class SilentThenStallingAgent(EchoAgent):
         raise AssertionError("unreachable")
 
 
-async def test_a_stop_before_the_first_chunk_leaves_a_stopped_note(tmp_path: Path) -> None:
-    async with open_sqlite_backend(tmp_path, agent=SilentThenStallingAgent()) as backend:
+async def test_a_stop_before_the_first_chunk_leaves_a_stopped_note(
+    open_store: OpenStore,
+) -> None:
+    async with open_store(agent=SilentThenStallingAgent()) as backend:
         async with open_memory_relay(backend, pin=PIN) as memory:
             client = await memory.connect(authenticate=PIN)
             await client.subscribe("chat", "welcome")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -20,14 +19,13 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from _helpers import wait_until
+from _helpers import OpenStore, Store, wait_until
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from trio_relay._agents.echo import EchoAgent
 from trio_relay._agents.silent import SilentAgent
 from trio_relay._store import sqlite, sqlite_schema, sqlite_sql
 from trio_relay._store.backend import Backend, BackendError, Change, NotFound
-from trio_relay._store.postgres import PostgresBackend, open_postgres_backend
 from trio_relay._store.sqlite import (
     DATABASE_NAME,
     SqliteBackend,
@@ -39,18 +37,6 @@ SEEDED_PROFILES = [
     {"id": "echo-fast", "name": "Echo (fast)", "agent": "echo"},
     {"id": "echo-slow", "name": "Echo (slow)", "agent": "echo"},
 ]
-
-
-Store = SqliteBackend | PostgresBackend
-OpenStore = Callable[..., AbstractAsyncContextManager[Store]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
-    """Opens the store under test (``agent=`` as both take it); again for the same data."""
-    if request.param == "sqlite":
-        return partial(open_sqlite_backend, tmp_path / "data")
-    return partial(open_postgres_backend, request.getfixturevalue("postgres_dsn"))
 
 
 @pytest.fixture
