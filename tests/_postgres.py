@@ -70,6 +70,15 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
         return pwd.getpwnam(USER)
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (dead, not yet reaped) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 class PostgresServer:
     """One PostgreSQL server in its own temp dir; `dsn` names a database on it."""
 
@@ -136,9 +145,26 @@ class PostgresServer:
                     ) from None
                 time.sleep(0.05)
 
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (each child is in a session of its own)."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        pids = [self.process.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
     def _signal(self, signum: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signum)
+        for pid in self._pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         """A fast shutdown: clients are disconnected, the data is kept."""
@@ -156,10 +182,16 @@ class PostgresServer:
         """SIGKILL to the server and every backend process of it (a crash)."""
         if self.process is None:
             return
+        children = self._pids()[1:]
         self._signal(signal.SIGKILL)
         self.process.wait()
-        # Its children see the postmaster gone and exit; the next start waits for them.
         self.process = None
+        # Its children are killed too; the next start needs them gone (shared memory).
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(_alive(pid) for pid in children):
+            if time.monotonic() > deadline:
+                raise RuntimeError("postgres children did not exit")
+            time.sleep(0.01)
 
     def restart(self) -> None:
         self.stop()

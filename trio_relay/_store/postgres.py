@@ -271,7 +271,10 @@ class PostgresBackend:
     def _call_once(self, fn: Callable[[sql.Conn], _T]) -> _T:
         where = self.where
         try:
-            with self._pool.connection(timeout=self._watchdog.limit) as conn:
+            # While the database is known to be down, fail fast rather than wait out the
+            # whole call timeout for a connection (the pool keeps reconnecting meanwhile).
+            wait = self._watchdog.limit if self._healthy else min(1.0, self._watchdog.limit)
+            with self._pool.connection(timeout=wait) as conn:
                 with self._watchdog.watch(conn) as was_cut:
                     try:
                         return fn(conn)
@@ -296,8 +299,8 @@ class PostgresBackend:
                         raise
         except PoolTimeout:
             raise DatabaseUnavailable(
-                f"cannot reach the database at {where} (no connection within"
-                f" {self._watchdog.limit:g} seconds)"
+                f"cannot reach the database at {where} (no connection within {wait:g}"
+                " seconds)"
             ) from None
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(
