@@ -310,6 +310,8 @@ async def test_two_relays_on_one_database_and_one_bus(postgres_dsn: str) -> None
                 if data["type"] == "message" and data["message"]["role"] == "assistant":
                     break
         assert data["message"]["content"] == "Echo: from node a"
+        for client in (watcher, *creators):
+            await client.close()
 
 
 # --- faults --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ PRIVATE_MODULES = frozenset({"wsproto.frame_protocol"})
 
 _TABLE = "the class's dispatch table of its methods"
 _OWN_STORE = "the SQLite backend's private ChatStore adapter, in the backend's own module"
+_OWN_PG_STORE = "the PostgreSQL backend's private ChatStore adapter, in the backend's own module"
 _OWN_CLIENT = "the client library's own classes, each in the module that makes them"
 
 #: (file under trio_relay/, expression) -> why it is not a dependency's private attribute.
@@ -68,6 +69,24 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_store/sqlite.py", "backend._lock"): _OWN_STORE,
     ("_store/sqlite.py", "backend._run"): _OWN_STORE,
     ("_store/sqlite.py", "self.backend._run"): _OWN_STORE,
+    ("_store/postgres.py", "backend._closed"):
+        "the backend's own context manager marks the backend it made closed",
+    ("_store/postgres.py", "backend._replies"):
+        "the backend's own context manager runs the reply runner of the backend it made",
+    ("_store/postgres.py", "backend._drain"):
+        "the backend's own context manager starts the tasks of the backend it made",
+    ("_store/postgres.py", "backend._maintain"):
+        "the backend's own context manager starts the tasks of the backend it made",
+    ("_store/postgres.py", "backend._run_anyway"):
+        "the backend's own close releases the jobs of the backend it made",
+    ("_store/postgres.py", "backend._undeleted"):
+        "the backend's own close clears the events of the backend it made",
+    ("_store/postgres.py", "backend._emit"): _OWN_PG_STORE,
+    ("_store/postgres.py", "backend._jobs"): _OWN_PG_STORE,
+    ("_store/postgres.py", "backend._lease"): _OWN_PG_STORE,
+    ("_store/postgres.py", "backend._lock"): _OWN_PG_STORE,
+    ("_store/postgres.py", "backend._run"): _OWN_PG_STORE,
+    ("_store/postgres.py", "self.backend._run"): _OWN_PG_STORE,
     ("_server/websocket.py", "ServerWebSocket._on_bytes"): _TABLE,
     ("_server/websocket.py", "ServerWebSocket._on_ping"): _TABLE,
     ("_server/websocket.py", "ServerWebSocket._on_pong"): _TABLE,

@@ -359,6 +359,8 @@ class PostgresBackend:
             await trio.sleep(self._lease.seconds / 3)
 
     async def _maintain_once(self) -> None:
+        if self._unflushed:  # a clear that failed: try again now
+            self._drain_wanted.set()
         jobs, rows = list(self._jobs), sorted(self._undeleted)
         if jobs or rows:
             await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
