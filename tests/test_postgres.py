@@ -432,3 +432,15 @@ async def test_nodes_creating_chats_at_once_get_distinct_ids(postgres_dsn: str) 
         assert sorted(d["chat"]["id"] for d in forwarded) == sorted(ids)
         listed = (await backends[0].list_chats("demo")).items
         assert {c["id"] for c in listed[1:]} == ids
+
+
+async def test_a_chat_whose_agent_answers_nothing_records_no_job(postgres_dsn: str) -> None:
+    from trio_relay._agents.silent import SilentAgent
+
+    async with open_postgres_backend(postgres_dsn) as backend:
+        await backend.set_model_profiles(
+            [{"id": "quiet", "name": "Quiet", "agent": "silent"}], agents={"quiet": SilentAgent()}
+        )
+        chat = await backend.create_chat("demo", "notes", "quiet")
+        await backend.send_message(str(chat["id"]), "just a note")
+    assert query(postgres_dsn, "SELECT count(*) FROM reply_jobs") == [(0,)]

@@ -422,7 +422,7 @@ class PostgresBackend:
             agent_answers, self._lease,
         )
         async with self._lock:
-            stored, chat, new, events = await self._run(write)
+            stored, chat, new, events, recorded = await self._run(write)
             if not new:
                 return
             self._emit(events)
@@ -430,6 +430,8 @@ class PostgresBackend:
             job = ReplyJob(chat_id, content, str(chat["modelProfileId"]), str(stored["id"]))
             if self._replies.queue(job):
                 self._jobs[job.message_id] = chat_id
+            elif recorded:  # the profile's agent changed meanwhile: it answers nothing now
+                await self._run(partial(sql.close_job, job.message_id, self._lease))
         logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
 
     async def create_chat(

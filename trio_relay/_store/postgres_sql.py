@@ -155,9 +155,10 @@ def select_earlier(chat_id: str, message_id: str, conn: Conn) -> list[dict[str, 
 def insert_user_message(
     chat_id: str, message_id: str, content: str, sender: str | None, nonce: str | None,
     answers: Callable[[str], bool], lease: Lease, conn: Conn,
-) -> tuple[Row, Row, bool, list[Event]]:
+) -> tuple[Row, Row, bool, list[Event], bool]:
     """Store a user message, its event and (if the chat's agent ``answers``) its reply job,
-    owned by ``lease.node``; return the message, its chat, whether it is new, and its events.
+    owned by ``lease.node``; return the message, its chat, whether it is new, its events,
+    and whether a job was recorded.
 
     A message with the same ``nonce`` in the chat is returned as stored, with nothing new:
     the unique index makes this hold when two nodes store the same retry at once (the
@@ -177,16 +178,17 @@ def insert_user_message(
                 (chat_id, nonce),
             ).fetchone()
             assert stored is not None
-            return _message(stored), chat, False, []
+            return _message(stored), chat, False, [], False
         message = _message(row)
         events = [_outbox(conn, lease, chat_key(chat_id), {"type": "message", "message": message})]
-        if answers(str(chat["modelProfileId"])):
+        job = answers(str(chat["modelProfileId"]))
+        if job:
             conn.execute(
                 "INSERT INTO reply_jobs (message_id, chat_id, owner, lease_until)"
                 " VALUES (%s, %s, %s, now() + make_interval(secs => %s))",
                 (message_id, chat_id, lease.node, lease.seconds),
             )
-    return message, chat, True, events
+    return message, chat, True, events, job
 
 
 def _insert_assistant(
