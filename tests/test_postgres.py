@@ -22,8 +22,9 @@ from _postgres import PostgresServer
 
 from trio_relay import LocalBus
 from trio_relay._agents.echo import EchoAgent
+from trio_relay._agents.silent import SilentAgent
 from trio_relay._store import postgres_sql
-from trio_relay._store.backend import BackendError, Change, chat_key
+from trio_relay._store.backend import BackendError, Change, NotFound, chat_key
 from trio_relay._store.postgres import (
     DatabaseUnavailable,
     PostgresBackend,
@@ -435,8 +436,6 @@ async def test_nodes_creating_chats_at_once_get_distinct_ids(postgres_dsn: str) 
 
 
 async def test_a_chat_whose_agent_answers_nothing_records_no_job(postgres_dsn: str) -> None:
-    from trio_relay._agents.silent import SilentAgent
-
     async with open_postgres_backend(postgres_dsn) as backend:
         await backend.set_model_profiles(
             [{"id": "quiet", "name": "Quiet", "agent": "silent"}], agents={"quiet": SilentAgent()}
@@ -444,3 +443,41 @@ async def test_a_chat_whose_agent_answers_nothing_records_no_job(postgres_dsn: s
         chat = await backend.create_chat("demo", "notes", "quiet")
         await backend.send_message(str(chat["id"]), "just a note")
     assert query(postgres_dsn, "SELECT count(*) FROM reply_jobs") == [(0,)]
+
+
+async def test_concurrent_sends_share_one_commit_and_fail_alone(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    run_batch = postgres_sql.run_batch
+
+    def counting(writes: list[Any], conn: postgres_sql.Conn) -> Any:
+        batches.append(len(writes))
+        return run_batch(writes, conn)
+
+    monkeypatch.setattr(postgres_sql, "run_batch", counting)
+    failures: list[BaseException] = []
+
+    async def send(backend: PostgresBackend, chat_id: str, text: str) -> None:
+        try:
+            await backend.send_message(chat_id, text)
+        except NotFound as exc:
+            failures.append(exc)
+
+    async with open_postgres_backend(postgres_dsn) as backend:
+        await backend.set_model_profiles(
+            [{"id": "echo", "name": "Quiet", "agent": "silent"}], agents={"echo": SilentAgent()}
+        )
+        async with backend.watch_chat("welcome") as feed:
+            with trio.fail_after(WAIT):
+                async with trio.open_nursery() as nursery:
+                    for i in range(10):
+                        nursery.start_soon(send, backend, "welcome", f"batched {i}")
+                    nursery.start_soon(send, backend, "no-such-chat", "lost")
+                pushed = [(await feed.__anext__()).data["message"]["content"] for _ in range(10)]
+        history = (await backend.get_history("welcome")).items
+    assert sum(batches) == 11 and len(batches) <= 3
+    assert len(failures) == 1
+    stored = [m["content"] for m in history[1:]]
+    assert sorted(stored) == sorted(f"batched {i}" for i in range(10))
+    assert pushed == stored

@@ -56,9 +56,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import attrs
+import outcome
 import psycopg
 import trio
 from loguru import logger
@@ -184,6 +185,16 @@ class _Watchdog:
                             pass
 
 
+@attrs.define(eq=False)
+class _BatchedWrite:
+    """A write waiting for its batch (`PostgresBackend._write_batched`)."""
+
+    write: Callable[[sql.Conn], object]
+    then: Callable[[object], None]
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: outcome.Outcome[object] | None = None
+
+
 class PostgresBackend:
     """The `Backend` over a PostgreSQL database. Get one from `open_postgres_backend`.
 
@@ -229,6 +240,10 @@ class PostgresBackend:
         self._unflushed: list[int] = []
         self._undeleted: set[int] = set()
         self._drain_wanted = trio.Event()
+        # Messages waiting for the next batch (`_write_batched`); recorded jobs no agent runs.
+        self._batch: list[_BatchedWrite] = []
+        self._batching = False
+        self._jobs_to_close: list[str] = []
 
     @property
     def healthy(self) -> bool:
@@ -361,6 +376,9 @@ class PostgresBackend:
     async def _maintain_once(self) -> None:
         if self._unflushed:  # a clear that failed: try again now
             self._drain_wanted.set()
+        while self._jobs_to_close:
+            await self._run_anyway(partial(sql.close_job, self._jobs_to_close[0], self._lease))
+            self._jobs_to_close.pop(0)
         jobs, rows = list(self._jobs), sorted(self._undeleted)
         if jobs or rows:
             await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
@@ -399,6 +417,71 @@ class PostgresBackend:
 
     # --- writes ---
 
+    async def _write_batched(
+        self, write: Callable[[sql.Conn], _T], then: Callable[[_T], None]
+    ) -> _T:
+        """Store a message together with the others sent meanwhile: one transaction, one
+        round trip to a worker thread and one commit (so one WAL flush) for all of them,
+        each in a savepoint of its own (group commit, as in the SQLite store). ``then`` runs
+        right after the commit, under the lock, in the order of the writes (it publishes).
+        The first writer commits for everyone waiting; cancelling a caller does not undo its
+        write."""
+        if self._closed:
+            raise BackendError("backend is closed")
+        pending = _BatchedWrite(write, then)  # type: ignore[arg-type]
+        self._batch.append(pending)
+        with trio.CancelScope(shield=True):
+            if self._batching:
+                await pending.done.wait()
+            else:
+                await self._commit_batches()
+        assert pending.result is not None
+        return cast(_T, pending.result.unwrap())
+
+    async def _commit_batches(self) -> None:
+        self._batching = True
+        batch: list[_BatchedWrite] = []
+        try:
+            while self._batch and not self._closed:
+                async with self._lock:
+                    batch, self._batch = self._batch, []
+                    writes = [pending.write for pending in batch]
+                    results: list[outcome.Outcome[object]]
+                    try:
+                        results = await self._run_anyway(partial(sql.run_batch, writes))
+                    except Exception as exc:
+                        error = exc if isinstance(exc, BackendError) else BackendError(
+                            f"the message could not be stored: {exc}"
+                        )
+                        results = [outcome.Error(error) for _ in batch]
+                    for pending, result in zip(batch, results, strict=True):
+                        if isinstance(result, outcome.Value):
+                            pending.then(result.value)
+                        elif isinstance(result, outcome.Error):
+                            result = outcome.Error(self._clear(result.error))
+                        pending.result = result
+                        pending.done.set()
+                batch = []
+        finally:
+            self._batching = False
+            for pending in (*batch, *self._batch):
+                if not pending.done.is_set():
+                    pending.result = outcome.Error(BackendError("backend is closed"))
+                    pending.done.set()
+            self._batch = []
+
+    def _clear(self, error: BaseException) -> BaseException:
+        """A write's own failure in a batch, made clear as `_call` makes a call's."""
+        if isinstance(error, psycopg.errors.QueryCanceled):
+            return BackendError(
+                f"the database did not answer within {self._statement_timeout:g} seconds"
+                " (statement_timeout)"
+            )
+        if isinstance(error, psycopg.Error):
+            detail = self.where.scrub(str(error))
+            return BackendError(f"the message could not be stored: {detail}")
+        return error
+
     async def send_message(
         self, chat_id: str, message: JSON, *, sender: JSON | None = None,
         nonce: str | None = None,
@@ -421,17 +504,20 @@ class PostgresBackend:
             sql.insert_user_message, chat_id, sql.new_id(), content, sender_text, nonce,
             agent_answers, self._lease,
         )
-        async with self._lock:
-            stored, chat, new, events, recorded = await self._run(write)
+
+        def stored(result: tuple[sql.Row, sql.Row, bool, list[sql.Event], bool]) -> None:
+            message, chat, new, events, recorded = result
             if not new:
-                return
+                return  # a retry: its first send was pushed and answered
             self._emit(events)
             # Queued under the lock, so replies run in the order the messages were stored.
-            job = ReplyJob(chat_id, content, str(chat["modelProfileId"]), str(stored["id"]))
+            job = ReplyJob(chat_id, content, str(chat["modelProfileId"]), str(message["id"]))
             if self._replies.queue(job):
                 self._jobs[job.message_id] = chat_id
             elif recorded:  # the profile's agent changed meanwhile: it answers nothing now
-                await self._run(partial(sql.close_job, job.message_id, self._lease))
+                self._jobs_to_close.append(job.message_id)
+
+        await self._write_batched(write, stored)
         logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
 
     async def create_chat(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
+import outcome
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -23,8 +24,9 @@ from .backend import MODEL_PROFILES_KEY, NotFound, chat_key, project_key
 from .sqlite_sql import now
 
 __all__ = [
-    "INTERRUPTED_NOTE", "Conn", "Event", "Lease", "Row", "claim_outbox", "close_job", "delete_chat",
-    "delete_outbox", "insert_chat", "insert_reply", "insert_user_message", "new_id", "now",
+    "INTERRUPTED_NOTE", "Conn", "Event", "Lease", "Row", "claim_outbox", "close_job",
+    "delete_chat", "delete_outbox", "insert_chat", "insert_reply", "insert_user_message",
+    "new_id", "now", "run_batch",
     "release_jobs", "renew_leases", "replace_profiles", "select_chat", "select_chats",
     "select_earlier", "select_history", "select_profiles", "select_projects", "store_profiles",
     "take_over_jobs", "update_chat_title",
@@ -223,6 +225,16 @@ def insert_reply(
             raise NotFound(f"the reply to {for_message!r} was taken over by another relay")
         message, event = _insert_assistant(conn, chat_id, message_id, content, lease)
     return message, [event]
+
+
+def run_batch(
+    writes: list[Callable[[Conn], object]], conn: Conn
+) -> list[outcome.Outcome[object]]:
+    """Run several writes in one transaction, with one commit; each one's result or error is
+    its own (each write's transaction is a savepoint of this one). If the commit fails, or
+    the connection breaks, the whole batch fails: none of the writes was stored."""
+    with conn.transaction():
+        return [outcome.capture(write, conn) for write in writes]
 
 
 def close_job(for_message: str, lease: Lease, conn: Conn) -> None:
