@@ -22,6 +22,7 @@ from trio_relay._server.pairing import (
     PairingFileError,
     hash_token,
 )
+from trio_relay._store import sqlite_schema
 from trio_relay.pytest_plugin import _marked
 from trio_relay.testing import MemoryBackend, MemoryRelay, TestClient, open_memory_relay
 
@@ -413,7 +414,7 @@ async def test_sqlite_stores_senders_and_migrates_old_databases(tmp_path: Path) 
             None, {"deviceId": "d_1", "name": "Phone"}, None]
         assert history[1] == pushed
     check = sqlite3.connect(tmp_path / "trio-relay.sqlite3")
-    assert check.execute("PRAGMA user_version").fetchone() == (2,)
+    assert check.execute("PRAGMA user_version").fetchone() == (sqlite_schema.SCHEMA_VERSION,)
     check.close()
 
 

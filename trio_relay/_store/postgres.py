@@ -384,7 +384,7 @@ class PostgresBackend:
             await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
         async with self._lock:
             closed = await self._run_anyway(
-                partial(sql.take_over_jobs, self._lease, _CLAIM_BATCH)
+                partial(sql.take_over_jobs, self._lease, _CLAIM_BATCH, list(self._jobs))
             )
             for message, events in closed:
                 logger.bind(resource=str(chat_key(str(message["chatId"])))).warning(
@@ -392,7 +392,10 @@ class PostgresBackend:
                 )
                 self._emit(events)
         async with self._lock:
-            left = await self._run_anyway(partial(sql.claim_outbox, self._lease, _CLAIM_BATCH))
+            mine = sorted(self._undeleted)
+            left = await self._run_anyway(
+                partial(sql.claim_outbox, self._lease, _CLAIM_BATCH, mine)
+            )
             if left:
                 logger.warning("publishing {} events a stopped relay left unpublished", len(left))
             self._emit(left)

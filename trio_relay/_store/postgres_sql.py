@@ -339,16 +339,20 @@ def release_jobs(lease: Lease, jobs: list[str], conn: Conn) -> None:
     )
 
 
-def take_over_jobs(lease: Lease, limit: int, conn: Conn) -> list[tuple[Row, list[Event]]]:
+def take_over_jobs(
+    lease: Lease, limit: int, mine: list[str], conn: Conn
+) -> list[tuple[Row, list[Event]]]:
     """Close the jobs whose lease ran out (their node stopped mid-reply): each gets an
     assistant message saying the reply was interrupted, and its event. Rows another node is
-    taking over at the same moment are skipped (SKIP LOCKED), so each job closes once."""
+    taking over at the same moment are skipped (SKIP LOCKED), so each job closes once; so
+    are the jobs this node still runs (``mine``: their lease lapsed while it could not renew
+    it, and it renews it now)."""
     closed: list[tuple[Row, list[Event]]] = []
     with conn.transaction():
         jobs = conn.execute(
             "SELECT message_id, chat_id FROM reply_jobs WHERE NOT done AND lease_until < now()"
-            " ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
-            (limit,),
+            " AND NOT message_id = ANY(%s) ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
+            (mine, limit),
         ).fetchall()
         for job in jobs:
             conn.execute(
@@ -362,14 +366,16 @@ def take_over_jobs(lease: Lease, limit: int, conn: Conn) -> list[tuple[Row, list
     return closed
 
 
-def claim_outbox(lease: Lease, limit: int, conn: Conn) -> list[Event]:
+def claim_outbox(lease: Lease, limit: int, mine: list[int], conn: Conn) -> list[Event]:
     """Claim, in order, the events whose owner's lease ran out (it crashed between commit
-    and publish, or could not publish): this node publishes them now."""
+    and publish, or could not publish): this node publishes them now. The events this node
+    published itself and has yet to clear (``mine``) are not published again."""
     rows = conn.execute(
         "UPDATE outbox SET owner = %s, lease_until = now() + make_interval(secs => %s)"
-        " WHERE id IN (SELECT id FROM outbox WHERE lease_until < now() ORDER BY id"
-        " LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, kind, key, data",
-        (lease.node, lease.seconds, limit),
+        " WHERE id IN (SELECT id FROM outbox WHERE lease_until < now()"
+        " AND NOT id = ANY(%s) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, kind, key, data",
+        (lease.node, lease.seconds, mine, limit),
     ).fetchall()
     events = [Event(int(r["id"]), ResourceKey(r["kind"], r["key"]), r["data"]) for r in rows]
     return sorted(events, key=lambda event: event.outbox_id)
