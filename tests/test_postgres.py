@@ -31,6 +31,7 @@ from trio_relay._store.postgres import (
     open_postgres_backend,
 )
 from trio_relay._store.postgres_schema import SCHEMA_VERSION
+from trio_relay._store.replies import STOPPED_NOTE
 from trio_relay._wire.protocol import JSON
 from trio_relay.testing import open_memory_relay
 
@@ -230,6 +231,22 @@ async def test_a_reply_finished_after_its_job_was_taken_over_is_not_stored(
         await wait_until(lambda: not a._replies.active_chats, WAIT)
         history = (await a.get_history("welcome")).items
     assert [m["content"] for m in history[1:]] == ["who answers?", postgres_sql.INTERRUPTED_NOTE]
+
+
+async def test_a_reply_running_on_another_node_is_stopped_from_this_one(
+    postgres_dsn: str,
+) -> None:
+    agent = GatedAgent()  # its gate never opens: only a stop ends the reply
+    async with nodes(postgres_dsn, agent, EchoAgent(), lease=LEASE) as (a, b):
+        async with a.watch_chat("welcome") as feed:
+            await a.send_message("welcome", "stop me from b")
+            with trio.fail_after(WAIT):
+                await agent.started.wait()
+            assert await b.cancel_reply("welcome") is True
+            stopped = await until_stored_reply(feed)
+        assert stopped["content"] == f"thinking\n\n{STOPPED_NOTE}"
+        assert await b.cancel_reply("welcome") is False  # nothing runs any more
+    assert query(postgres_dsn, "SELECT count(*) FROM reply_jobs WHERE NOT done") == [(0,)]
 
 
 # --- the outbox ----------------------------------------------------------------------------

@@ -382,6 +382,9 @@ class PostgresBackend:
         jobs, rows = list(self._jobs), sorted(self._undeleted)
         if jobs or rows:
             await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
+        if jobs:
+            for chat_id in await self._run_anyway(partial(sql.take_cancel_requests, self._lease)):
+                self._replies.cancel(chat_id)
         async with self._lock:
             closed = await self._run_anyway(
                 partial(sql.take_over_jobs, self._lease, _CLAIM_BATCH, list(self._jobs))
@@ -557,10 +560,14 @@ class PostgresBackend:
         return chat
 
     async def cancel_reply(self, chat_id: str) -> bool:
-        """Stop the reply running in a chat on this node (queued ones still run); push
-        ``cancelled``. A reply running on another node is not stopped from here."""
+        """Stop the reply running in a chat (queued ones still run); push ``cancelled``.
+
+        A reply that another node runs is stopped by that node at its next look at its jobs
+        (within a third of the lease); this returns True once it is asked to."""
         await self._run(partial(sql.select_chat, chat_id=chat_id), read=True)
-        return self._replies.cancel(chat_id)
+        if self._replies.cancel(chat_id):
+            return True
+        return await self._run(partial(sql.request_cancel, chat_id, self._lease))
 
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""

@@ -68,13 +68,15 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         )""",
         # One row per user message that an agent answers: the node that stored it runs the
         # reply and renews lease_until while it does; a job whose lease ran out (its node
-        # died) is closed by another node with an "interrupted" note.
+        # died) is closed by another node with an "interrupted" note. cancel_requested: a
+        # client of another node asked to stop it; the owner stops it at its next look.
         """CREATE TABLE reply_jobs (
             message_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
             chat_id TEXT NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
             owner TEXT NOT NULL,
             lease_until TIMESTAMPTZ NOT NULL,
-            done BOOLEAN NOT NULL DEFAULT FALSE
+            done BOOLEAN NOT NULL DEFAULT FALSE,
+            cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
         )""",
         "CREATE INDEX reply_jobs_running ON reply_jobs (lease_until) WHERE NOT done",
         # Every stored change's event, written in the change's own transaction and deleted

@@ -26,7 +26,7 @@ from .sqlite_sql import now
 __all__ = [
     "INTERRUPTED_NOTE", "Conn", "Event", "Lease", "Row", "claim_outbox", "close_job",
     "delete_chat", "delete_outbox", "insert_chat", "insert_reply", "insert_user_message",
-    "new_id", "now", "run_batch",
+    "new_id", "now", "request_cancel", "run_batch", "take_cancel_requests",
     "release_jobs", "renew_leases", "replace_profiles", "select_chat", "select_chats",
     "select_earlier", "select_history", "select_profiles", "select_projects", "store_profiles",
     "take_over_jobs", "update_chat_title",
@@ -328,6 +328,27 @@ def renew_leases(lease: Lease, jobs: list[str], outbox: list[int], conn: Conn) -
             " WHERE id = ANY(%s) AND owner = %s",
             (lease.seconds, outbox, lease.node),
         )
+
+
+def request_cancel(chat_id: str, lease: Lease, conn: Conn) -> bool:
+    """Ask the node running a reply in the chat to stop it; False if no other live node
+    runs one."""
+    rows = conn.execute(
+        "UPDATE reply_jobs SET cancel_requested = TRUE WHERE chat_id = %s AND NOT done"
+        " AND owner <> %s AND lease_until > now() RETURNING message_id",
+        (chat_id, lease.node),
+    ).fetchall()
+    return bool(rows)
+
+
+def take_cancel_requests(lease: Lease, conn: Conn) -> list[str]:
+    """The chats in which another node asked this one to stop its reply (asked once)."""
+    rows = conn.execute(
+        "UPDATE reply_jobs SET cancel_requested = FALSE"
+        " WHERE owner = %s AND cancel_requested AND NOT done RETURNING chat_id",
+        (lease.node,),
+    ).fetchall()
+    return sorted({str(row["chat_id"]) for row in rows})
 
 
 def release_jobs(lease: Lease, jobs: list[str], conn: Conn) -> None:
