@@ -270,6 +270,19 @@ async def test_events_are_cleared_only_after_the_flush(postgres_dsn: str) -> Non
     assert query(postgres_dsn, "SELECT count(*) FROM outbox") == [(0,)]
 
 
+async def test_events_forwarded_to_a_broker_now_gone_are_left_for_another_node(
+    postgres_dsn: str,
+) -> None:
+    async with open_postgres_backend(postgres_dsn, lease=60) as backend:
+        backend.hub.outlet = lambda key, data: None  # a broker that is then closed, unflushed
+        await backend.create_chat("demo", "maybe never reached the broker")
+        backend.hub.outlet = None
+    # Not deleted: once its lease runs out, another node publishes it again.
+    assert query(postgres_dsn, "SELECT kind, key, data->>'type' FROM outbox") == [
+        ("project", "demo", "chat_created")
+    ]
+
+
 async def test_events_a_crashed_node_left_are_published_by_another(postgres_dsn: str) -> None:
     async with open_postgres_backend(postgres_dsn):
         pass  # the schema
@@ -283,7 +296,10 @@ async def test_events_a_crashed_node_left_are_published_by_another(postgres_dsn:
         )
     forwarded: list[tuple[Hashable, JSON]] = []
     async with open_postgres_backend(postgres_dsn, lease=LEASE) as backend:
+        # What a relay with a broker sets: an outlet, and a flush that says the broker has
+        # what went out (here, at once).
         backend.hub.outlet = lambda key, data: forwarded.append((key, data))
+        backend.hub.flusher = trio.lowlevel.checkpoint
         async with backend.watch_chat("welcome") as feed:
             with trio.fail_after(WAIT):
                 changes = [await feed.__anext__(), await feed.__anext__()]
@@ -435,6 +451,7 @@ async def test_nodes_creating_chats_at_once_get_distinct_ids(postgres_dsn: str) 
         forwarded: list[JSON] = []
         for backend in backends:
             backend.hub.outlet = lambda key, data: forwarded.append(data)
+            backend.hub.flusher = trio.lowlevel.checkpoint
         created: list[JSON] = []
 
         async def create(backend: PostgresBackend, n: int) -> None:

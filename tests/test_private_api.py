@@ -81,6 +81,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "the backend's own close releases the jobs of the backend it made",
     ("_store/postgres.py", "backend._undeleted"):
         "the backend's own close clears the events of the backend it made",
+    ("_store/postgres.py", "backend._clear"):
+        "the backend's own close clears the events of the backend it made",
     ("_store/postgres.py", "backend._emit"): _OWN_PG_STORE,
     ("_store/postgres.py", "backend._jobs"): _OWN_PG_STORE,
     ("_store/postgres.py", "backend._lease"): _OWN_PG_STORE,

@@ -239,6 +239,7 @@ class PostgresBackend:
         self._jobs: dict[str, str] = {}
         self._unflushed: list[int] = []
         self._undeleted: set[int] = set()
+        self._forwarded: set[int] = set()  # of those, the ones handed to a broker
         self._drain_wanted = trio.Event()
         # Messages waiting for the next batch (`_write_batched`); recorded jobs no agent runs.
         self._batch: list[_BatchedWrite] = []
@@ -341,6 +342,8 @@ class PostgresBackend:
                 self.hub.publish(event.key, event.data)
             self._unflushed.append(event.outbox_id)
             self._undeleted.add(event.outbox_id)
+            if self.hub.outlet is not None:
+                self._forwarded.add(event.outbox_id)
         if events:
             self._drain_wanted.set()
 
@@ -351,14 +354,24 @@ class PostgresBackend:
             self._drain_wanted = trio.Event()
             ids, self._unflushed = self._unflushed, []
             try:
-                await self.hub.flush()
-                await self._run_anyway(partial(sql.delete_outbox, ids))
+                await self._clear(ids)
             except Exception as exc:
                 # Kept, and renewed: tried again with the next event or the next pass.
                 logger.opt(exception=exc).warning("could not clear {} outbox rows", len(ids))
                 self._unflushed[:0] = ids
-                continue
-            self._undeleted.difference_update(ids)
+
+    async def _clear(self, ids: list[int]) -> None:
+        """Delete the rows of events that have left this process. An event that went to a
+        broker which is gone now (its relay closed) may not have reached it: its row is left
+        to expire, and a node publishes it again (at least once, never lost)."""
+        flushing = self.hub.flusher is not None
+        await self.hub.flush()
+        done = ids if flushing else [i for i in ids if i not in self._forwarded]
+        if done:
+            await self._run_anyway(partial(sql.delete_outbox, done))
+        # Either cleared, or left to expire: no longer this node's to renew.
+        self._undeleted.difference_update(ids)
+        self._forwarded.difference_update(ids)
 
     async def _maintain(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -464,7 +477,7 @@ class PostgresBackend:
                         if isinstance(result, outcome.Value):
                             pending.then(result.value)
                         elif isinstance(result, outcome.Error):
-                            result = outcome.Error(self._clear(result.error))
+                            result = outcome.Error(self._clear_error(result.error))
                         pending.result = result
                         pending.done.set()
                 batch = []
@@ -476,7 +489,7 @@ class PostgresBackend:
                     pending.done.set()
             self._batch = []
 
-    def _clear(self, error: BaseException) -> BaseException:
+    def _clear_error(self, error: BaseException) -> BaseException:
         """A write's own failure in a batch, made clear as `_call` makes a call's."""
         if isinstance(error, psycopg.errors.QueryCanceled):
             return BackendError(
@@ -751,8 +764,7 @@ async def _close(
             await backend._run_anyway(partial(sql.release_jobs, backend._lease, jobs))
         ids = sorted(backend._undeleted)
         if ids:
-            await backend.hub.flush()
-            await backend._run_anyway(partial(sql.delete_outbox, ids))
+            await backend._clear(ids)
     except Exception as exc:
         # Their leases run out instead: the same outcome, a little later.
         logger.opt(exception=exc).warning("could not release this relay's jobs and events")
