@@ -104,9 +104,12 @@ def select_profiles(conn: Conn) -> list[JSON]:
     return [dict(row) for row in rows]
 
 
-def select_chat(conn: Conn, chat_id: str, *, lock: bool = False) -> Row:
+def select_chat(conn: Conn, chat_id: str, *, lock: str = "") -> Row:
+    """A chat, `NotFound` if there is none; ``lock``: "FOR SHARE" (a message goes into it:
+    no delete meanwhile) or "FOR UPDATE" (it is being deleted)."""
+    assert lock in ("", "FOR SHARE", "FOR UPDATE")
     row = conn.execute(
-        f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+        f"SELECT {_CHAT_COLUMNS} FROM chats WHERE id = %s {lock}",
         (chat_id,),
     ).fetchone()
     if row is None:
@@ -166,7 +169,7 @@ def insert_user_message(
     the unique index makes this hold when two nodes store the same retry at once (the
     second insert does nothing, and the stored row is read back)."""
     with conn.transaction():
-        chat = select_chat(conn, chat_id)
+        chat = select_chat(conn, chat_id, lock="FOR SHARE")
         row = conn.execute(
             "INSERT INTO messages (id, chat_id, role, content, created_at, sender, nonce)"
             " VALUES (%s, %s, 'user', %s, %s, %s, %s)"
@@ -213,7 +216,7 @@ def insert_reply(
     node's: `NotFound` if the chat is gone or another node took the job over (its lease ran
     out while this node could not renew it), so a chat never shows two replies."""
     with conn.transaction():
-        select_chat(conn, chat_id)
+        select_chat(conn, chat_id, lock="FOR SHARE")
         closed = conn.execute(
             "UPDATE reply_jobs SET done = TRUE"
             " WHERE message_id = %s AND owner = %s AND NOT done",
@@ -282,7 +285,7 @@ def delete_chat(chat_id: str, lease: Lease, conn: Conn) -> tuple[Row, list[Event
     """Delete a chat (its messages and jobs go with it); its events: ``chat_deleted`` on the
     project, and the end of the chat's own feed."""
     with conn.transaction():
-        chat = select_chat(conn, chat_id, lock=True)
+        chat = select_chat(conn, chat_id, lock="FOR UPDATE")
         conn.execute("DELETE FROM chats WHERE id = %s", (chat_id,))
         key = project_key(str(chat["projectId"]))
         events = [
