@@ -396,6 +396,22 @@ async def test_a_database_restart_fails_calls_clearly_then_recovers(
     assert titles == ["Welcome", "before", "after"]
 
 
+async def test_a_reply_running_across_a_database_restart_is_stored(
+    postgres_dsn: str, postgres_server: PostgresServer
+) -> None:
+    agent = GatedAgent()
+    async with open_postgres_backend(postgres_dsn, agent=agent) as backend:
+        async with backend.watch_chat("welcome") as feed:
+            await backend.send_message("welcome", "outlive a restart")
+            with trio.fail_after(WAIT):
+                await agent.started.wait()
+            await trio.to_thread.run_sync(postgres_server.restart)
+            agent.gate.set()  # its answer meets only stale connections: one retry
+            reply = await until_stored_reply(feed)
+        assert reply["content"] == "answer to outlive a restart"
+    assert query(postgres_dsn, "SELECT count(*) FROM reply_jobs WHERE NOT done") == [(0,)]
+
+
 async def test_a_statement_that_hangs_is_timed_out(postgres_dsn: str) -> None:
     async with open_postgres_backend(postgres_dsn, statement_timeout=0.3) as backend:
         with psycopg.connect(postgres_dsn) as locker:  # holds the chat's row lock

@@ -254,17 +254,19 @@ class PostgresBackend:
 
     # --- running SQL in a worker thread ---
 
-    async def _run(self, fn: Callable[[sql.Conn], _T], *, read: bool = False) -> _T:
+    async def _run(self, fn: Callable[[sql.Conn], _T], *, retry: bool = False) -> _T:
         if self._closed:
             raise BackendError("backend is closed")
-        return await self._run_anyway(fn, read=read)
+        return await self._run_anyway(fn, retry=retry)
 
-    async def _run_anyway(self, fn: Callable[[sql.Conn], _T], *, read: bool = False) -> _T:
+    async def _run_anyway(self, fn: Callable[[sql.Conn], _T], *, retry: bool = False) -> _T:
+        """``fn`` in a worker thread; ``retry``: it may run twice (a read, or a write that
+        cannot take effect twice), so a stale connection costs no error."""
         # Abandoned when cancelled: the thread finishes by itself (the watchdog bounds it),
         # and a write it commits meanwhile is not lost: its events wait in the outbox.
         try:
             result = await trio.to_thread.run_sync(
-                self._call, fn, read, limiter=self._limiter, abandon_on_cancel=True
+                self._call, fn, retry, limiter=self._limiter, abandon_on_cancel=True
             )
         except DatabaseUnavailable:
             self._healthy = False
@@ -272,15 +274,15 @@ class PostgresBackend:
         self._healthy = True
         return result
 
-    def _call(self, fn: Callable[[sql.Conn], _T], read: bool) -> _T:
+    def _call(self, fn: Callable[[sql.Conn], _T], retry: bool) -> _T:
         """In the worker thread: ``fn`` on a pooled connection, its failures made clear. A
-        read that finds its connection broken (the server restarted) is tried once more on a
-        fresh one."""
+        call that may be retried and finds its connection broken (the server restarted) is
+        tried once more on a fresh one."""
         for attempt in (1, 2):
             try:
                 return self._call_once(fn)
             except _Stale as stale:
-                if not read or attempt == 2:
+                if not retry or attempt == 2:
                     raise stale.error from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -329,7 +331,7 @@ class PostgresBackend:
         async with self._lock:
             # This node's writes wait for the lock, so the version still matches the rows.
             version = self.hub.version(key)
-            items = await self._run(read, read=True)
+            items = await self._run(read, retry=True)
         return Snapshot(items, version)
 
     # --- publishing stored changes (under the lock, right after their commit) ---
@@ -368,7 +370,7 @@ class PostgresBackend:
         await self.hub.flush()
         done = ids if flushing else [i for i in ids if i not in self._forwarded]
         if done:
-            await self._run_anyway(partial(sql.delete_outbox, done))
+            await self._run_anyway(partial(sql.delete_outbox, done), retry=True)
         # Either cleared, or left to expire: no longer this node's to renew.
         self._undeleted.difference_update(ids)
         self._forwarded.difference_update(ids)
@@ -390,11 +392,13 @@ class PostgresBackend:
         if self._unflushed:  # a clear that failed: try again now
             self._drain_wanted.set()
         while self._jobs_to_close:
-            await self._run_anyway(partial(sql.close_job, self._jobs_to_close[0], self._lease))
+            close = partial(sql.close_job, self._jobs_to_close[0], self._lease)
+            await self._run_anyway(close, retry=True)
             self._jobs_to_close.pop(0)
         jobs, rows = list(self._jobs), sorted(self._undeleted)
         if jobs or rows:
-            await self._run_anyway(partial(sql.renew_leases, self._lease, jobs, rows))
+            renew = partial(sql.renew_leases, self._lease, jobs, rows)
+            await self._run_anyway(renew, retry=True)
         if jobs:
             for chat_id in await self._run_anyway(partial(sql.take_cancel_requests, self._lease)):
                 self._replies.cancel(chat_id)
@@ -420,7 +424,7 @@ class PostgresBackend:
 
     async def list_projects(self) -> list[JSON]:
         if self._projects is None:
-            self._projects = await self._run(sql.select_projects, read=True)
+            self._projects = await self._run(sql.select_projects, retry=True)
         else:
             await trio.lowlevel.checkpoint()
         return [dict(project) for project in self._projects]
@@ -577,10 +581,10 @@ class PostgresBackend:
 
         A reply that another node runs is stopped by that node at its next look at its jobs
         (within a third of the lease); this returns True once it is asked to."""
-        await self._run(partial(sql.select_chat, chat_id=chat_id), read=True)
+        await self._run(partial(sql.select_chat, chat_id=chat_id), retry=True)
         if self._replies.cancel(chat_id):
             return True
-        return await self._run(partial(sql.request_cancel, chat_id, self._lease))
+        return await self._run(partial(sql.request_cancel, chat_id, self._lease), retry=True)
 
     async def delete_chat(self, chat_id: str) -> None:
         """Delete a chat and its messages, and stop its replies; pushes ``chat_deleted``."""
@@ -642,7 +646,7 @@ class _ChatStore:
 
     async def earlier_messages(self, chat_id: str, message_id: str) -> Sequence[HistoryItem]:
         return await self.backend._run(
-            partial(sql.select_earlier, chat_id, message_id), read=True
+            partial(sql.select_earlier, chat_id, message_id), retry=True
         )
 
     async def store_reply(self, job: ReplyJob, message_id: str, content: str) -> None:
@@ -652,7 +656,9 @@ class _ChatStore:
         )
         try:
             async with backend._lock:
-                _, events = await backend._run(write)
+                # Retried on a stale connection: the reply's id is unique, so it cannot be
+                # stored twice.
+                _, events = await backend._run(write, retry=True)
                 backend._emit(events)
         finally:
             backend._jobs.pop(job.message_id, None)
@@ -660,7 +666,7 @@ class _ChatStore:
     async def reply_failed(self, job: ReplyJob) -> None:
         backend = self.backend
         backend._jobs.pop(job.message_id, None)
-        await backend._run(partial(sql.close_job, job.message_id, backend._lease))
+        await backend._run(partial(sql.close_job, job.message_id, backend._lease), retry=True)
 
 
 def _connect_and_migrate(dsn: str, where: _Where, connect_timeout: float) -> int:
@@ -761,7 +767,8 @@ async def _close(
     try:
         jobs = list(backend._jobs)
         if jobs:
-            await backend._run_anyway(partial(sql.release_jobs, backend._lease, jobs))
+            release = partial(sql.release_jobs, backend._lease, jobs)
+            await backend._run_anyway(release, retry=True)
         ids = sorted(backend._undeleted)
         if ids:
             await backend._clear(ids)
