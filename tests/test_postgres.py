@@ -408,7 +408,13 @@ async def test_a_reply_running_across_a_database_restart_is_stored(
             await trio.to_thread.run_sync(postgres_server.restart)
             agent.gate.set()  # its answer meets only stale connections: one retry
             reply = await until_stored_reply(feed)
-        assert reply["content"] == "answer to outlive a restart"
+            assert reply["content"] == "answer to outlive a restart"
+            await trio.to_thread.run_sync(postgres_server.restart)
+            # A send with a nonce is retried too (a retry stores nothing twice).
+            await backend.send_message("welcome", "after another restart", nonce="r-1")
+            assert (await until_stored_reply(feed))["content"] == (
+                "answer to after another restart"
+            )
     assert query(postgres_dsn, "SELECT count(*) FROM reply_jobs WHERE NOT done") == [(0,)]
 
 

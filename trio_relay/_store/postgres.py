@@ -191,6 +191,8 @@ class _BatchedWrite:
 
     write: Callable[[sql.Conn], object]
     then: Callable[[object], None]
+    #: It may run twice (a send with a nonce stores once however often it runs).
+    retry: bool
     done: trio.Event = attrs.Factory(trio.Event)
     result: outcome.Outcome[object] | None = None
 
@@ -441,17 +443,18 @@ class PostgresBackend:
     # --- writes ---
 
     async def _write_batched(
-        self, write: Callable[[sql.Conn], _T], then: Callable[[_T], None]
+        self, write: Callable[[sql.Conn], _T], then: Callable[[_T], None], *, retry: bool
     ) -> _T:
         """Store a message together with the others sent meanwhile: one transaction, one
         round trip to a worker thread and one commit (so one WAL flush) for all of them,
         each in a savepoint of its own (group commit, as in the SQLite store). ``then`` runs
         right after the commit, under the lock, in the order of the writes (it publishes).
         The first writer commits for everyone waiting; cancelling a caller does not undo its
-        write."""
+        write. A batch of writes that may all be retried (``retry``: sends with a nonce) is
+        tried once more when it meets a stale connection."""
         if self._closed:
             raise BackendError("backend is closed")
-        pending = _BatchedWrite(write, then)  # type: ignore[arg-type]
+        pending = _BatchedWrite(write, then, retry)  # type: ignore[arg-type]
         self._batch.append(pending)
         with trio.CancelScope(shield=True):
             if self._batching:
@@ -469,9 +472,12 @@ class PostgresBackend:
                 async with self._lock:
                     batch, self._batch = self._batch, []
                     writes = [pending.write for pending in batch]
+                    retry = all(pending.retry for pending in batch)
                     results: list[outcome.Outcome[object]]
                     try:
-                        results = await self._run_anyway(partial(sql.run_batch, writes))
+                        results = await self._run_anyway(
+                            partial(sql.run_batch, writes), retry=retry
+                        )
                     except Exception as exc:
                         error = exc if isinstance(exc, BackendError) else BackendError(
                             f"the message could not be stored: {exc}"
@@ -540,7 +546,7 @@ class PostgresBackend:
             elif recorded:  # the profile's agent changed meanwhile: it answers nothing now
                 self._jobs_to_close.append(job.message_id)
 
-        await self._write_batched(write, stored)
+        await self._write_batched(write, stored, retry=nonce is not None)
         logger.bind(resource=str(chat_key(chat_id))).debug("message of {} characters", len(content))
 
     async def create_chat(
