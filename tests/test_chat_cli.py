@@ -55,10 +55,8 @@ class EchoBackend(MemoryBackend):
         self.running: dict[str, tuple[trio.CancelScope, str]] = {}
         self.first_chunk = trio.Event()
 
-    async def send_message(
-        self, chat_id: str, message: Any, *, sender: Any = None, nonce: str | None = None
-    ) -> None:
-        await super().send_message(chat_id, message, sender=sender, nonce=nonce)
+    async def send_message(self, chat_id: str, message: Any, *, sender: Any = None) -> None:
+        await super().send_message(chat_id, message, sender=sender)
         assert self.nursery is not None
         self.nursery.start_soon(self._reply, chat_id, self.messages[chat_id][-1]["content"])
 
