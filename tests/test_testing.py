@@ -401,15 +401,3 @@ async def test_an_hour_of_relay_life_in_mock_time(
     elapsed = time.perf_counter() - wall
     print(f"an hour of relay life took {elapsed:.3f} s of wall time")
     assert elapsed < 5.0
-
-
-async def test_the_memory_backend_stores_a_retried_send_once(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    backend = MemoryBackend()
-    backend.add_chat("p", chat_id="c")
-    for _ in range(2):
-        await backend.send_message("c", "once", nonce="n")
-    await backend.send_message("c", "twice")
-    await backend.send_message("c", "twice")
-    assert backend.sent == [("c", "once"), ("c", "twice"), ("c", "twice")]

@@ -44,7 +44,6 @@ class MemoryBackend:
         self.model_profiles: list[JSON] = []
         #: Every accepted send, in order: (chat id, message as the client sent it).
         self.sent: list[tuple[str, JSON]] = []
-        self._nonces: set[tuple[str, str]] = set()
         #: Chats whose agent reply counts as running: `cancel_reply` stops it (and pushes
         #: ``{"type": "cancelled"}``); a test adds chat ids here to script a reply.
         self.replying: set[str] = set()
@@ -138,11 +137,8 @@ class MemoryBackend:
         return Snapshot(list(self.messages[chat_id]), version)
 
     async def send_message(
-        self, chat_id: str, message: JSON, *, sender: JSON | None = None,
-        nonce: str | None = None,
+        self, chat_id: str, message: JSON, *, sender: JSON | None = None
     ) -> None:
-        """Record and store a user message; a ``nonce`` already seen in the chat (a retried
-        send) records and stores nothing, as the built-in stores do."""
         await self._fault("send_message")
         if chat_id not in self.chats:
             raise NotFound(f"chat {chat_id!r} not found")
@@ -151,10 +147,6 @@ class MemoryBackend:
             content = message.get("text") or message.get("content") or message.get("message")
         if not isinstance(content, str):
             raise BackendError("message must be text or an object with a 'text' field")
-        if nonce is not None:
-            if (chat_id, nonce) in self._nonces:
-                return
-            self._nonces.add((chat_id, nonce))
         self.sent.append((chat_id, message))
         self.add_message(chat_id, content, role="user", sender=sender)
 
