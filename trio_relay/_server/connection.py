@@ -92,7 +92,7 @@ class ConnectionContext:
     #: The PIN clients sign in with now (the host or ``trio-relay pin --new`` may change it).
     current_pin: Callable[[], str] = attrs.field(repr=False)
     #: Stores a sent message with its sender (passed only to backends that take one).
-    send_message: Callable[[str, JSON, JSON], Awaitable[None]]
+    send_message: Callable[[str, JSON, JSON, str | None], Awaitable[None]]
     #: Why writes are refused right now (the broker is unreachable), or None.
     writes_refused: Callable[[], str | None] = lambda: None
 
@@ -301,7 +301,7 @@ class Connection:
         elif isinstance(request, SendRequest):
             self._check_writable()
             await self._call(self.context.send_message, request.resource_id, request.message,
-                             self.sender)
+                             self.sender, request.client_nonce)
             if self.device_id is not None:
                 self.context.devices.seen(self.device_id)
             await _let_fan_out()
