@@ -44,7 +44,7 @@ class RecentNonces:
             found = self._taken.get(key)
             if found is None:
                 break
-            taken, done = found
+            _, done = found
             if done.is_set():
                 await trio.lowlevel.checkpoint()
                 return  # sent already

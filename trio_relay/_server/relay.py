@@ -43,7 +43,6 @@ from .counters import RelayCounters
 from .edge import Edge
 from .http import MetricsView, WebFiles
 from .limits import PinGuard
-from .nonces import RecentNonces
 from .listener import (
     Listener,
     ListenerSubscriber,
@@ -51,6 +50,7 @@ from .listener import (
     SubscriptionError,
     Update,
 )
+from .nonces import RecentNonces
 from .pairing import DeviceStore
 from .timers import ConnectionTimers
 from .websocket import ServerWebSocket
