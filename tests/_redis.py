@@ -44,11 +44,12 @@ def free_port() -> int:
 
 
 def answers_ping(port: int, timeout: float = 0.5) -> bool:
-    """Whether a Redis on ``port`` answers PING within ``timeout`` (RESP inline command)."""
+    """Whether a Redis on ``port`` answers PING within ``timeout`` (RESP inline command; one
+    that wants a password answers NOAUTH, which is an answer too)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -56,8 +57,9 @@ def answers_ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One `redis-server` process on a fixed port; `restart` brings a new, empty one there."""
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(self, binary: str, directory: Path, password: str | None = None) -> None:
         self.binary = binary
+        self.password = password
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -65,7 +67,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/0"
 
     def start(self, keep_data: bool = False) -> None:
         """Start it and wait until it answers; empty unless ``keep_data`` (then it loads
@@ -78,6 +81,7 @@ class RedisServer:
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.directory),
                 "--logfile", str(self.directory / "redis.log"),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

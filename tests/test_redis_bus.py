@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import coredis
 import pytest
 import trio
 from _helpers import wait_until
-from _redis import RedisServer, free_port, redis_server
+from _redis import RedisServer, find_redis_server, free_port, redis_server
 from coredis.retry import NoRetryPolicy
 
 from trio_relay._stream.bus import BusError, BusEvent, EpochChanged, Position
@@ -192,6 +192,74 @@ async def test_an_unknown_epoch_at_the_start_is_refused(redis_server: RedisServe
         async with bus.follow(CHAT, Position("gone", 0)) as events:
             with pytest.raises(EpochChanged):
                 await take(events, 1)
+
+
+async def pubsub_clients(client: coredis.Redis[bytes]) -> int:
+    listed = await client.client_list(type_=coredis.PureToken.PUBSUB)
+    return len(listed)
+
+
+async def test_one_pubsub_connection_serves_every_followed_resource(
+    redis_server: RedisServer,
+) -> None:
+    keys = [ResourceKey("chat", f"c{i}") for i in range(5)]
+    async with raw(redis_server) as client, open_redis_bus(redis_server.url) as bus:
+        starts = [await bus.head(key) for key in keys]
+        async with AsyncExitStack() as stack:
+            followed = [await stack.enter_async_context(bus.follow(key, start))
+                        for key, start in zip(keys, starts, strict=True)]
+            assert await pubsub_clients(client) == 1
+            for key in keys:
+                await bus.publish(key, str(key))
+            for key, events in zip(keys, followed, strict=True):
+                assert await take(events, 1) == [BusEvent(1, str(key))]
+            numbers = await client.pubsub_numsub(*[f"trio-relay:{{{k}}}:live" for k in keys])
+            assert set(numbers.values()) == {1}
+        # Leaving unsubscribes.
+        numbers = await client.pubsub_numsub(*[f"trio-relay:{{{k}}}:live" for k in keys])
+        assert set(numbers.values()) == {0}
+
+
+async def test_a_lost_pubsub_connection_is_replaced_and_repaired(
+    redis_server: RedisServer,
+) -> None:
+    async with raw(redis_server) as client, open_redis_bus(
+            redis_server.url, **FAST) as bus, open_redis_bus(redis_server.url, **FAST) as other:
+        start = await bus.publish(CHAT, 1)
+        async with bus.follow(CHAT, start) as events:
+            assert await client.client_kill(type_=coredis.PureToken.PUBSUB) == 1
+            # Published while the follower's node has no subscription, or has it again.
+            for i in range(2, 12):
+                await other.publish(CHAT, i)
+            assert [e.data for e in await take(events, 10)] == list(range(2, 12))
+            await other.publish(CHAT, 12)
+            assert await take(events, 1) == [BusEvent(12, 12)]
+        assert bus.healthy
+
+
+async def test_logs_name_the_redis_never_its_password(
+    tmp_path_factory: pytest.TempPathFactory, records: list[Any],
+) -> None:
+    server = RedisServer(find_redis_server(), tmp_path_factory.mktemp("redis"), "s3cret-pw")
+    server.start()
+    try:
+        async with open_redis_bus(server.url, timeout=0.3, grace=0.5) as bus:
+            start = await bus.publish(CHAT, 1)
+            async with bus.follow(CHAT, start) as events:
+                server.kill()
+                with pytest.raises(BusError) as caught, trio.fail_after(5):
+                    await events.__anext__()
+            assert "s3cret" not in str(caught.value)
+            await wait_until(lambda: not bus.healthy)
+            server.start()
+            await wait_until(lambda: bus.healthy)
+    finally:
+        server.kill()
+    where = f"redis://127.0.0.1:{server.port}/0"
+    assert all("s3cret" not in str(record) for record in records)
+    warnings = [r for r in records if r["level"].name == "WARNING"]
+    assert any("unreachable" in r["message"] for r in warnings)
+    assert all(r["extra"].get("broker") == where for r in warnings)
 
 
 async def test_a_script_flushed_from_redis_is_loaded_again(redis_server: RedisServer) -> None:
