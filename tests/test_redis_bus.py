@@ -284,6 +284,23 @@ async def test_unreachable_at_start_is_one_clear_error() -> None:
     assert "hunter2" not in message and "someone" not in message
 
 
+async def test_a_frozen_redis_at_start_is_one_clear_error(redis_server: RedisServer) -> None:
+    redis_server.freeze()
+    with pytest.raises(BusError) as caught, trio.fail_after(2):
+        async with open_redis_bus(redis_server.url, timeout=0.3):
+            pass  # pragma: no cover
+    assert type(caught.value) is BusError
+    assert str(caught.value) == (
+        f"cannot reach Redis at redis://127.0.0.1:{redis_server.port}/0: "
+        "no answer within 0.3s")
+
+
+async def test_errors_of_the_body_come_out_as_themselves(redis_server: RedisServer) -> None:
+    with pytest.raises(KeyError):
+        async with open_redis_bus(redis_server.url):
+            raise KeyError("mine")
+
+
 def test_urls_are_shown_without_credentials() -> None:
     assert redacted_url("redis://u:p@h:1/2") == "redis://h:1/2"
     assert redacted_url("rediss://:p@h") == "rediss://h:6379/0"

@@ -185,6 +185,14 @@ def _only_errors(exc: BaseException) -> bool:
     return all(isinstance(leaf, Exception) for leaf in leaves(exc))
 
 
+class _Failed(Exception):
+    """A Redis call failed: why (None: no answer in time)."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class _Redis:
     """The one place where coredis meets Trio; everything else talks to Redis through it.
 
@@ -230,34 +238,38 @@ class _Redis:
         async with self.client:
             yield
 
+    async def attempt(self, request: Callable[[], Awaitable[T]]) -> T:
+        """``request()``, bounded by the timeout; `_Failed` says why if it failed."""
+        with trio.move_on_after(self.timeout) as scope:
+            try:
+                return await request()
+            except (RedisError, OSError, TimeoutError, BaseExceptionGroup) as exc:
+                if not _only_errors(exc):
+                    raise
+                if scope.cancel_called:
+                    # Our deadline, which coredis turned into its ConnectionError.
+                    raise _Failed(None) from None
+                raise _Failed(_reason(exc)) from None
+        raise _Failed(None)
+
     async def call(self, what: str, request: Callable[[], Awaitable[T]]) -> T:
         try:
-            with trio.fail_after(self.timeout):
-                return await request()
-        except trio.TooSlowError:
+            return await self.attempt(request)
+        except _Failed as failed:
             self.on_failure()
-            raise BusError(
-                f"Redis at {self.where} did not answer {what} within {self.timeout:g}s"
-            ) from None
-        except (RedisError, OSError, TimeoutError, BaseExceptionGroup) as exc:
-            if not _only_errors(exc):
-                raise
-            self.on_failure()
-            raise BusError(f"Redis at {self.where} failed {what}: {_reason(exc)}") from None
+            if failed.reason is None:
+                raise BusError(
+                    f"Redis at {self.where} did not answer {what} within {self.timeout:g}s"
+                ) from None
+            raise BusError(f"Redis at {self.where} failed {what}: {failed.reason}") from None
 
     async def reach(self) -> None:
         """PING once at the start: `BusError` "cannot reach Redis at ..." if it fails."""
         try:
-            with trio.fail_after(self.timeout):
-                await self.client.ping()
-        except trio.TooSlowError:
-            raise BusError(
-                f"cannot reach Redis at {self.where}: no answer within {self.timeout:g}s"
-            ) from None
-        except (RedisError, OSError, TimeoutError, BaseExceptionGroup) as exc:
-            if not _only_errors(exc):
-                raise
-            raise BusError(f"cannot reach Redis at {self.where}: {_reason(exc)}") from None
+            await self.attempt(self.client.ping)
+        except _Failed as failed:
+            reason = failed.reason or f"no answer within {self.timeout:g}s"
+            raise BusError(f"cannot reach Redis at {self.where}: {reason}") from None
 
     async def ping(self) -> None:
         await self.call("PING", self.client.ping)
@@ -841,6 +853,10 @@ async def open_redis_bus(
                 # Publish what is still queued, if Redis lets us, before the tasks end.
                 with trio.move_on_after(timeout):
                     await bus.flush()
+                if bus.backlog:
+                    logger.bind(broker=where).warning(
+                        "closing with {} forwarded changes not published to Redis at {}",
+                        bus.backlog, where)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_single(group)
