@@ -377,6 +377,37 @@ async def test_frozen_redis_is_detected_by_the_timeout(redis_server: RedisServer
         assert await bus.head(CHAT) == Position(start.epoch, 5)
 
 
+async def test_a_batch_retried_after_a_lost_answer_is_published_once(
+    redis_server: RedisServer, records: list[Any],
+) -> None:
+    async with open_redis_bus(redis_server.url, timeout=0.3, grace=10) as bus:
+        start = await bus.publish(CHAT, 0)
+        async with bus.follow(CHAT, start) as events:
+            redis_server.freeze()
+            bus.forward(CHAT, 1)  # its script call waits in the frozen Redis's socket
+            await wait_until(lambda: any("failed, retrying" in r["message"] for r in records))
+            redis_server.thaw()  # runs that first call, whose answer nobody awaits any more
+            await bus.flush()
+            bus.forward(CHAT, 2)
+            assert await take(events, 2) == [BusEvent(2, 1), BusEvent(3, 2)]
+        assert await bus.head(CHAT) == Position(start.epoch, 3)
+
+
+async def test_a_slow_follower_catches_up_from_the_stream(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("trio_relay._stream.redis_bus.FOLLOWER_QUEUE", 3)
+    async with open_redis_bus(redis_server.url) as bus:
+        start = await bus.head(CHAT)
+        async with bus.follow(CHAT, start) as events:
+            assert await take(events, 0) == []
+            for i in range(1, 11):
+                await bus.publish(CHAT, i)  # ten live messages; three are kept
+            assert [e.data for e in await take(events, 10)] == list(range(1, 11))
+            await bus.publish(CHAT, 11)
+            assert await take(events, 1) == [BusEvent(11, 11)]
+
+
 async def test_followers_fail_after_the_grace(redis_server: RedisServer) -> None:
     async with open_redis_bus(redis_server.url, timeout=0.3, grace=0.6) as bus:
         start = await bus.head(CHAT)

@@ -377,6 +377,9 @@ class _Events:
 
     async def __anext__(self) -> BusEvent:
         follower = self._follower
+        if follower.ready:
+            # Events at hand still make a checkpoint, so a consumer's loop stays cancellable.
+            await trio.lowlevel.checkpoint()
         while not follower.ready:
             if follower.error is not None:
                 raise follower.error
