@@ -21,8 +21,8 @@ from _helpers import wait_until
 from _redis import RedisServer, find_redis_server, free_port, redis_server
 from coredis.retry import NoRetryPolicy
 
-from trio_relay._stream.bus import BusError, BusEvent, EpochChanged, Position
-from trio_relay._stream.redis_bus import PUBLISH_LUA, open_redis_bus, redacted_url
+from trio_relay._stream.bus import Bus, BusError, BusEvent, EpochChanged, Position
+from trio_relay._stream.redis_bus import PUBLISH_LUA, RedisBus, open_redis_bus, redacted_url
 from trio_relay._wire.protocol import ResourceKey
 
 __all__ = ["redis_server"]  # the fixture, for pytest
@@ -48,6 +48,10 @@ async def take(events: AsyncIterator[BusEvent], count: int, within: float = 5.0)
     return found
 
 
+def as_bus(bus: RedisBus) -> Bus:
+    return bus  # mypy checks that a RedisBus is a Bus
+
+
 async def evalsha_calls(client: coredis.Redis[bytes]) -> int:
     stats = await client.info("commandstats")
     entry = stats.get("cmdstat_evalsha", {})
@@ -59,6 +63,7 @@ async def evalsha_calls(client: coredis.Redis[bytes]) -> int:
 
 async def test_two_nodes_number_one_resource_once(redis_server: RedisServer) -> None:
     async with open_redis_bus(redis_server.url) as a, open_redis_bus(redis_server.url) as b:
+        assert as_bus(a).healthy
         start = await a.head(CHAT)
         assert start.seq == 0 and start == await b.head(CHAT)
         async with a.follow(CHAT, start) as on_a, b.follow(CHAT, start) as on_b:
