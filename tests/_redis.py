@@ -85,15 +85,19 @@ class RedisServer:
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        # Another process: nothing to wait on but its answer, so poll it, bounded.
-        deadline = time.monotonic() + WAIT
-        while not answers_ping(self.port):
-            if self.process.poll() is not None:
-                log = (self.directory / "redis.log").read_text(errors="replace")
-                raise RuntimeError(f"redis-server exited at start: {log[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server did not answer PING within {WAIT}s")
-            time.sleep(0.005)
+        try:
+            # Another process: nothing to wait on but its answer, so poll it, bounded.
+            deadline = time.monotonic() + WAIT
+            while not answers_ping(self.port):
+                if self.process.poll() is not None:
+                    log = (self.directory / "redis.log").read_text(errors="replace")
+                    raise RuntimeError(f"redis-server exited at start: {log[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server did not answer PING within {WAIT}s")
+                time.sleep(0.005)
+        except BaseException:
+            self.kill()
+            raise
 
     def _end(self, sig: signal.Signals) -> None:
         if self.process is None:
@@ -133,8 +137,15 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A running `redis-server` of this test alone, killed afterwards."""
-    server = RedisServer(find_redis_server(), tmp_path_factory.mktemp("redis"))
-    server.start()
+    binary, directory = find_redis_server(), tmp_path_factory.mktemp("redis")
+    for attempt in range(3):
+        server = RedisServer(binary, directory)
+        try:
+            server.start()
+            break
+        except RuntimeError:  # the free port was taken meanwhile: another one
+            if attempt == 2:
+                raise
     try:
         yield server
     finally:

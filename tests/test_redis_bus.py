@@ -306,6 +306,18 @@ async def test_errors_of_the_body_come_out_as_themselves(redis_server: RedisServ
             raise KeyError("mine")
 
 
+def test_without_redis_server_the_tests_skip_except_on_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not installed"):
+        find_redis_server()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+        find_redis_server()
+
+
 def test_urls_are_shown_without_credentials() -> None:
     assert redacted_url("redis://u:p@h:1/2") == "redis://h:1/2"
     assert redacted_url("rediss://:p@h") == "rediss://h:6379/0"
@@ -421,6 +433,12 @@ async def test_followers_fail_after_the_grace(redis_server: RedisServer) -> None
             with pytest.raises(BusError, match="unreachable for more than"), trio.fail_after(5):
                 await events.__anext__()
         redis_server.thaw()
+        # Redis back: the same bus serves again, no restart.
+        await wait_until(lambda: bus.healthy)
+        again = await bus.head(CHAT)
+        async with bus.follow(CHAT, again) as events:
+            await bus.publish(CHAT, "back")
+            assert await take(events, 1) == [BusEvent(again.seq + 1, "back")]
 
 
 async def test_a_backlog_too_long_starts_a_new_epoch(redis_server: RedisServer) -> None:
