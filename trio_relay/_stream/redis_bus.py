@@ -30,12 +30,17 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
-import coredis
 import trio
+from loguru import logger
+
+try:
+    import coredis
+except ImportError as missing:  # pragma: no cover - the extra is not installed
+    raise ImportError(
+        "the Redis bus needs coredis: pip install 'trio-relay[redis]'") from missing
 from coredis.exceptions import RedisError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
-from loguru import logger
 
 from .._errors import leaves, raise_single
 from .._wire.protocol import JSON, ResourceKey
