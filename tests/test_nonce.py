@@ -13,7 +13,7 @@ import trio.testing
 
 from trio_relay import Relay
 from trio_relay._server.nonces import RecentNonces
-from trio_relay.testing import HANG, MemoryBackend, MemoryRelay, TestClient
+from trio_relay.testing import HANG, Frame, MemoryBackend, MemoryRelay, TestClient
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def memory_backend() -> MemoryBackend:
     return backend
 
 
-async def send(client: TestClient, chat: str, text: str, nonce: object) -> dict:
+async def send(client: TestClient, chat: str, text: str, nonce: object) -> Frame:
     return await client.request(
         "send", resource="chat", resourceId=chat, message=text, clientNonce=nonce
     )
