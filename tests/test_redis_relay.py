@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-
 from _redis import RedisServer, redis_server
 from test_bus import agent_reply, open_nodes
+
 from trio_relay import CloseCode, RelayConfig
 
 __all__ = ["redis_server"]  # the fixture, for pytest
