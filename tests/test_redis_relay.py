@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import trio
+from _helpers import wait_until
 from _redis import RedisServer, redis_server
 from test_bus import agent_reply, open_nodes
 
@@ -19,13 +19,6 @@ __all__ = ["redis_server"]  # the fixture, for pytest
 # A frozen or lost Redis is noticed within broker_timeout; clients are closed after
 # broker_grace: both short, so that the faults play out in a second.
 FAST = RelayConfig(broker_timeout=0.5, broker_grace=1.0)
-
-
-async def wait_until(predicate: object, timeout: float = 10) -> None:
-    """Poll a condition another process decides (Redis's state), within ``timeout``."""
-    with trio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.01)
 
 
 async def test_two_relays_on_redis_push_the_same_stream(
@@ -102,7 +95,7 @@ async def test_a_frozen_redis_refuses_sends_then_serves_again(
         assert bus is not None
         redis_server.freeze()
         try:
-            await wait_until(lambda: not bus.healthy, timeout=5)
+            await wait_until(lambda: not bus.healthy, within=5)
             assert node.relay._metrics_view().degraded == "broker unreachable"
             reply = await client.request(
                 "send", resource="chat", resourceId="welcome", message="lost?"
