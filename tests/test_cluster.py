@@ -1,0 +1,588 @@
+"""Three `trio-relay serve` processes on one real Redis and one shared data dir: the cluster
+of docs/scaling.md, end to end, with real clients over loopback.
+
+Each node is started as a user would (``--broker redis://... --port 0 --data-dir <shared>
+--pin <same>``) and found through the lines it prints. Faults are real: a node killed with
+SIGKILL, Redis restarted empty, Redis frozen with SIGSTOP, Redis absent at start. Real time
+here: every wait is bounded, and what another process does is waited for through what it
+prints, its socket, or its ``/healthz`` (polled, bounded), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from _helpers import Frame, wait_until
+from _processes import WAIT, alive, read_line
+from _redis import RedisServer, find_redis_server, free_port, redis_server
+
+from trio_relay import CloseCode
+from trio_relay.client import (
+    Backoff,
+    Chunk,
+    ConnectionLost,
+    ConnectionState,
+    Event,
+    MessageAdded,
+    RelayClient,
+    Reset,
+    open_relay_client,
+)
+from trio_relay.testing import TestClient, open_loopback_client
+
+__all__ = ["redis_server"]  # the fixture, for pytest
+
+pytestmark = pytest.mark.e2e
+
+PIN = "424242"
+CHAT = "welcome"  # the demo chat of a fresh data dir, answered by the echo agent
+# A frozen Redis is noticed within broker_timeout; subscribers wait broker_grace for it.
+TIMEOUT, GRACE = 0.5, 2.0
+FAST = ["--broker-timeout", str(TIMEOUT), "--broker-grace", str(GRACE)]
+# The library clients reconnect at once (the default backoff is for real networks).
+QUICK = Backoff(initial=0.05, maximum=0.2)
+
+
+# --- the nodes --------------------------------------------------------------------------------
+
+
+@attrs.define
+class Node:
+    """One `trio-relay serve` process and what it printed."""
+
+    name: str
+    process: trio.Process
+    port: int
+    stderr: Path
+    #: What it printed on starting, line by line.
+    printed: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def logs(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+
+def _environ() -> dict[str, str]:
+    # Only what the command line says: no TRIO_RELAY_* of whoever runs the tests.
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_")}
+
+
+def _serve_command(broker: str, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trio_relay", "serve", "--broker", broker, "--port", "0",
+            "--data-dir", str(data_dir), "--pin", PIN, *extra]
+
+
+async def _start_node(
+    name: str, broker: str, data_dir: Path, logs: Path, extra: Sequence[str],
+    started: list[trio.Process],
+) -> Node:
+    stderr = logs / f"{name}.log"
+    with stderr.open("wb") as sink:
+        process = await trio.lowlevel.open_process(
+            _serve_command(broker, data_dir, *extra), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=sink, env=_environ(),
+        )
+    started.append(process)
+    assert process.stdout is not None
+    buffer = bytearray()
+    try:
+        printed = [await read_line(process.stdout, buffer) for _ in range(5)]
+    except (AssertionError, trio.TooSlowError) as exc:
+        raise AssertionError(f"node {name} did not start ({exc}); its log:\n"
+                             f"{stderr.read_text()}") from None
+    first = printed[0]
+    assert first.startswith("trio-relay serving ws://127.0.0.1:"), printed
+    port = int(first.rsplit(":", 1)[1].split("/")[0])
+    assert printed[1:] == [
+        f"PIN: {PIN}", f"data: {data_dir}", f"broker: {redacted(broker)}",
+        f"web client: http://127.0.0.1:{port}/",  # the last line: it listens
+    ], printed
+    return Node(name, process, port, stderr, printed)
+
+
+def redacted(url: str) -> str:
+    """How a broker URL is shown: its password (if any) as ``***``."""
+    head, at, tail = url.partition("@")
+    return f"redis://:***@{tail}" if at else url
+
+
+async def _stop_all(processes: list[trio.Process]) -> None:
+    """SIGTERM, then SIGKILL whatever has not exited within WAIT; reaps every one."""
+    with trio.CancelScope(shield=True):
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            with trio.move_on_after(WAIT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+    assert not [p.pid for p in processes if alive(p.pid)], "a relay process outlived its test"
+
+
+@asynccontextmanager
+async def open_cluster(
+    tmp_path: Path, redis: RedisServer, count: int = 3, extra: Sequence[str] = FAST
+) -> AsyncIterator[list[Node]]:
+    """``count`` nodes on ``redis``, sharing one data dir, started at once (as a deploy
+    would); each is stopped afterwards, whatever the test did."""
+    data_dir, logs = tmp_path / "data", tmp_path / "logs"
+    logs.mkdir()
+    started: list[trio.Process] = []
+    nodes: list[Node | None] = [None] * count
+
+    async def start(index: int) -> None:
+        nodes[index] = await _start_node(
+            "abcdefgh"[index], redis.url, data_dir, logs, extra, started)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                nursery.start_soon(start, index)
+        yield [node for node in nodes if node is not None]
+    finally:
+        await _stop_all(started)
+
+
+# --- HTTP and clients -------------------------------------------------------------------------
+
+
+async def health(node: Node) -> tuple[int, dict[str, Any]]:
+    """``GET /healthz``: the status code and the JSON body, within WAIT."""
+    with trio.fail_after(WAIT):
+        stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n"
+                                  b"Connection: close\r\n\r\n")
+            received = b""
+            while chunk := await stream.receive_some():
+                received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def wait_health(nodes: Sequence[Node], status: int, within: float) -> float:
+    """Poll every node's /healthz until each answers ``status``; returns the seconds taken."""
+    start = trio.current_time()
+    with trio.fail_after(within):
+        for node in nodes:
+            # Another process's state: nothing to wait on but its answer.
+            while (await health(node))[0] != status:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    return trio.current_time() - start
+
+
+@asynccontextmanager
+async def open_subscribers(nodes: Sequence[Node]) -> AsyncIterator[list[TestClient]]:
+    """A raw protocol client on each node, signed in and subscribed to the chat."""
+    async with AsyncExitStack() as stack:
+        clients = []
+        for node in nodes:
+            client = await stack.enter_async_context(open_loopback_client(node.url))
+            await client.authenticate(PIN)
+            clients.append(client)
+        yield clients
+
+
+async def agent_reply(client: TestClient, text: str) -> list[Frame]:
+    """The pushes up to the stored answer to ``text`` (the echo agent repeats it)."""
+    pushes = []
+    while True:
+        push = await client.next_push()
+        pushes.append(push)
+        data = push["data"]
+        if (data.get("type") == "message" and data["message"]["role"] == "assistant"
+                and text in data["message"]["content"]):
+            return pushes
+
+
+async def history(node: Node) -> list[dict[str, Any]]:
+    """The chat's stored messages, as a new subscriber on ``node`` gets them."""
+    async with open_loopback_client(node.url) as client:
+        await client.authenticate(PIN)
+        messages: list[dict[str, Any]] = (await client.subscribe("chat", CHAT))["data"]["messages"]
+        return messages
+
+
+def count(messages: list[dict[str, Any]], role: str, text: str) -> int:
+    return sum(m["role"] == role and text in m["content"] for m in messages)
+
+
+class Tapped(trio.abc.Stream):
+    """A client's TCP stream that runs ``after_next_write`` (once) as soon as the next write
+    has left for the relay: the moment to pull the plug on it."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.after_next_write: Callable[[], None] | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        action, self.after_next_write = self.after_next_write, None
+        if action is not None:
+            action()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@attrs.define
+class Landing:
+    """Where a library client's connection attempts landed, and their streams."""
+
+    node: Node
+    stream: Tapped
+
+
+def connect_to(nodes: Sequence[Node], landed: list[Landing]) -> Callable[[], Any]:
+    """A client library ``connect``: the first of ``nodes`` that accepts, as a client given a
+    list of addresses would (or a load balancer); ``landed`` records each connection."""
+
+    async def connect() -> trio.abc.Stream:
+        refused = []
+        for node in nodes:
+            try:
+                stream = Tapped(await trio.open_tcp_stream("127.0.0.1", node.port))
+            except OSError as exc:
+                refused.append(f"{node.name}: {exc}")
+                continue
+            landed.append(Landing(node, stream))
+            return stream
+        raise OSError(f"no node accepted: {refused}")
+
+    return connect
+
+
+@asynccontextmanager
+async def open_client(
+    nodes: Sequence[Node], landed: list[Landing] | None = None
+) -> AsyncIterator[RelayClient]:
+    async with open_relay_client(
+        nodes[0].url, pin=PIN, connect=connect_to(nodes, [] if landed is None else landed),
+        backoff=QUICK, request_timeout=WAIT,
+    ) as client:
+        yield client
+
+
+@attrs.define
+class Recorder:
+    """Every event of one library subscription to the chat, in order, as it arrives."""
+
+    events: list[Event] = attrs.Factory(list)
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def run(self, client: RelayClient, task_status: trio.TaskStatus[Any]) -> None:
+        async with client.subscribe("chat", CHAT) as sub:
+            task_status.started(sub.snapshot)
+            async for event in sub:
+                self.events.append(event)
+                self.changed.set()
+                self.changed = trio.Event()
+
+    def answered(self, text: str) -> bool:
+        return any(isinstance(e, MessageAdded) and e.message["role"] == "assistant"
+                   and text in e.message["content"] for e in self.events)
+
+    async def wait_answer(self, text: str) -> None:
+        with trio.fail_after(WAIT):
+            while not self.answered(text):
+                await self.changed.wait()
+
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events if not isinstance(e, Reset)]
+
+
+# --- 1. one stream, on every node ---------------------------------------------------------------
+
+
+async def test_a_message_sent_on_one_node_reaches_every_node_identically(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_cluster(tmp_path, redis_server) as nodes, \
+            open_subscribers(nodes) as (on_a, on_b, on_c):
+        subscribed = [await c.subscribe("chat", CHAT) for c in (on_a, on_b, on_c)]
+        assert len({(s["epoch"], s["seq"]) for s in subscribed}) == 1, subscribed
+        assert subscribed[0]["data"] == subscribed[1]["data"] == subscribed[2]["data"]
+
+        await on_a.send_message(CHAT, "first, from a")
+        first = [await agent_reply(c, "first, from a") for c in (on_a, on_b, on_c)]
+        await on_c.send_message(CHAT, "second, from c")
+        second = [await agent_reply(c, "second, from c") for c in (on_a, on_b, on_c)]
+
+        streams = [one + two for one, two in zip(first, second)]
+        assert streams[0] == streams[1] == streams[2]  # the very same frames, seq and all
+        start = subscribed[0]["seq"] + 1
+        assert [p["seq"] for p in streams[0]] == list(range(start, start + len(streams[0])))
+        assert any(p["data"]["type"] == "chunk" for p in first[0])  # streamed, not only stored
+
+        # Each answer was produced once (by the node that took the send), not once per node.
+        for node in nodes:
+            messages = await history(node)
+            for text in ("first, from a", "second, from c"):
+                assert count(messages, "user", text) == 1
+                assert count(messages, "assistant", text) == 1
+
+
+# --- 2. a node killed -------------------------------------------------------------------------
+
+
+async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_duplicates(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_cluster(tmp_path, redis_server) as (a, b, c), \
+            open_subscribers([c]) as (sender,):
+        await sender.subscribe("chat", CHAT)
+        landed: list[Landing] = []
+        # The moving client prefers a, then b, then c; the staying one is on b only.
+        async with open_client([a, b, c], landed) as moving, open_client([b]) as staying, \
+                trio.open_nursery() as nursery:
+            assert [x.node for x in landed] == [a]
+            on_moving, on_staying = Recorder(), Recorder()
+            snapshots = [await nursery.start(on_moving.run, moving),
+                         await nursery.start(on_staying.run, staying)]
+            assert snapshots[0] == snapshots[1]
+
+            await moving.send(CHAT, "before the kill")
+            await on_moving.wait_answer("before the kill")
+            await on_staying.wait_answer("before the kill")
+
+            # Last words: a send that has just left the client when its node dies.
+            outcome: list[str] = []
+            answered = trio.Event()
+
+            async def last_words() -> None:
+                try:
+                    await moving.send(CHAT, "last words")
+                    outcome.append("accepted")
+                except ConnectionLost:
+                    outcome.append("lost")
+                answered.set()
+
+            # SIGKILL, no goodbye: its sockets just drop.
+            landed[0].stream.after_next_write = a.process.kill
+            nursery.start_soon(last_words)
+            with trio.fail_after(WAIT):
+                await a.process.wait()
+                await answered.wait()  # the send ended with its connection, if not before
+            await wait_until(lambda: len(landed) > 1, within=WAIT)  # a new connection
+            with trio.fail_after(WAIT):
+                await moving.wait_state(ConnectionState.CONNECTED)
+            assert [x.node.name for x in landed] == ["a", "b"]
+            await sender.send_message(CHAT, "after the kill")
+            await on_moving.wait_answer("after the kill")
+            await on_staying.wait_answer("after the kill")
+
+            # Every event once, in order, as the client that stayed saw them; no Reset.
+            assert on_moving.events == on_staying.events
+            assert not any(isinstance(e, Reset) for e in on_moving.events)
+            seqs = on_moving.seqs()
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert moving.last_close is not None and moving.last_close.code == 1006
+
+            # The last words: stored once, or refused (the client was told), never twice.
+            messages = await history(b)
+            stored = count(messages, "user", "last words")
+            assert stored <= 1, outcome
+            if outcome == ["accepted"]:
+                assert stored == 1
+            pushed = [e for e in on_moving.events if isinstance(e, MessageAdded)
+                      and e.message["role"] == "user" and e.message["content"] == "last words"]
+            assert len(pushed) <= 1
+            assert count(messages, "assistant", "after the kill") == 1
+            nursery.cancel_scope.cancel()
+
+
+# --- 3. Redis restarted empty ----------------------------------------------------------------
+
+
+async def test_redis_restarted_empty_resets_every_client_and_sends_work_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_cluster(tmp_path, redis_server) as (a, b, c), \
+            open_subscribers([a, b]) as (on_a, on_b):
+        before = [await client.subscribe("chat", CHAT) for client in (on_a, on_b)]
+        await on_a.send_message(CHAT, "before the restart")
+        seen = await agent_reply(on_b, "before the restart")
+        last = seen[-1]
+        assert await agent_reply(on_a, "before the restart") == seen
+        async with open_client([c]) as library, trio.open_nursery() as nursery:
+            recorder = Recorder()
+            await nursery.start(recorder.run, library)
+
+            redis_server.restart()  # empty: every resource's history is gone
+            for client in (on_a, on_b):
+                code, reason = await client.wait_closed()
+                assert code == CloseCode.SERVICE_RESTART, (code, reason)
+            with trio.fail_after(WAIT):
+                while not any(isinstance(e, Reset) for e in recorder.events):
+                    await recorder.changed.wait()
+            assert library.last_close is not None
+            assert library.last_close.code == CloseCode.SERVICE_RESTART
+            await wait_health([a, b, c], 200, within=WAIT)
+
+            # A raw client resuming from where it was gets a fresh snapshot, never a replay of
+            # another history under the old numbering.
+            async with open_subscribers([b]) as (back,):
+                resumed = await back.subscribe(
+                    "chat", CHAT, since_seq=last["seq"], epoch=before[1]["epoch"])
+                assert resumed.get("reset") is True and "resumed" not in resumed, resumed
+                assert resumed["epoch"] != before[1]["epoch"]
+                assert count(resumed["data"]["messages"], "assistant", "before the restart") == 1
+
+                # Sends work again, without restarting any relay, on every node alike.
+                async with open_subscribers([a]) as (again,):
+                    await again.subscribe("chat", CHAT)
+                    await again.send_message(CHAT, "after the restart")
+                    fresh = await agent_reply(again, "after the restart")
+                    assert await agent_reply(back, "after the restart") == fresh
+                    assert [p["seq"] for p in fresh] == list(
+                        range(resumed["seq"] + 1, resumed["seq"] + 1 + len(fresh)))
+            await recorder.wait_answer("after the restart")
+            after_reset = recorder.events[
+                max(i for i, e in enumerate(recorder.events) if isinstance(e, Reset)) + 1:]
+            assert [e.seq for e in after_reset] == [p["seq"] for p in fresh]
+            nursery.cancel_scope.cancel()
+
+
+# --- 4. Redis frozen --------------------------------------------------------------------------
+
+
+async def test_a_frozen_redis_turns_every_node_degraded_then_service_resumes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_cluster(tmp_path, redis_server) as nodes, \
+            open_subscribers(nodes) as subscribers:
+        for client in subscribers:
+            await client.subscribe("chat", CHAT)
+        await wait_health(nodes, 200, within=WAIT)
+        async with open_client([nodes[1]]) as library, trio.open_nursery() as nursery:
+            recorder = Recorder()
+            await nursery.start(recorder.run, library)
+            await library.send(CHAT, "before the freeze")
+            await recorder.wait_answer("before the freeze")
+            for client in subscribers:
+                await agent_reply(client, "before the freeze")
+
+            redis_server.freeze()
+            frozen_at = trio.current_time()
+            try:
+                # Each node's PING goes unanswered: degraded within about broker_timeout.
+                took = await wait_health(nodes, 503, within=WAIT)
+                assert took < TIMEOUT + 2.0, took
+                for node in nodes:
+                    status, body = await health(node)
+                    assert (status, body["status"]) == (503, "degraded"), body
+                    assert "broker" in body["reason"], body
+                # A send is refused at once with a clear error frame; nothing hangs.
+                with trio.fail_after(2 * TIMEOUT + 2):
+                    reply = await subscribers[0].request(
+                        "send", resourceId=CHAT, message="into the void")
+                assert reply["type"] == "error" and "broker" in reply["error"], reply
+                # Past broker_grace the subscribers are told to come back: 1012.
+                for client in subscribers:
+                    code, reason = await client.wait_closed()
+                    assert code == CloseCode.SERVICE_RESTART, (code, reason)
+                assert trio.current_time() - frozen_at >= GRACE
+            finally:
+                redis_server.thaw()
+
+            await wait_health(nodes, 200, within=WAIT)
+            with trio.fail_after(WAIT):
+                await library.wait_state(ConnectionState.CONNECTED)
+            async with open_subscribers([nodes[2]]) as (sender,):
+                await sender.subscribe("chat", CHAT)
+                await sender.send_message(CHAT, "after the thaw")
+                await agent_reply(sender, "after the thaw")
+            await recorder.wait_answer("after the thaw")
+            # The library client resumed where it was: every event once, no Reset.
+            assert library.last_close is not None
+            assert library.last_close.code == CloseCode.SERVICE_RESTART
+            assert not any(isinstance(e, Reset) for e in recorder.events), recorder.events
+            seqs = recorder.seqs()
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            for node in nodes:  # refused, and so not stored
+                assert count(await history(node), "user", "into the void") == 0
+            nursery.cancel_scope.cancel()
+
+
+# --- 5. the CLI's broker faults ---------------------------------------------------------------
+
+
+def _run_serve(broker: str, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_serve_command(broker, data_dir, *extra), capture_output=True,
+                          text=True, timeout=WAIT * 3, env=_environ(), check=False)
+
+
+def test_an_unreachable_broker_at_start_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    data = tmp_path / "data"
+    started = time.monotonic()
+    result = _run_serve(f"redis://:hunter2@127.0.0.1:{port}/0", data)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result
+    assert took < WAIT, took  # the default broker_timeout (5 s) bounds it
+    assert result.stdout == ""  # nothing announced: it never served
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"trio-relay: cannot reach Redis at redis://127.0.0.1:{port}/0"), last
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="LEAD: the data dir is created before the broker is"
+                   " reached (see the report); a busy port creates nothing")
+def test_an_unreachable_broker_at_start_creates_no_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert _run_serve(f"redis://127.0.0.1:{free_port()}/0", data).returncode == 1
+    assert not data.exists()
+
+
+async def test_a_broker_password_is_never_printed_or_logged(tmp_path: Path) -> None:
+    secret = "s3cret-broker-password"
+    server = RedisServer(find_redis_server(), tmp_path, password=secret)
+    server.start()
+    try:
+        assert secret in server.url
+        async with open_cluster(tmp_path, server, count=1,
+                                extra=[*FAST, "--log-level", "DEBUG"]) as (node,):
+            async with open_subscribers([node]) as (client,):
+                await client.subscribe("chat", CHAT)
+                await client.send_message(CHAT, "with a password")
+                await agent_reply(client, "with a password")
+            # Redis away and back: the reconnecting is logged too.
+            server.restart()
+            await wait_health([node], 200, within=WAIT)
+        logs = node.logs()
+        assert f"127.0.0.1:{server.port}" in logs  # the broker is named, without its password
+        assert secret not in logs
+        assert secret not in "\n".join(node.printed)
+
+        # A wrong password: refused at start, and neither password shown.
+        wrong = server.url.replace(secret, "not-the-password")
+        result = _run_serve(wrong, tmp_path / "other")
+        assert result.returncode == 1, result
+        assert f"127.0.0.1:{server.port}/0" in result.stderr
+        assert "not-the-password" not in result.stdout + result.stderr
+    finally:
+        server.kill()
