@@ -23,15 +23,13 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from _helpers import Frame, wait_until
+from _helpers import Frame
 from _processes import WAIT, alive, read_line
 from _redis import RedisServer, find_redis_server, free_port, redis_server
 
 from trio_relay import CloseCode
 from trio_relay.client import (
     Backoff,
-    Chunk,
-    ConnectionLost,
     ConnectionState,
     Event,
     MessageAdded,
@@ -116,7 +114,7 @@ async def _start_node(
 
 def redacted(url: str) -> str:
     """How a broker URL is shown: its password (if any) as ``***``."""
-    head, at, tail = url.partition("@")
+    _, at, tail = url.partition("@")
     return f"redis://:***@{tail}" if at else url
 
 
@@ -221,6 +219,12 @@ async def history(node: Node) -> list[dict[str, Any]]:
         return messages
 
 
+async def send_once(client: TestClient, text: str, nonce: str) -> None:
+    """A ``send`` with a ``clientNonce``; asserts it was accepted."""
+    reply = await client.request("send", resourceId=CHAT, message=text, clientNonce=nonce)
+    assert reply["type"] == "data" and reply["data"] == {"sent": True}, reply
+
+
 def count(messages: list[dict[str, Any]], role: str, text: str) -> int:
     return sum(m["role"] == role and text in m["content"] for m in messages)
 
@@ -257,32 +261,38 @@ class Landing:
     stream: Tapped
 
 
-def connect_to(nodes: Sequence[Node], landed: list[Landing]) -> Callable[[], Any]:
-    """A client library ``connect``: the first of ``nodes`` that accepts, as a client given a
-    list of addresses would (or a load balancer); ``landed`` records each connection."""
+@attrs.define
+class Route:
+    """A library client's way in (its ``connect``): the first of ``nodes`` that accepts, as a
+    client given a list of addresses (or a load balancer) would. ``landed`` records each
+    connection; while ``held`` is set and not yet fired, a new connection waits for it."""
 
-    async def connect() -> trio.abc.Stream:
+    nodes: Sequence[Node]
+    landed: list[Landing] = attrs.Factory(list)
+    held: trio.Event | None = None
+
+    async def connect(self) -> trio.abc.Stream:
+        if self.held is not None:
+            await self.held.wait()
         refused = []
-        for node in nodes:
+        for node in self.nodes:
             try:
                 stream = Tapped(await trio.open_tcp_stream("127.0.0.1", node.port))
             except OSError as exc:
                 refused.append(f"{node.name}: {exc}")
                 continue
-            landed.append(Landing(node, stream))
+            self.landed.append(Landing(node, stream))
             return stream
         raise OSError(f"no node accepted: {refused}")
 
-    return connect
+    def names(self) -> list[str]:
+        return [landing.node.name for landing in self.landed]
 
 
 @asynccontextmanager
-async def open_client(
-    nodes: Sequence[Node], landed: list[Landing] | None = None
-) -> AsyncIterator[RelayClient]:
+async def open_client(route: Route) -> AsyncIterator[RelayClient]:
     async with open_relay_client(
-        nodes[0].url, pin=PIN, connect=connect_to(nodes, [] if landed is None else landed),
-        backoff=QUICK, request_timeout=WAIT,
+        route.nodes[0].url, pin=PIN, connect=route.connect, backoff=QUICK, request_timeout=WAIT,
     ) as client:
         yield client
 
@@ -312,7 +322,9 @@ class Recorder:
                 await self.changed.wait()
 
     def seqs(self) -> list[int]:
-        return [e.seq for e in self.events if not isinstance(e, Reset)]
+        seqs = [e.seq for e in self.events if not isinstance(e, Reset)]
+        assert None not in seqs, self.events  # every push is numbered
+        return [seq for seq in seqs if seq is not None]
 
 
 # --- 1. one stream, on every node ---------------------------------------------------------------
@@ -332,7 +344,7 @@ async def test_a_message_sent_on_one_node_reaches_every_node_identically(
         await on_c.send_message(CHAT, "second, from c")
         second = [await agent_reply(c, "second, from c") for c in (on_a, on_b, on_c)]
 
-        streams = [one + two for one, two in zip(first, second)]
+        streams = [one + two for one, two in zip(first, second, strict=True)]
         assert streams[0] == streams[1] == streams[2]  # the very same frames, seq and all
         start = subscribed[0]["seq"] + 1
         assert [p["seq"] for p in streams[0]] == list(range(start, start + len(streams[0])))
@@ -355,11 +367,11 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
     async with open_cluster(tmp_path, redis_server) as (a, b, c), \
             open_subscribers([c]) as (sender,):
         await sender.subscribe("chat", CHAT)
-        landed: list[Landing] = []
         # The moving client prefers a, then b, then c; the staying one is on b only.
-        async with open_client([a, b, c], landed) as moving, open_client([b]) as staying, \
+        route = Route([a, b, c])
+        async with open_client(route) as moving, open_client(Route([b])) as staying, \
                 trio.open_nursery() as nursery:
-            assert [x.node for x in landed] == [a]
+            assert route.names() == ["a"]
             on_moving, on_staying = Recorder(), Recorder()
             snapshots = [await nursery.start(on_moving.run, moving),
                          await nursery.start(on_staying.run, staying)]
@@ -370,27 +382,25 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             await on_staying.wait_answer("before the kill")
 
             # Last words: a send that has just left the client when its node dies.
-            outcome: list[str] = []
-            answered = trio.Event()
+            route.landed[0].stream.after_next_write = a.process.kill  # SIGKILL: no goodbye
+            route.held = trio.Event()  # the client stays away until the chat has moved on
+            last_words = trio.Event()
 
-            async def last_words() -> None:
-                try:
-                    await moving.send(CHAT, "last words")
-                    outcome.append("accepted")
-                except ConnectionLost:
-                    outcome.append("lost")
-                answered.set()
+            async def send_last_words() -> None:
+                await moving.send(CHAT, "last words")  # sent again on the next connection
+                last_words.set()
 
-            # SIGKILL, no goodbye: its sockets just drop.
-            landed[0].stream.after_next_write = a.process.kill
-            nursery.start_soon(last_words)
+            nursery.start_soon(send_last_words)
             with trio.fail_after(WAIT):
                 await a.process.wait()
-                await answered.wait()  # the send ended with its connection, if not before
-            await wait_until(lambda: len(landed) > 1, within=WAIT)  # a new connection
+            await sender.send_message(CHAT, "while away")
+            await on_staying.wait_answer("while away")
+            assert not on_moving.answered("while away")
+            route.held.set()
             with trio.fail_after(WAIT):
+                await last_words.wait()  # accepted: stored by a before it died, or by b now
                 await moving.wait_state(ConnectionState.CONNECTED)
-            assert [x.node.name for x in landed] == ["a", "b"]
+            assert route.names() == ["a", "b"]
             await sender.send_message(CHAT, "after the kill")
             await on_moving.wait_answer("after the kill")
             await on_staying.wait_answer("after the kill")
@@ -402,17 +412,33 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
             assert moving.last_close is not None and moving.last_close.code == 1006
 
-            # The last words: stored once, or refused (the client was told), never twice.
+            # The last words are stored once, though sent to two nodes; answered at most once.
             messages = await history(b)
-            stored = count(messages, "user", "last words")
-            assert stored <= 1, outcome
-            if outcome == ["accepted"]:
-                assert stored == 1
-            pushed = [e for e in on_moving.events if isinstance(e, MessageAdded)
-                      and e.message["role"] == "user" and e.message["content"] == "last words"]
-            assert len(pushed) <= 1
+            assert count(messages, "user", "last words") == 1
+            assert count(messages, "assistant", "last words") <= 1
+            assert sum(isinstance(e, MessageAdded) and e.message["content"] == "last words"
+                       for e in on_moving.events) <= 1
+            assert count(messages, "assistant", "while away") == 1
             assert count(messages, "assistant", "after the kill") == 1
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason="LEAD: the SQLite backend takes no nonce, so each node"
+                   " dedupes in its own memory only; docs/protocol.md promises any relay")
+async def test_a_send_retried_with_its_nonce_on_another_node_is_stored_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The reply to a send was lost with its connection (its node died, say): the client
+    # sends it again, with the same nonce, and lands on another node.
+    nonce = "5b1f0e9c2d7a4e3f9a8b6c5d4e3f2a1b"
+    async with open_cluster(tmp_path, redis_server, count=2) as (a, b), \
+            open_subscribers([a, b]) as (on_a, on_b):
+        await on_b.subscribe("chat", CHAT)
+        await send_once(on_a, "sent twice", nonce)
+        await agent_reply(on_b, "sent twice")
+        await send_once(on_b, "sent twice", nonce)
+        messages = await history(b)
+        assert count(messages, "user", "sent twice") == 1
 
 
 # --- 3. Redis restarted empty ----------------------------------------------------------------
@@ -428,7 +454,7 @@ async def test_redis_restarted_empty_resets_every_client_and_sends_work_again(
         seen = await agent_reply(on_b, "before the restart")
         last = seen[-1]
         assert await agent_reply(on_a, "before the restart") == seen
-        async with open_client([c]) as library, trio.open_nursery() as nursery:
+        async with open_client(Route([c])) as library, trio.open_nursery() as nursery:
             recorder = Recorder()
             await nursery.start(recorder.run, library)
 
@@ -478,7 +504,7 @@ async def test_a_frozen_redis_turns_every_node_degraded_then_service_resumes(
         for client in subscribers:
             await client.subscribe("chat", CHAT)
         await wait_health(nodes, 200, within=WAIT)
-        async with open_client([nodes[1]]) as library, trio.open_nursery() as nursery:
+        async with open_client(Route([nodes[1]])) as library, trio.open_nursery() as nursery:
             recorder = Recorder()
             await nursery.start(recorder.run, library)
             await library.send(CHAT, "before the freeze")
