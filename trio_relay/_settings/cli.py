@@ -14,6 +14,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +26,7 @@ from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from .._server.relay import open_relay
-from .._stream.bus import BusError
+from .._stream.bus import Bus, BusError
 from .load import load_settings, unknown_variables
 from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
 
@@ -294,16 +295,43 @@ async def open_listeners(
 async def serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
-    from .._store.sqlite import open_sqlite_backend
-
     # Bound before anything is written: a start that fails on a busy port leaves no data dir.
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)
-    try:
-        devices = FileDeviceStore(data_dir / PAIRING_FILE)
-    except BaseException:
-        for listener in listeners:
-            await listener.aclose()
-        raise
+    async with AsyncExitStack() as stack:
+        try:
+            # Reached before anything is written too: nor does an unreachable broker.
+            broker = await _open_broker(stack, settings)
+            devices = FileDeviceStore(data_dir / PAIRING_FILE)
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        await _serve(settings, data_dir, ssl_context, listeners, port, devices, broker)
+
+
+async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | None:
+    """The Redis bus of ``settings.broker.url`` (None without one), opened on ``stack`` as
+    `open_relay` would open it for the URL."""
+    if settings.broker.url is None:
+        return None
+    from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
+
+    config = settings.relay
+    bus: Bus = await stack.enter_async_context(open_redis_bus(
+        settings.broker.url, replay_size=config.replay_buffer_size,
+        replay_max_age=config.replay_max_age, timeout=config.broker_timeout,
+        grace=config.broker_grace,
+    ))
+    return bus
+
+
+async def _serve(
+    settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None,
+    listeners: list[trio.abc.Listener[Any]], port: int, devices: FileDeviceStore,
+    broker: Bus | None,
+) -> None:
+    from .._store.sqlite import open_sqlite_backend
+
     async with open_sqlite_backend(data_dir) as backend:
         if settings.model_profiles is not None:
             # The config file's profiles replace the database's; their commands stay here.
@@ -312,7 +340,7 @@ async def serve(
             )
         async with open_relay(
             backend, pin=settings.pin, config=settings.relay, devices=devices,
-            broker=settings.broker.url,
+            broker=broker,
         ) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
