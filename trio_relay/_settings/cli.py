@@ -9,6 +9,7 @@ import argparse
 import errno
 import gc
 import importlib.metadata
+import logging
 import os
 import signal
 import ssl
@@ -221,6 +222,28 @@ def configure_logging(level: str) -> None:
     logger.remove()
     logger.add(sys.stderr, level=level, format=_log_format, backtrace=False, diagnose=False)
     logger.enable("trio_relay")
+    # The drivers (coredis, psycopg) log through the standard library: their warnings go to
+    # the same place, in the same format, rather than print in another shape.
+    for name in _DRIVER_LOGGERS:
+        stdlib = logging.getLogger(name)
+        stdlib.handlers = [_ToLoguru()]
+        stdlib.setLevel(logging.WARNING)
+        stdlib.propagate = False
+
+
+_DRIVER_LOGGERS: Final = ("coredis", "psycopg")
+
+
+class _ToLoguru(logging.Handler):
+    """Hands a standard-library log record to loguru, at its level, naming its logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info is not None and record.exc_info[0] is not None
+                   ).log(level, "{}: {}", record.name, record.getMessage())
 
 
 def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
