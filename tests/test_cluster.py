@@ -79,20 +79,23 @@ def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_")}
 
 
-def _serve_command(broker: str, data_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trio_relay", "serve", "--broker", broker, "--port", "0",
+def _serve_command(broker: str | None, data_dir: Path, *extra: str) -> list[str]:
+    """`trio-relay serve` on a free port; the broker given by flag unless None."""
+    return [sys.executable, "-m", "trio_relay", "serve",
+            *(["--broker", broker] if broker is not None else []), "--port", "0",
             "--data-dir", str(data_dir), "--pin", PIN, *extra]
 
 
 async def _start_node(
     name: str, broker: str, data_dir: Path, logs: Path, extra: Sequence[str],
-    started: list[trio.Process],
+    started: list[trio.Process], broker_from_env: bool = False,
 ) -> Node:
     stderr = logs / f"{name}.log"
     with stderr.open("wb") as sink:
         process = await trio.lowlevel.open_process(
-            _serve_command(broker, data_dir, *extra), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=sink, env=_environ(),
+            _serve_command(None if broker_from_env else broker, data_dir, *extra),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink,
+            env={**_environ(), "TRIO_RELAY_BROKER": broker} if broker_from_env else _environ(),
         )
     started.append(process)
     assert process.stdout is not None
@@ -137,10 +140,12 @@ async def _stop_all(processes: list[trio.Process]) -> None:
 
 @asynccontextmanager
 async def open_cluster(
-    tmp_path: Path, redis: RedisServer, count: int = 3, extra: Sequence[str] = FAST
+    tmp_path: Path, redis: RedisServer, count: int = 3, extra: Sequence[str] = FAST,
+    broker_from_env: bool = False,
 ) -> AsyncIterator[list[Node]]:
     """``count`` nodes on ``redis``, sharing one data dir, started at once (as a deploy
-    would); each is stopped afterwards, whatever the test did."""
+    would), given the broker by flag (or by $TRIO_RELAY_BROKER); each is stopped
+    afterwards, whatever the test did."""
     data_dir, logs = tmp_path / "data", tmp_path / "logs"
     logs.mkdir()
     started: list[trio.Process] = []
@@ -148,7 +153,7 @@ async def open_cluster(
 
     async def start(index: int) -> None:
         nodes[index] = await _start_node(
-            "abcdefgh"[index], redis.url, data_dir, logs, extra, started)
+            "abcdefgh"[index], redis.url, data_dir, logs, extra, started, broker_from_env)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -230,24 +235,33 @@ def count(messages: list[dict[str, Any]], role: str, text: str) -> int:
 
 
 class Tapped(trio.abc.Stream):
-    """A client's TCP stream that runs ``after_next_write`` (once) as soon as the next write
-    has left for the relay: the moment to pull the plug on it."""
+    """A client's TCP stream with two ways to pull the plug at an exact moment.
+
+    ``before_next_write`` runs (once) just before the next write goes out: the node killed
+    then never reads what the client sent. While ``lost`` is set, whatever arrives is lost:
+    once it fires, the stream breaks, as a path to a node that died on the way would.
+    """
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
-        self.after_next_write: Callable[[], None] | None = None
+        self.before_next_write: Callable[[], None] | None = None
+        self.lost: trio.Event | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-        action, self.after_next_write = self.after_next_write, None
+        action, self.before_next_write = self.before_next_write, None
         if action is not None:
             action()
+        await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        data = await self.inner.receive_some(max_bytes)
+        if self.lost is not None:
+            await self.lost.wait()
+            raise trio.BrokenResourceError("lost with the node")
+        return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -381,8 +395,8 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             await on_moving.wait_answer("before the kill")
             await on_staying.wait_answer("before the kill")
 
-            # Last words: a send that has just left the client when its node dies.
-            route.landed[0].stream.after_next_write = a.process.kill  # SIGKILL: no goodbye
+            # Last words: a send on its way out when its node dies (SIGKILL: no goodbye).
+            route.landed[0].stream.before_next_write = a.process.kill
             route.held = trio.Event()  # the client stays away until the chat has moved on
             last_words = trio.Event()
 
@@ -398,7 +412,7 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             assert not on_moving.answered("while away")
             route.held.set()
             with trio.fail_after(WAIT):
-                await last_words.wait()  # accepted: stored by a before it died, or by b now
+                await last_words.wait()  # sent again on b, and accepted there
                 await moving.wait_state(ConnectionState.CONNECTED)
             assert route.names() == ["a", "b"]
             await sender.send_message(CHAT, "after the kill")
@@ -423,22 +437,38 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="LEAD: the SQLite backend takes no nonce, so each node"
-                   " dedupes in its own memory only; docs/protocol.md promises any relay")
-async def test_a_send_retried_with_its_nonce_on_another_node_is_stored_once(
+@pytest.mark.xfail(strict=True, reason="LEAD: stored twice. The SQLite backend takes no"
+                   " nonce, so each node dedupes a retried send in its own memory only")
+async def test_a_send_whose_reply_died_with_its_node_is_stored_once(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    # The reply to a send was lost with its connection (its node died, say): the client
-    # sends it again, with the same nonce, and lands on another node.
-    nonce = "5b1f0e9c2d7a4e3f9a8b6c5d4e3f2a1b"
+    # The node stores the send, then dies before its reply reaches the client, which sends
+    # it again (with its nonce) to the next node: docs/protocol.md promises one message.
     async with open_cluster(tmp_path, redis_server, count=2) as (a, b), \
-            open_subscribers([a, b]) as (on_a, on_b):
-        await on_b.subscribe("chat", CHAT)
-        await send_once(on_a, "sent twice", nonce)
-        await agent_reply(on_b, "sent twice")
-        await send_once(on_b, "sent twice", nonce)
-        messages = await history(b)
-        assert count(messages, "user", "sent twice") == 1
+            open_subscribers([b]) as (watcher,):
+        await watcher.subscribe("chat", CHAT)
+        route = Route([a, b])
+        async with open_client(route) as client, trio.open_nursery() as nursery:
+            route.landed[0].stream.lost = lost = trio.Event()
+            sent = trio.Event()
+
+            async def send() -> None:
+                await client.send(CHAT, "reply lost")
+                sent.set()
+
+            nursery.start_soon(send)
+            while True:  # a stored it: its push reached b
+                data = (await watcher.next_push())["data"]
+                if data.get("type") == "message" and data["message"]["content"] == "reply lost":
+                    break
+            a.process.kill()
+            with trio.fail_after(WAIT):
+                await a.process.wait()
+            lost.set()
+            with trio.fail_after(WAIT):
+                await sent.wait()  # sent again, to b, which accepted it
+            assert route.names() == ["a", "b"]
+        assert count(await history(b), "user", "reply lost") == 1
 
 
 # --- 3. Redis restarted empty ----------------------------------------------------------------
@@ -467,6 +497,8 @@ async def test_redis_restarted_empty_resets_every_client_and_sends_work_again(
                     await recorder.changed.wait()
             assert library.last_close is not None
             assert library.last_close.code == CloseCode.SERVICE_RESTART
+            reset = next(e for e in recorder.events if isinstance(e, Reset))
+            assert count(reset.snapshot, "assistant", "before the restart") == 1  # the store's
             await wait_health([a, b, c], 200, within=WAIT)
 
             # A raw client resuming from where it was gets a fresh snapshot, never a replay of
@@ -585,7 +617,7 @@ async def test_a_broker_password_is_never_printed_or_logged(tmp_path: Path) -> N
     server.start()
     try:
         assert secret in server.url
-        async with open_cluster(tmp_path, server, count=1,
+        async with open_cluster(tmp_path, server, count=1, broker_from_env=True,
                                 extra=[*FAST, "--log-level", "DEBUG"]) as (node,):
             async with open_subscribers([node]) as (client,):
                 await client.subscribe("chat", CHAT)
