@@ -1,6 +1,6 @@
 """Soak: connect/abort cycles against ``trio-relay serve``; memory must level off, nothing stay.
 
-    python bench/soak.py                   # 2,000 warm-up cycles, then 50,000 (about 4 minutes)
+    python bench/soak.py                   # warm-up (2,000 cycles, 40 s), then 50,000 cycles
     python bench/soak.py --cycles 5000     # a shorter run
     python bench/soak.py --quick           # seconds: a smoke test
 
@@ -17,7 +17,16 @@ the relay as bench/fanout.py does (``trio-relay serve``, the default SQLite back
 
 A control connection stays open throughout; the chat that ``drop-mid-send`` writes to is
 replaced with a fresh one every 100 of its cycles, so that snapshots stay the same size from
-the first cycle to the last. After the warm-up and again after the last cycle, the soak
+the first cycle to the last.
+
+The warm-up runs ``--warmup`` cycles and goes on for at least ``--warmup-seconds`` (default
+the relay's ``resume_grace`` plus 10 s). The relay keeps a chat's recent pushes for
+``resume_grace`` (30 s) after its last subscriber leaves, so that a client that drops can
+resume; at a thousand cycles a second those kept pushes are megabytes, and CPython keeps the
+arenas they occupied once they are freed. A warm-up shorter than that grace period never
+reaches the steady state, and the ratio then measures the run's peak of kept pushes rather
+than a leak (docs/performance.md, "The soak"). After the warm-up and again after the last
+cycle, the soak
 waits until every gauge of ``/metrics`` (connections, subscriptions, broadcasters, kept
 histories, ...) is back at its idle value (read before the first cycle, with only the
 control connection open; kept histories wait out the relay's ``resume_grace``) and the
@@ -55,6 +64,11 @@ IDLE_DEADLINE_SECONDS = 90.0
 KINDS = ("clean-close", "drop-before-auth", "drop-after-subscribe", "drop-mid-send")
 #: A fresh chat for ``drop-mid-send`` after this many of its cycles.
 ROTATE_EVERY = 100
+#: The relay's ``resume_grace`` when not set (bench/relay-bench.toml leaves the default).
+DEFAULT_RESUME_GRACE = 30.0
+#: The warm-up lasts ``resume_grace`` plus this (unless told): time for the histories kept
+#: after their last subscriber, and SQLite's page cache (2 MiB), to reach their steady state.
+WARMUP_MARGIN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,20 @@ class SoakPlan:
     #: Relay settings on top of bench/relay-bench.toml (``--quick`` shortens resume_grace so
     #: that kept histories need not be waited out for 30 s).
     settings: Json = field(default_factory=dict)
+    #: The warm-up goes on for at least this long; None: the relay's resume_grace plus
+    #: `WARMUP_MARGIN_SECONDS`.
+    warmup_seconds: float | None = None
+
+    def warmup_min_seconds(self) -> float:
+        if self.warmup_seconds is not None:
+            return self.warmup_seconds
+        grace = float(self.settings.get("resume_grace", DEFAULT_RESUME_GRACE))
+        return grace + WARMUP_MARGIN_SECONDS
 
     def spec(self) -> Json:
         return {
             "scenario": "soak", "cycles": self.cycles, "warmupCycles": self.warmup,
+            "warmupMinSeconds": self.warmup_min_seconds(),
             "concurrency": self.concurrency, "maxSeconds": self.max_seconds,
             "kinds": list(self.kinds), "rotateEvery": ROTATE_EVERY,
             "idleDeadlineSeconds": IDLE_DEADLINE_SECONDS, "settle": self.settle,
@@ -83,7 +107,7 @@ class SoakPlan:
 
 QUICK = SoakPlan(cycles=200, warmup=40, concurrency=8, max_seconds=30.0,
                  settle={"intervalMs": 50, "stableMs": 150, "maxMs": 600},
-                 settings={"resume_grace": "1"})
+                 settings={"resume_grace": "1"}, warmup_seconds=0.0)
 
 
 def run_soak(node: str, plan: SoakPlan, server_cpus: set[int] | None,
@@ -108,10 +132,11 @@ def soak_problems(soak: Json) -> list[str]:
         return [f"{soak['error']}", *soak.get("serverProblems", [])]
     problems = list(soak.get("serverProblems", []))
     plan = soak["plan"]
-    done = soak["warmupRun"]["cycles"] + soak["run"]["cycles"]
+    warm, run = soak["warmupRun"]["cycles"], soak["run"]["cycles"]
     if soak.get("timedOut"):
-        problems.append(f"only {done:,} of {plan['warmup'] + plan['cycles']:,} cycles ran"
-                        f" within {plan['max_seconds']:.0f} s (--soak-max-seconds)")
+        problems.append(f"only {warm:,} warm-up cycles (of {plan['warmup']:,}) and {run:,}"
+                        f" cycles (of {plan['cycles']:,}) ran within {plan['max_seconds']:.0f}"
+                        " s (--soak-max-seconds)")
     if soak.get("errors"):
         problems.append(f"{soak['errors']} cycles failed: {soak['errorSamples']}")
     for point in ("warmup", "final"):
@@ -139,6 +164,10 @@ def soak_lines(soak: Json) -> list[str]:
         return [f"| soak | {soak['error']} | - | - | not measured |"]
     plan = soak["plan"]
     warm, final = soak["warmup"], soak["final"]
+    warm_run = soak["warmupRun"]
+    warmup = f"a {warm_run['cycles']:,}-cycle warm-up"
+    if plan.get("warmup_seconds") != 0:
+        warmup += f" ({warm_run['seconds']:.0f} s)"
     ratio = soak["rssRatio"]
     cycles = soak["run"]["cycles"]
     verdict = "met" if ratio <= RSS_RATIO_TARGET else "**not met**"
@@ -147,7 +176,7 @@ def soak_lines(soak: Json) -> list[str]:
     idle = "every gauge back at idle" if not (warm["notIdle"] or final["notIdle"]) else (
         _gauge_diff(soak, "final") or _gauge_diff(soak, "warmup"))
     return [
-        f"| soak: RSS after {cycles:,} more cycles / after a {plan['warmup']:,}-cycle warm-up"
+        f"| soak: RSS after {cycles:,} more cycles / after {warmup}"
         f" | {ratio:.3f} ({warm['rssKiB'] / 1024:.1f} → {final['rssKiB'] / 1024:.1f} MiB)"
         f" | - | - | {verdict} (≤ {RSS_RATIO_TARGET:.2f}) |",
         f"| soak: /metrics gauges after the last cycle | {idle}"
@@ -167,6 +196,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few hundred cycles")
     parser.add_argument("--cycles", type=int, help="cycles after the warm-up (default 50,000)")
     parser.add_argument("--warmup", type=int, help="warm-up cycles (default 2,000)")
+    parser.add_argument("--warmup-seconds", type=float,
+                        help="go on with the warm-up for at least this long (default: the"
+                        f" relay's resume_grace + {WARMUP_MARGIN_SECONDS:.0f} s, 0 for none)")
     parser.add_argument("--concurrency", type=int, help="cycles at a time (default 50)")
     parser.add_argument("--max-seconds", type=float,
                         help="stop the cycles after this long (default 480)")
@@ -180,7 +212,8 @@ def main() -> int:
     plan = QUICK if args.quick else SoakPlan()
     overrides: Json = {k: v for k, v in (("cycles", args.cycles), ("warmup", args.warmup),
                                    ("concurrency", args.concurrency),
-                                   ("max_seconds", args.max_seconds)) if v is not None}
+                                   ("max_seconds", args.max_seconds),
+                                   ("warmup_seconds", args.warmup_seconds)) if v is not None}
     if args.kinds:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         unknown = set(kinds) - set(KINDS)
