@@ -3,6 +3,7 @@
     python bench/soak.py                   # warm-up (2,000 cycles, 40 s), then 50,000 cycles
     python bench/soak.py --cycles 5000     # a shorter run
     python bench/soak.py --quick           # seconds: a smoke test
+    python bench/soak.py --kinds drop-mid-send --cycles 10000 --memory-probe /tmp/probe
 
 bench/fanout.py runs it after its fan-out measurements; this command runs it alone. It starts
 the relay as bench/fanout.py does (``trio-relay serve``, the default SQLite backend,
@@ -33,6 +34,13 @@ control connection open; kept histories wait out the relay's ``resume_grace``) a
 relay's RSS has stopped moving, then reads RSS. Targets: RSS after the last cycle at most
 1.10 times RSS after the warm-up, and every gauge back at its idle value. The cycles stop
 after ``--max-seconds`` even if not all ran; that is reported and fails the run.
+
+``--memory-probe DIR`` loads bench/memprobe into the relay's process and prints, every
+``--probe-every`` seconds and at the readings after the warm-up and after the last cycle,
+the relay's RSS, CPython's object arenas and the bytes allocated in them, SQLite's own
+allocations and the objects the collector tracks; ``--probe-frames N`` also traces every
+allocation (tracemalloc, N frames: several times slower) and prints what grew between the two
+readings, by traceback.
 """
 
 from __future__ import annotations
@@ -41,11 +49,16 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    BENCH,
     BenchError,
     Json,
     Server,
@@ -110,18 +123,105 @@ QUICK = SoakPlan(cycles=200, warmup=40, concurrency=8, max_seconds=30.0,
                  settings={"resume_grace": "1"}, warmup_seconds=0.0)
 
 
+@dataclass(frozen=True)
+class MemoryProbe:
+    """``--memory-probe``: where bench/memprobe writes, how often to sample, tracemalloc's depth."""
+
+    directory: Path
+    every: float = 5.0
+    frames: int = 0
+
+
+@contextmanager
+def _probe_environment(probe: MemoryProbe | None) -> Iterator[None]:
+    """The environment the relay is started in (Server copies this process's) with the probe."""
+    if probe is None:
+        yield
+        return
+    saved = dict(os.environ)
+    probe.directory.mkdir(parents=True, exist_ok=True)
+    (probe.directory / "samples.jsonl").unlink(missing_ok=True)
+    os.environ["BENCH_MEMORY_PROBE"] = str(probe.directory)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(BENCH / "memprobe"), *filter(None, saved.get("PYTHONPATH", "").split(os.pathsep))])
+    if probe.frames:
+        os.environ["PYTHONTRACEMALLOC"] = str(probe.frames)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_soak(node: str, plan: SoakPlan, server_cpus: set[int] | None,
-             loadgen_cpus: set[int] | None, relay_src: Path | None, quiet: bool) -> Json:
+             loadgen_cpus: set[int] | None, relay_src: Path | None, quiet: bool,
+             probe: MemoryProbe | None = None) -> Json:
     """Start a relay, soak it, stop it: the loadgen's result plus the relay's problems."""
     try:
-        server = Server("relay", server_cpus, relay_src, plan.settings)
+        with _probe_environment(probe):
+            server = Server("relay", server_cpus, relay_src, plan.settings)
     except BenchError as exc:
         return {"error": str(exc), "plan": plan.__dict__, "serverProblems": []}
+    done = threading.Event()
+    sampler = None
+    if probe is not None:
+        sampler = threading.Thread(target=_sample_every, daemon=True,
+                                   args=(server.process.pid, probe.every, done))
+        sampler.start()
     try:
-        result = run_loadgen(node, server, plan.spec(), loadgen_cpus, quiet)
+        spec = {**plan.spec(), "probeMarks": probe is not None}
+        result = run_loadgen(node, server, spec, loadgen_cpus, quiet)
     finally:
+        done.set()
+        if sampler is not None:
+            sampler.join()
         server_problems = server.stop()
     return {**result, "plan": plan.__dict__, "serverProblems": server_problems}
+
+
+def _sample_every(pid: int, every: float, done: threading.Event) -> None:
+    while not done.wait(every):
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+
+
+def _figure(value: int | None) -> str:
+    # The arenas are not counted while tracemalloc traces (it stands in CPython's allocator).
+    return "-" if value is None else f"{value:,}"
+
+
+def probe_report(probe: MemoryProbe) -> list[str]:
+    """The probe's samples as a table, and with tracemalloc what grew between the marks."""
+    path = probe.directory / "samples.jsonl"
+    if not path.exists():
+        return [f"memory probe: no samples in {path}"]
+    samples = [json.loads(line) for line in path.read_text().splitlines() if line]
+    marks = {0: "after warm-up", 1: "after the last cycle"}
+    lines = ["| s | reading | RSS (KiB) | arenas | allocated in arenas | SQLite | gc objects |"
+             " traced |", "|---|---|---|---|---|---|---|---|"]
+    for sample in samples:
+        reading = marks.get(sample.get("mark"), "") if sample["label"] == "mark" else ""
+        traced = sample.get("tracedBytes")
+        lines.append(
+            f"| {sample['t'] - samples[0]['t']:.0f} | {reading} | {sample['rssKiB']:,}"
+            f" | {sample.get('arenas', '-')} | {_figure(sample.get('allocatedBytes'))}"
+            f" | {_figure(sample.get('sqliteBytes'))} | {sample['gcObjects']:,}"
+            f" | {_figure(traced)} |")
+    snapshots = [probe.directory / f"mark-{i}.pickle" for i in (0, 1)]
+    if all(p.exists() for p in snapshots):
+        import tracemalloc
+
+        before, after = (tracemalloc.Snapshot.load(str(p)) for p in snapshots)
+        stats = after.compare_to(before, "traceback")
+        lines += ["", f"tracemalloc, after the last cycle less after the warm-up:"
+                  f" {sum(s.size_diff for s in stats) / 1024:+,.1f} KiB in"
+                  f" {sum(s.count_diff for s in stats):+,} blocks; the largest changes:"]
+        for stat in stats[:10]:
+            lines.append(f"  {stat.size_diff / 1024:+,.1f} KiB in {stat.count_diff:+,} blocks")
+            lines += [f"    {line}" for line in stat.traceback.format(limit=probe.frames)]
+    return lines
 
 
 def soak_problems(soak: Json) -> list[str]:
@@ -207,6 +307,12 @@ def main() -> int:
     parser.add_argument("--relay-src", type=Path,
                         help="soak the trio_relay package of this directory instead")
     parser.add_argument("--json", type=Path, help="also write the result here as JSON")
+    parser.add_argument("--memory-probe", type=Path, metavar="DIR",
+                        help="sample the relay's memory from inside (bench/memprobe) into DIR")
+    parser.add_argument("--probe-every", type=float, default=5.0,
+                        help="seconds between the probe's samples (default 5)")
+    parser.add_argument("--probe-frames", type=int, default=0,
+                        help="with --memory-probe, trace allocations with this many frames")
     parser.add_argument("--verbose", action="store_true", help="show the loadgen's progress")
     args = parser.parse_args()
     plan = QUICK if args.quick else SoakPlan()
@@ -231,7 +337,9 @@ def main() -> int:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, loadgen_cpus = ({cpus[0]}, {cpus[-1]}) if len(cpus) >= 2 else (None, None)
     relay_src = args.relay_src.resolve() if args.relay_src else None
-    soak = run_soak(node, plan, server_cpus, loadgen_cpus, relay_src, not args.verbose)
+    probe = (None if args.memory_probe is None else
+             MemoryProbe(args.memory_probe.resolve(), args.probe_every, args.probe_frames))
+    soak = run_soak(node, plan, server_cpus, loadgen_cpus, relay_src, not args.verbose, probe)
     if args.json is not None:
         args.json.write_text(json.dumps(soak, indent=1) + "\n")
     print(f"command: {shlex.join(['python', 'bench/soak.py', *sys.argv[1:]])}")
@@ -240,6 +348,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     if not soak.get("error"):
         print("\n".join(soak_lines(soak)))
+    if probe is not None:
+        print("\n" + "\n".join(probe_report(probe)))
     problems = soak_problems(soak)
     if problems:
         print(f"\nFAILED: {len(problems)} problems:", file=sys.stderr)

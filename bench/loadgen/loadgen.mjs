@@ -683,6 +683,8 @@ async function settleToIdle(idle) {
   const g = gauges(metrics);
   const notIdle = Object.keys(idle).filter((k) => g[k] !== idle[k]);
   const memory = await settledMemory();
+  // bench/soak.py --memory-probe: the relay records a mark (bench/memprobe) at this reading.
+  if (spec.probeMarks) process.kill(spec.serverPid, 'SIGUSR2');
   return { idleAfterS, notIdle, gauges: g, counters: metrics.values, fds: serverFds(), ...memory };
 }
 
