@@ -563,11 +563,16 @@ async def test_relay_cancelled_from_outside_with_clients_connected(
         async with open_memory_relay(memory_backend, pin=PIN) as relay:
             await subscribed_client(relay, "c0")
             await subscribed_client(relay, "c0", "c1")
+            inner = relay.relay
             scope.cancel()
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert dict(memory_backend.open_feeds) == {}
     assert memory_backend.feeds_closed == memory_backend.feeds_opened == 2
+    # The clients' drops left c0 and c1 lingering; cancelled with the relay, they are gone
+    # from its statistics too.
+    stats = inner.statistics()
+    assert (stats.broadcasters, stats.lingering, stats.tasks) == (0, 0, 0)
 
 
 # --- what `statistics().tasks` sees ---------------------------------------------------------------
