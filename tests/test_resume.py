@@ -217,6 +217,27 @@ async def test_a_subscriber_joining_a_lingering_broadcaster_lifts_its_deadline(
     assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
 
 
+async def test_a_lingering_broadcaster_whose_upstream_ends_is_gone_at_once(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    await client.abort()
+    assert (await memory_relay.quiet_statistics()).lingering == 1
+    start = trio.current_time()
+    memory_backend.end_feeds("chat", "c1")  # e.g. the chat was deleted
+    # Nobody waits for resume_grace: the broadcaster, its task and its feed go now, and its
+    # numbering ended with the upstream, so nothing is kept.
+    assert await memory_relay.quiet_statistics() == baseline
+    assert trio.current_time() == start
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+    _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
+
+
 async def test_unknown_epoch_or_unserviceable_seq_gets_a_fresh_snapshot(
     autojump_clock: trio.abc.Clock,
     memory_backend: MemoryBackend,
