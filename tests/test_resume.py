@@ -168,6 +168,28 @@ async def test_an_unsubscribe_frees_the_broadcaster_at_once_and_a_change_means_a
     assert "resumed" not in fresh
 
 
+@pytest.mark.parametrize(("code", "lingers"), [(1000, False), (1001, True), (4000, True)])
+async def test_a_clean_1000_close_is_done_while_any_other_close_lingers(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+    code: int,
+    lingers: bool,
+) -> None:
+    """1000 says the client is done (the client library closes so when you leave it); a
+    page being reloaded goes away with 1001 and comes back to resume."""
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    await client.subscribe("chat", "c1")
+    await client.close(code)
+    now = await memory_relay.quiet_statistics()
+    assert (now.connections, now.subscriptions) == (0, 0)
+    assert (now.broadcasters, now.lingering) == ((1, 1) if lingers else (0, 0))
+    assert sum(memory_backend.open_feeds.values()) == int(lingers)
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    assert await memory_relay.quiet_statistics() == baseline
+
+
 async def test_an_unsubscribe_with_no_change_since_still_resumes(
     autojump_clock: trio.abc.Clock,
     memory_backend: MemoryBackend,
@@ -303,7 +325,9 @@ async def test_what_is_kept_for_resuming_is_freed_after_the_grace_period(
         seq = (await client.next_push())["seq"]
         if how == "unsubscribe":
             await client.request("unsubscribe", resource="chat", resourceId="c1")
-        await client.close()
+            await client.close()
+        else:
+            await client.abort()
         kept = await memory.quiet_statistics()
         if how == "unsubscribe":
             assert (kept.kept_histories, kept.lingering) == (1, 0)

@@ -753,10 +753,12 @@ class RelayMachine(RuleBasedStateMachine):
         client.away = True
         self.run(self._leave, client, how, requests)
         assert client.closed, f"{client} did not see its connection end"
-        # A connection that ends, cleanly or not, is a drop: what it alone watched lingers.
+        # A dropped connection (not a clean 1000 close, which says the client is done) leaves
+        # what it alone watched lingering.
         watched = self.watched()
         touched = {op[1] for op in in_flight if op[0] in ("subscribe", "unsubscribe")}
-        self.lingering |= set(client.subscriptions) - watched - touched
+        if how == "abort":
+            self.lingering |= set(client.subscriptions) - watched - touched
         # A subscribe or unsubscribe in flight may or may not have been handled, and a
         # subscribe handled may have been live or still joining as the connection ended
         # (which lingers, or not): the relay says which.
@@ -1044,7 +1046,7 @@ class RelayMachine(RuleBasedStateMachine):
             for client in list(self.alive):
                 self.alive.remove(client)
                 client.away = True
-                self.run(self._leave, client, "close", [])
+                self.run(self._leave, client, "abort", [])
             stats = self.run(self._stats)
             assert idle_part(stats) == idle_part(self.baseline), (
                 f"after all left: {stats}, at first: {self.baseline}"
