@@ -709,7 +709,10 @@ async def test_a_resource_gone_while_disconnected_fails_its_subscription(
         async with client.subscribe("chat", "c1") as chat, \
                 client.subscribe("project", "p1") as project:
             await transport.cut()
+            # Deleted as a backend does it (SQLiteBackend.delete_chat): its feeds complete, so
+            # the broadcaster that lingered for this client ends, and a new one finds nothing.
             del memory_backend.chats["c1"]
+            memory_backend.end_feeds("chat", "c1")
             with pytest.raises(SubscriptionFailed) as failed:
                 await next_event(chat)
             assert failed.value.code == "not_found"

@@ -456,6 +456,9 @@ async def open_relay_client(
                 link = client._link
                 if link is not None and link.alive:
                     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                        # The unsubscribes just queued go first: without them the relay
+                        # takes the close for a drop and keeps the resources for a return.
+                        await link.drain()
                         await link.ws.aclose(1000, "client closing")
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

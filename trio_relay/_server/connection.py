@@ -155,8 +155,13 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            # A client that closes with 1000 is done ("the purpose for which the connection
+            # was established has been fulfilled", RFC 6455): its resources go at once. Any
+            # other end (a drop, 1001 from a page being reloaded, our 1013 or 1012) may be
+            # followed by a return that resumes: a lone subscriber's broadcaster lingers.
+            code = self.socket.closed[0] if self.socket.closed else 1006
             for subscription in list(self.subscriptions.values()):
-                subscription.detach(linger=True)
+                subscription.detach(linger=code != CloseCode.NORMAL)
             self.subscriptions.clear()
             code, reason = self.socket.closed or (1006, "")
             self.log.info("disconnected: {code}{reason}", code=code,
