@@ -23,7 +23,7 @@ import inspect
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -58,7 +58,7 @@ from .websocket import ServerWebSocket
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Relay", "open_relay"]
+__all__ = ["Relay", "open_broker", "open_relay"]
 
 
 class Relay:
@@ -438,6 +438,18 @@ async def open_relay(
         raise_single(group)
 
 
+def open_broker(url: str, config: RelayConfig) -> AbstractAsyncContextManager[Bus]:
+    """The bus of a broker URL (``redis://``), with the limits of ``config``: what
+    `open_relay` opens for ``broker=url`` (``trio-relay serve`` opens it first, before it
+    writes anything)."""
+    from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
+
+    return open_redis_bus(
+        url, replay_size=config.replay_buffer_size, replay_max_age=config.replay_max_age,
+        timeout=config.broker_timeout, grace=config.broker_grace,
+    )
+
+
 async def _open_broker(
     stack: AsyncExitStack, broker: Bus | str | None, backend: Backend, config: RelayConfig
 ) -> Bus | None:
@@ -450,18 +462,10 @@ async def _open_broker(
             "a relay with a broker needs a backend that publishes its changes through a"
             " ChangeHub in its `hub` attribute (as the built-in backends do)"
         )
-    if isinstance(broker, str):
-        from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
-
-        bus: Bus = await stack.enter_async_context(
-            open_redis_bus(
-                broker, replay_size=config.replay_buffer_size,
-                replay_max_age=config.replay_max_age, timeout=config.broker_timeout,
-                grace=config.broker_grace,
-            )
-        )
-    else:
-        bus = broker
+    bus = (
+        await stack.enter_async_context(open_broker(broker, config))
+        if isinstance(broker, str) else broker
+    )
     forward = bus.forward
 
     def outlet(key: Hashable, data: JSON) -> None:

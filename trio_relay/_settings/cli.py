@@ -26,7 +26,7 @@ from loguru import logger
 from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
-from .._server.relay import open_relay
+from .._server.relay import open_broker, open_relay
 from .._stream.bus import Bus, BusError
 from .load import load_settings, unknown_variables
 from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
@@ -337,15 +337,7 @@ async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | 
     `open_relay` would open it for the URL."""
     if settings.broker.url is None:
         return None
-    from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
-
-    config = settings.relay
-    bus: Bus = await stack.enter_async_context(open_redis_bus(
-        settings.broker.url, replay_size=config.replay_buffer_size,
-        replay_max_age=config.replay_max_age, timeout=config.broker_timeout,
-        grace=config.broker_grace,
-    ))
-    return bus
+    return await stack.enter_async_context(open_broker(settings.broker.url, settings.relay))
 
 
 async def _serve(
