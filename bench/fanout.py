@@ -25,7 +25,8 @@ baseline one after the other, for ``--rounds`` rounds (medians shown):
   divided by K);
 
 then, on the relay only, a soak (bench/soak.py): 50,000 connect/abort cycles of four kinds,
-RSS after the last cycle against RSS after a 2,000-cycle warm-up, and every gauge of
+RSS after the last cycle against RSS after a warm-up (2,000 cycles and at least the relay's
+resume_grace + 10 s, for kept histories to reach their steady state), and every gauge of
 ``/metrics`` back to its idle value. Each figure is printed with its ratio to the baseline and
 whether it meets its target (docs/performance.md). Every subscriber must get every push
 exactly once and in ``seq`` order; a violation, a server that misbehaves or a loadgen failure
@@ -123,7 +124,7 @@ QUICK = Plan(
     send_count=0, warmup_frames=15, seed_sends=2, max_undelivered=64,
     connect_concurrency=10, settle={"intervalMs": 50, "stableMs": 150, "maxMs": 600},
     soak={"cycles": 200, "warmup": 40, "concurrency": 8, "max_seconds": 30.0,
-          "settings": {"resume_grace": "1"}},
+          "settings": {"resume_grace": "1"}, "warmup_seconds": 0.0},
 )
 
 
@@ -407,6 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--soak-cycles", type=int,
                         help="cycles of the soak after its warm-up (default 50,000; 0: no soak)")
     parser.add_argument("--soak-warmup", type=int, help="warm-up cycles (default 2,000)")
+    parser.add_argument("--soak-warmup-seconds", type=float,
+                        help="go on with the soak's warm-up for at least this long (default:"
+                        " the relay's resume_grace + 10 s)")
     parser.add_argument("--soak-max-seconds", type=float,
                         help="stop the soak's cycles after this long (default 480)")
     parser.add_argument("--json", type=Path, help="where to write the results as JSON"
@@ -466,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[name] = tuple(int(x) for x in value.split(",") if x.strip())
     soak_settings = dict(plan.soak)
     for name, key in (("soak_cycles", "cycles"), ("soak_warmup", "warmup"),
+                      ("soak_warmup_seconds", "warmup_seconds"),
                       ("soak_max_seconds", "max_seconds")):
         if getattr(args, name) is not None:
             soak_settings[key] = getattr(args, name)

@@ -204,6 +204,12 @@ async def web_client(port: int) -> str:
                 answer += data["text"]
             if _is_answer(data):
                 break
+        # Done with the chat: say so. A connection that just ends is taken for a drop, and
+        # the relay keeps watching the chat for resume_grace in case the client comes back.
+        await _send(ws, {"id": "unsub-1", "type": "unsubscribe", "resource": "chat",
+                         "resourceId": CHAT_ID})
+        while (await _receive(ws))["id"] != "unsub-1":
+            pass
     print(f"web: streamed answer: {answer!r}")
     return answer
 

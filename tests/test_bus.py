@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from trio_relay import (
+    Bus,
     BusError,
     BusEvent,
     CloseCode,
@@ -23,6 +24,7 @@ from trio_relay import (
     EpochChanged,
     LocalBus,
     Position,
+    RelayConfig,
     RelayError,
     ResourceKey,
     open_sqlite_backend,
@@ -43,9 +45,10 @@ CHAT = ResourceKey("chat", "welcome")
 
 @asynccontextmanager
 async def open_nodes(
-    data_dir: Path, bus: LocalBus, count: int = 2
+    data_dir: Path, bus: Bus | str, count: int = 2, config: RelayConfig | None = None
 ) -> AsyncIterator[list[MemoryRelay]]:
-    """``count`` relays sharing one data dir and one bus, as processes of a cluster would."""
+    """``count`` relays sharing one data dir and one bus (a `Bus`, or a broker URL each
+    connects to), as processes of a cluster would."""
     async with AsyncExitStack() as stack:
         nodes = []
         for _ in range(count):
@@ -54,7 +57,7 @@ async def open_nodes(
             )
             nodes.append(
                 await stack.enter_async_context(
-                    open_memory_relay(backend, broker=bus, client_timeout=10)
+                    open_memory_relay(backend, broker=bus, config=config, client_timeout=10)
                 )
             )
         yield nodes

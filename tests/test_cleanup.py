@@ -43,23 +43,16 @@ class Footprint:
         """The same, not counting replay buffers kept for resuming (freed after a grace)."""
         return attrs.evolve(self, stats=attrs.evolve(self.stats, kept_histories=0))
 
-    def relay_side(self) -> tuple[RelayStatistics, dict[ResourceKey, int]]:
-        return self.stats, self.open_feeds
-
 
 async def footprint(relay: MemoryRelay, backend: MemoryBackend) -> Footprint:
     stats = await relay.quiet_statistics()
     return Footprint(stats, dict(backend.open_feeds), count_tasks_in_run())
 
 
-async def assert_back_to(
-    baseline: Footprint, relay: MemoryRelay, backend: MemoryBackend, *, since: float
-) -> None:
-    """At a quiet point with no mock time passed since ``since``, all is as it was, but for
-    the replay buffers kept for resuming, which go when their grace period ends."""
-    now = await footprint(relay, backend)
-    # A broadcaster whose last subscriber dropped lingers (one task, one open feed) for
-    # resume_grace; one that was left, or ended, is gone at once.
+def assert_same_but_lingering(baseline: Footprint, now: Footprint, backend: MemoryBackend) -> None:
+    """``now`` is ``baseline``, but for the replay buffers kept for resuming, and for the
+    broadcasters whose last subscriber dropped: each lingers (one task, one open feed) for
+    resume_grace. One that was left, or ended, is gone at once."""
     lingering = now.stats.lingering
     unkept = attrs.evolve(
         now.stats, kept_histories=baseline.stats.kept_histories, lingering=0,
@@ -69,13 +62,30 @@ async def assert_back_to(
     assert sum(now.open_feeds.values()) - lingering == sum(baseline.open_feeds.values())
     assert now.tasks_in_run - lingering == baseline.tasks_in_run, "tasks were left running"
     assert backend.feeds_closed + lingering == backend.feeds_opened
-    assert trio.current_time() == since, "cleanup waited for a timeout"
+
+
+async def assert_back_after_grace(
+    baseline: Footprint, relay: MemoryRelay, backend: MemoryBackend
+) -> None:
+    """Once resume_grace is over, all is exactly as it was: no lingering broadcaster, feed or
+    kept replay buffer is left."""
     await trio.sleep(relay.relay.config.resume_grace + 1)
     later = await footprint(relay, backend)
     assert later.stats == baseline.stats, "a replay buffer outlived its grace period"
     assert later.open_feeds == baseline.open_feeds
     assert later.tasks_in_run == baseline.tasks_in_run
     assert backend.feeds_closed == backend.feeds_opened
+
+
+async def assert_back_to(
+    baseline: Footprint, relay: MemoryRelay, backend: MemoryBackend, *, since: float
+) -> None:
+    """At a quiet point with no mock time passed since ``since``, all is as it was, but for
+    what is kept for resuming (`assert_same_but_lingering`), which goes when its grace period
+    ends."""
+    assert_same_but_lingering(baseline, await footprint(relay, backend), backend)
+    assert trio.current_time() == since, "cleanup waited for a timeout"
+    await assert_back_after_grace(baseline, relay, backend)
 
 
 @pytest.fixture
@@ -269,8 +279,10 @@ async def test_hanging_request_is_released_by_backend_timeout_after_abort(
         await client.abort()
         await trio.sleep(config.backend_timeout)
         now = await footprint(relay, memory_backend)
-        assert now.unkept() == baseline
-        assert memory_backend.feeds_closed == memory_backend.feeds_opened
+        # Only c0's broadcaster is left, lingering for the client that dropped.
+        assert now.stats.lingering == 1
+        assert_same_but_lingering(baseline, now, memory_backend)
+        await assert_back_after_grace(baseline, relay, memory_backend)
 
 
 # --- in-process listeners -------------------------------------------------------------------------
@@ -563,11 +575,16 @@ async def test_relay_cancelled_from_outside_with_clients_connected(
         async with open_memory_relay(memory_backend, pin=PIN) as relay:
             await subscribed_client(relay, "c0")
             await subscribed_client(relay, "c0", "c1")
+            inner = relay.relay
             scope.cancel()
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert dict(memory_backend.open_feeds) == {}
     assert memory_backend.feeds_closed == memory_backend.feeds_opened == 2
+    # The clients' drops left c0 and c1 lingering; cancelled with the relay, they are gone
+    # from its statistics too.
+    stats = inner.statistics()
+    assert (stats.broadcasters, stats.lingering, stats.tasks) == (0, 0, 0)
 
 
 # --- what `statistics().tasks` sees ---------------------------------------------------------------
@@ -605,13 +622,22 @@ async def test_slow_client_dropped_at_close_timeout_releases_everything(
         assert relay.relay.counters.slow_closes == 1
         await trio.sleep(config.close_timeout)
         now = await footprint(relay, memory_backend)
-        assert now.unkept().relay_side() == baseline.relay_side()
-        assert memory_backend.feeds_closed == memory_backend.feeds_opened
+        # The relay's side is free, but for c0 and c1 lingering for the client to come back.
+        assert now.stats.lingering == 2
+        lingering = now.stats.lingering
+        assert attrs.evolve(
+            now.stats, kept_histories=0, lingering=0, broadcasters=0,
+            tasks=now.stats.tasks - lingering,
+        ) == baseline.stats
+        assert sum(now.open_feeds.values()) == lingering
+        assert memory_backend.feeds_closed + lingering == memory_backend.feeds_opened
         # The client reads at last: it finds the relay gone, and its own task ends.
         with pytest.raises(ConnectionClosed):
             while True:
                 await slow.ws.get_message()
-        assert (await footprint(relay, memory_backend)).unkept() == baseline
+        assert_same_but_lingering(baseline, await footprint(relay, memory_backend),
+                                  memory_backend)
+        await assert_back_after_grace(baseline, relay, memory_backend)
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])

@@ -133,17 +133,13 @@ async def _cut_anywhere(steps: list[Step], keeper: bool) -> None:
                 backend.add_message("c1", "end")
                 await collector.wait_for_content("end")
                 assert contents(collector.state()) == [f"m{n}" for n in range(emitted)] + ["end"]
-                if keeper:
-                    # Every gap was replayed from the relay's buffer: no reset at all.
-                    assert_exact(collector, base)
-                    assert contents([e.message for e in collector.events
-                                     if isinstance(e, MessageAdded)]) == contents(
-                        backend.messages["c1"])
-                else:
-                    # A lone subscriber resumes unless something changed while it was away;
-                    # then it gets a reset, never a gap or a duplicate.
-                    for event in collector.events:
-                        assert isinstance(event, (MessageAdded, Reset))
+                # Every gap was replayed from the relay's buffer: no reset at all. Without
+                # a keeper too: the lone subscriber's broadcaster lingers while it is away
+                # (its reconnects come well within resume_grace) and records what changed.
+                assert_exact(collector, base)
+                assert contents([e.message for e in collector.events
+                                 if isinstance(e, MessageAdded)]) == contents(
+                    backend.messages["c1"])
                 nursery.cancel_scope.cancel()
             assert client.state is ConnectionState.CONNECTED
         assert (await relay.quiet_statistics()).connections == 0
@@ -174,7 +170,8 @@ async def test_a_lone_subscribers_blip_resumes_without_a_reset(
         first = await anext(chat)
         assert isinstance(first, MessageAdded) and first.seq is not None
         await transport.cut()
-        assert (await memory_relay.quiet_statistics()).kept_histories == 1  # held for our return
+        held = await memory_relay.quiet_statistics()  # its broadcaster waits for our return
+        assert (held.connections, held.broadcasters, held.lingering) == (0, 1, 1)
         await client.wait_state(ConnectionState.CONNECTED)
         assert len(transport.attempts) == 2
         memory_backend.add_message("c1", "after")
@@ -184,17 +181,47 @@ async def test_a_lone_subscribers_blip_resumes_without_a_reset(
         assert second.seq == first.seq + 1
 
 
-async def test_a_change_nobody_relayed_comes_back_as_a_reset(
+async def test_a_change_while_the_client_was_away_is_replayed(
     autojump_clock: trio.abc.Clock,
     memory_backend: MemoryBackend,
     memory_relay: MemoryRelay,
 ) -> None:
     transport = memory_relay.connector()
     async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
+        seq = chat.seq
+        assert seq is not None
+        transport.refusing = True  # away for a while
         await transport.cut()
+        away_since = trio.current_time()
         await trio.testing.wait_all_tasks_blocked()  # the relay saw the drop; we wait
         assert client.state is ConnectionState.RECONNECTING
         memory_backend.add_message("c1", "while nobody watched")
+        # Its backoff brings it back within resume_grace (15.75 s in, with this backoff).
+        await trio.sleep(memory_relay.relay.config.resume_grace / 3)
+        transport.refusing = False
+        event = await anext(chat)
+        assert isinstance(event, MessageAdded)  # not a Reset
+        assert event.message["content"] == "while nobody watched"
+        assert event.seq == seq + 1
+        assert client.statistics().state is ConnectionState.CONNECTED
+        assert trio.current_time() - away_since > 10
+
+
+async def test_a_change_after_resume_grace_comes_back_as_a_reset(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    transport = memory_relay.connector()
+    async with client_of(transport) as client, client.subscribe("chat", "c1") as chat:
+        transport.refusing = True  # away for longer than the relay waits
+        await transport.cut()
+        await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+        assert client.state is ConnectionState.RECONNECTING
+        stats = await memory_relay.quiet_statistics()
+        assert (stats.broadcasters, stats.lingering, stats.kept_histories) == (0, 0, 0)
+        memory_backend.add_message("c1", "while nobody watched")
+        transport.refusing = False
         event = await anext(chat)
         assert event == Reset(memory_backend.messages["c1"], seq=event.seq)
         assert chat.snapshot == memory_backend.messages["c1"]
@@ -290,7 +317,11 @@ async def test_many_reconnects_leave_nothing_behind(
                             break
                 assert client.statistics().buffered_events == 0
         await trio.testing.wait_all_tasks_blocked()
-        assert idle(relay.relay.statistics())[:3] == (0, 0, 0)
+        left = relay.relay.statistics()
+        assert idle(left)[:2] == (0, 0)
+        # Leaving the subscribe blocks unsubscribes, and the client writes those before it
+        # closes: nothing is left to linger for a return that will not come.
+        assert (left.broadcasters, left.lingering) == (0, 0)
         await trio.sleep(relay.config.resume_grace + 1)  # mock time: kept histories expire
         assert relay.relay.statistics() == baseline
         assert idle(baseline) == (0, 0, 0, 0)

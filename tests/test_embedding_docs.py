@@ -49,9 +49,9 @@ def _run(code: str, tmp_path: Path, *args: str) -> str:
 
 
 def test_every_example_is_run_here() -> None:
-    # Opening, serving, listening, acting as the host, configuration, gc, logging, a
-    # backend, a test: nine. A new one needs its test below.
-    assert len(EXAMPLES) == 9
+    # Opening, serving, listening, acting as the host, scaling out, configuration, gc,
+    # logging, a backend, a test: ten. A new one needs its test below.
+    assert len(EXAMPLES) == 10
     assert len([b for b in _blocks(README) if "open_relay" in b]) == 1
 
 
@@ -121,6 +121,12 @@ def test_listening_and_acting_as_the_host(tmp_path: Path) -> None:
     assert "created Ideas answered by echo" in acted
     assert "created Quick answered by echo-fast" in acted
     assert "stopped an answer: True" in acted  # the echo agent was answering the send
+
+
+def test_two_relays_on_one_bus(tmp_path: Path) -> None:
+    out = _run(_example("LocalBus()"), tmp_path)
+    _check_served(out)
+    assert "relay b got: sent on relay a" in out
 
 
 def test_configuration_gc_and_logging(tmp_path: Path) -> None:

@@ -659,6 +659,12 @@ async def test_one_upstream_per_resource_cancelled_when_the_last_watcher_leaves(
     assert await clients[4].next_push() == message_push(memory_backend, "c1", 2)
     await clients[4].abort()
     await trio.testing.wait_all_tasks_blocked()
+    # The last one dropped: the upstream lingers for its return, then is cancelled.
+    lingering = memory_relay.relay.statistics()
+    assert (lingering.subscriptions, lingering.broadcasters, lingering.lingering) == (0, 1, 1)
+    assert memory_backend.open_feeds == {key: 1}
+    await trio.sleep(memory_relay.relay.config.resume_grace)
+    await trio.testing.wait_all_tasks_blocked()
     assert memory_backend.open_feeds == {}
     assert (memory_backend.feeds_opened, memory_backend.feeds_closed) == (1, 1)
     statistics = memory_relay.relay.statistics()

@@ -11,7 +11,6 @@ import socket
 import struct
 from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -131,8 +130,11 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_freed(
             while memory.relay.statistics().connections:  # noqa: ASYNC110 - polls stats
                 await trio.sleep(1)
         assert trio.current_time() - start >= 40  # not before a ping went unanswered
-        assert memory_backend.open_feeds == {}
-        await trio.sleep(memory.relay.config.resume_grace + 1)  # the replay buffer goes too
+        # Its broadcaster lingers in case it comes back; after resume_grace all is gone.
+        lingering = await memory.quiet_statistics()
+        assert (lingering.subscriptions, lingering.broadcasters, lingering.lingering) == (0, 1, 1)
+        assert sum(memory_backend.open_feeds.values()) == 1
+        await trio.sleep(memory.relay.config.resume_grace + 1)
         assert await memory.quiet_statistics() == baseline
         assert memory_backend.open_feeds == {}
 
@@ -268,7 +270,9 @@ async def _reset(stream: trio.SocketStream) -> None:
 async def test_tcp_reset_at_any_point_leaves_nothing_behind(
     when: str, memory_backend: MemoryBackend
 ) -> None:
-    async with open_relay(memory_backend, pin=PIN) as relay:
+    # A reset is a drop: the chat's broadcaster lingers for resume_grace (real time here).
+    config = RelayConfig(resume_grace=0.5)
+    async with open_relay(memory_backend, pin=PIN, config=config) as relay:
         port = await relay.start_serving("127.0.0.1", 0)
         await trio.testing.wait_all_tasks_blocked()
         baseline = relay.statistics()
@@ -296,10 +300,10 @@ async def test_tcp_reset_at_any_point_leaves_nothing_behind(
                             pass
             await _reset(stream)
             nursery.cancel_scope.cancel()
-        # (The chat's replay buffer is kept for resume_grace; everything else goes now.)
-        await wait_until(
-            lambda: attrs.evolve(relay.statistics(), kept_histories=0) == baseline, 5)
+        # Everything goes, the lingering broadcaster and its upstream after resume_grace.
+        await wait_until(lambda: relay.statistics() == baseline, 5)
         assert memory_backend.open_feeds == {}
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened
         # The relay is unharmed: the next client is served.
         async with trio.open_nursery() as nursery:
             fresh = await trio.open_tcp_stream("127.0.0.1", port)

@@ -113,7 +113,7 @@ def test_healthz() -> None:
 
 def test_metrics_are_prometheus_text() -> None:
     text = render_metrics(view(connections=5, authenticated_connections=4, subscriptions=9,
-                               broadcasters=3, listeners=1, kept_histories=2))
+                               broadcasters=3, listeners=1, kept_histories=2, lingering=1))
     samples = dict(line.split(" ") for line in text.splitlines() if not line.startswith("#"))
     assert samples == {
         "trio_relay_connections": "5",
@@ -121,6 +121,7 @@ def test_metrics_are_prometheus_text() -> None:
         "trio_relay_subscriptions": "9",
         "trio_relay_listeners": "1",
         "trio_relay_broadcasters": "3",
+        "trio_relay_lingering_broadcasters": "1",
         "trio_relay_kept_histories": "2",
         "trio_relay_pushes_sent_total": "7",
         "trio_relay_slow_client_closes_total": "1",
@@ -312,9 +313,19 @@ async def test_metrics_follow_the_relay(
     assert now["trio_relay_authenticated_connections"] == 2
     assert now["trio_relay_subscriptions"] == 1
     assert now["trio_relay_broadcasters"] == 1
+    assert now["trio_relay_lingering_broadcasters"] == 0
     assert now["trio_relay_failed_pins_total"] == before["trio_relay_failed_pins_total"] + 1
     assert now["trio_relay_pushes_sent_total"] >= before["trio_relay_pushes_sent_total"] + 1
     assert now["trio_relay_uptime_seconds"] > before["trio_relay_uptime_seconds"]
+    # The lone watcher drops: its broadcaster lingers for resume_grace, then ends.
+    await watcher.abort()
+    await trio.testing.wait_all_tasks_blocked()
+    dropped = await metrics()
+    assert dropped["trio_relay_subscriptions"] == 0
+    assert dropped["trio_relay_broadcasters"] == dropped["trio_relay_lingering_broadcasters"] == 1
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    later = await metrics()
+    assert later["trio_relay_broadcasters"] == later["trio_relay_lingering_broadcasters"] == 0
 
 
 def test_the_operations_doc_lists_every_metric() -> None:

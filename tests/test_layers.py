@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "trio_relay._server.edge", "trio_relay._server.http",
     )),
     ("facade: the relay an application opens", (
-        "trio_relay._server.relay", "trio_relay._server.listener",
+        "trio_relay._server.relay", "trio_relay._server.listener", "trio_relay._server.nonces",
     )),
     ("outside: stores, agents, clients, settings and the testing kit", (
         "trio_relay._store.", "trio_relay._agents.", "trio_relay._client.", "trio_relay._chat.",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import trio_relay
 
 PUBLIC = {
-    "Agent", "AgentError", "Backend", "BackendError", "Bus", "BusError", "BusEvent", "Change", "ChangeHub", "CloseCode",
+    "Agent", "AgentError", "Backend", "BackendError", "Bus", "BusError", "BusEvent", "Change",
+    "ChangeHub", "CloseCode",
     "CommandAgent", "Device", "DeviceStore", "EchoAgent", "EpochChanged", "ErrorCode", "Feed",
     "FeedOverflow", "LocalBus", "Position", "ResourceKey",
     "FileDeviceStore", "Listener", "ListenerOverflow", "NotFound", "Relay", "RelayConfig",

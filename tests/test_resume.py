@@ -72,16 +72,135 @@ async def test_reconnect_resumes_with_exactly_the_missed_pushes(
 async def test_the_lone_subscriber_blip_resumes(
     autojump_clock: trio.abc.Clock, memory_backend: MemoryBackend, memory_relay: MemoryRelay
 ) -> None:
+    baseline = await memory_relay.quiet_statistics()
     client = await memory_relay.connect(authenticate=PIN)
     reply = await client.subscribe("chat", "c1")
     memory_backend.emit("chat", "c1", {"n": 0})
     seq = (await client.next_push())["seq"]
     await client.abort()
-    await trio.testing.wait_all_tasks_blocked()
-    # The upstream is closed at once; the numbering and replay buffer are kept.
-    assert memory_backend.open_feeds == {}
-    assert memory_relay.relay.statistics().kept_histories == 1
+    # The broadcaster lingers for the client's return: its upstream stays open.
+    lingering = await memory_relay.quiet_statistics()
+    assert (lingering.broadcasters, lingering.lingering) == (1, 1)
+    assert lingering.tasks == baseline.tasks + 1
+    assert lingering.kept_histories == 0
+    assert sum(memory_backend.open_feeds.values()) == 1
     await trio.sleep(5)  # a short blip, well inside resume_grace
+    again, resumed = await _resume(memory_relay, seq, reply["epoch"])
+    assert resumed.get("resumed") is True and resumed["epoch"] == reply["epoch"]
+    assert memory_backend.feeds_opened == 1  # the same upstream, never closed
+    assert (await memory_relay.quiet_statistics()).lingering == 0
+    memory_backend.emit("chat", "c1", {"n": 1})
+    push = await again.next_push()
+    assert (push["seq"], push["data"]) == (seq + 1, {"n": 1})
+    await again.assert_no_push()
+
+
+async def test_a_change_while_the_lone_subscriber_was_away_is_replayed(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    await client.abort()
+    await trio.testing.wait_all_tasks_blocked()
+    # Stored while nobody watched: the lingering broadcaster numbers and records it.
+    message = memory_backend.add_message("c1", "written during the blip")
+    memory_backend.emit("chat", "c1", {"n": 1})
+    await trio.sleep(memory_relay.relay.config.resume_grace - 1)
+    again, resumed = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert resumed.get("resumed") is True and "reset" not in resumed
+    assert resumed["epoch"] == reply["epoch"] and resumed["seq"] == reply["seq"]
+    missed = await again.next_pushes(2)
+    assert [p["seq"] for p in missed] == [reply["seq"] + 1, reply["seq"] + 2]
+    assert missed[0]["data"]["message"] == message
+    assert missed[1]["data"] == {"n": 1}
+    await again.assert_no_push()
+
+
+async def test_a_change_after_the_linger_ran_out_means_a_reset(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    await client.abort()
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    # The linger is over: its broadcaster, its upstream and its history are gone.
+    assert await memory_relay.quiet_statistics() == baseline
+    assert memory_backend.open_feeds == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+    # Stored while no feed was open: the relay could not have recorded it as a push.
+    message = memory_backend.add_message("c1", "written after the grace")
+    _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert fresh["reset"] is True
+    assert fresh["epoch"] != reply["epoch"]
+    assert fresh["data"] == {"messages": [message]}
+    assert "resumed" not in fresh
+
+
+async def test_an_unsubscribe_frees_the_broadcaster_at_once_and_a_change_means_a_reset(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    left = await client.request("unsubscribe", resource="chat", resourceId="c1")
+    assert left["data"] == {"unsubscribed": True}
+    await client.abort()
+    # Left on purpose: nothing lingers, the upstream is closed at once, and only the history
+    # is kept (as data, not as a task) for resume_grace.
+    now = await memory_relay.quiet_statistics()
+    assert (now.broadcasters, now.lingering, now.kept_histories) == (0, 0, 1)
+    assert now.tasks == baseline.tasks
+    assert memory_backend.open_feeds == {}
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+    # Stored while no feed was open: the relay could not have recorded it as a push.
+    message = memory_backend.add_message("c1", "written while nobody watched")
+    _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert fresh["reset"] is True
+    assert fresh["epoch"] != reply["epoch"]
+    assert fresh["data"] == {"messages": [message]}
+    assert "resumed" not in fresh
+
+
+@pytest.mark.parametrize(("code", "lingers"), [(1000, False), (1001, True), (4000, True)])
+async def test_a_clean_1000_close_is_done_while_any_other_close_lingers(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+    code: int,
+    lingers: bool,
+) -> None:
+    """1000 says the client is done (the client library closes so when you leave it); a
+    page being reloaded goes away with 1001 and comes back to resume."""
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    await client.subscribe("chat", "c1")
+    await client.close(code)
+    now = await memory_relay.quiet_statistics()
+    assert (now.connections, now.subscriptions) == (0, 0)
+    assert (now.broadcasters, now.lingering) == ((1, 1) if lingers else (0, 0))
+    assert sum(memory_backend.open_feeds.values()) == int(lingers)
+    await trio.sleep(memory_relay.relay.config.resume_grace + 1)
+    assert await memory_relay.quiet_statistics() == baseline
+
+
+async def test_an_unsubscribe_with_no_change_since_still_resumes(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    memory_backend.emit("chat", "c1", {"n": 0})
+    seq = (await client.next_push())["seq"]
+    await client.request("unsubscribe", resource="chat", resourceId="c1")
+    await client.close()
     again, resumed = await _resume(memory_relay, seq, reply["epoch"])
     assert resumed.get("resumed") is True and resumed["epoch"] == reply["epoch"]
     assert memory_backend.feeds_opened == 2  # a fresh upstream, continuing the old numbering
@@ -91,22 +210,54 @@ async def test_the_lone_subscriber_blip_resumes(
     assert memory_relay.relay.statistics().kept_histories == 0
 
 
-async def test_a_change_while_nobody_watched_means_a_reset(
+async def test_a_subscriber_joining_a_lingering_broadcaster_lifts_its_deadline(
     autojump_clock: trio.abc.Clock,
     memory_backend: MemoryBackend,
     memory_relay: MemoryRelay,
 ) -> None:
+    grace = memory_relay.relay.config.resume_grace
     client = await memory_relay.connect(authenticate=PIN)
     reply = await client.subscribe("chat", "c1")
     await client.abort()
-    await trio.testing.wait_all_tasks_blocked()
-    # Stored while no feed was open: the relay could not have recorded it as a push.
-    message = memory_backend.add_message("c1", "written during the blip")
+    await trio.sleep(grace / 2)
+    again, resumed = await _resume(memory_relay, reply["seq"], reply["epoch"])
+    assert resumed.get("resumed") is True
+    # Well past the deadline it had while lingering, it runs on for its subscriber.
+    await trio.sleep(grace * 2)
+    now = await memory_relay.quiet_statistics()
+    assert (now.broadcasters, now.lingering) == (1, 0)
+    assert memory_backend.feeds_opened == 1 and memory_backend.feeds_closed == 0
+    memory_backend.emit("chat", "c1", {"n": 1})
+    push = await again.next_push()
+    assert (push["seq"], push["data"]) == (reply["seq"] + 1, {"n": 1})
+    # A second drop lingers anew, for a whole resume_grace from then.
+    await again.abort()
+    await trio.sleep(grace - 1)
+    assert (await memory_relay.quiet_statistics()).lingering == 1
+    await trio.sleep(2)
+    assert (await memory_relay.quiet_statistics()).broadcasters == 0
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
+
+
+async def test_a_lingering_broadcaster_whose_upstream_ends_is_gone_at_once(
+    autojump_clock: trio.abc.Clock,
+    memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay,
+) -> None:
+    baseline = await memory_relay.quiet_statistics()
+    client = await memory_relay.connect(authenticate=PIN)
+    reply = await client.subscribe("chat", "c1")
+    await client.abort()
+    assert (await memory_relay.quiet_statistics()).lingering == 1
+    start = trio.current_time()
+    memory_backend.end_feeds("chat", "c1")  # e.g. the chat was deleted
+    # Nobody waits for resume_grace: the broadcaster, its task and its feed go now, and its
+    # numbering ended with the upstream, so nothing is kept.
+    assert await memory_relay.quiet_statistics() == baseline
+    assert trio.current_time() == start
+    assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
     _, fresh = await _resume(memory_relay, reply["seq"], reply["epoch"])
-    assert fresh["reset"] is True
-    assert fresh["epoch"] != reply["epoch"]
-    assert fresh["data"] == {"messages": [message]}
-    assert "resumed" not in fresh
+    assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
 
 
 async def test_unknown_epoch_or_unserviceable_seq_gets_a_fresh_snapshot(
@@ -159,9 +310,11 @@ async def test_pushes_older_than_replay_max_age_are_not_replayed(
         await client.assert_no_push()
 
 
-async def test_kept_replay_buffer_is_freed_after_the_grace_period(
+@pytest.mark.parametrize("how", ["unsubscribe", "drop"])
+async def test_what_is_kept_for_resuming_is_freed_after_the_grace_period(
     autojump_clock: trio.abc.Clock,
     memory_backend: MemoryBackend,
+    how: str,
 ) -> None:
     config = RelayConfig(resume_grace=30)
     async with open_memory_relay(memory_backend, pin=PIN, config=config) as memory:
@@ -170,12 +323,24 @@ async def test_kept_replay_buffer_is_freed_after_the_grace_period(
         reply = await client.subscribe("chat", "c1")
         memory_backend.emit("chat", "c1", {"n": 0})
         seq = (await client.next_push())["seq"]
-        await client.close()
+        if how == "unsubscribe":
+            await client.request("unsubscribe", resource="chat", resourceId="c1")
+            await client.close()
+        else:
+            await client.abort()
         kept = await memory.quiet_statistics()
-        assert kept.kept_histories == 1
-        assert kept.tasks == baseline.tasks  # kept by data and a deadline, not by a task
-        await trio.sleep(30.5)
+        if how == "unsubscribe":
+            assert (kept.kept_histories, kept.lingering) == (1, 0)
+            assert kept.tasks == baseline.tasks  # kept by data and a deadline, not by a task
+        else:
+            # A drop: the broadcaster itself lingers, one task and one feed, no more.
+            assert (kept.kept_histories, kept.lingering, kept.broadcasters) == (0, 1, 1)
+            assert kept.tasks == baseline.tasks + 1
+        await trio.sleep(29.5)
+        assert memory.relay.statistics() != baseline  # not before resume_grace is over
+        await trio.sleep(1)
         assert memory.relay.statistics() == baseline
+        assert memory_backend.feeds_closed == memory_backend.feeds_opened == 1
         # Too late: the client gets a fresh snapshot in a new epoch, not a silent gap.
         _, fresh = await _resume(memory, seq, reply["epoch"])
         assert fresh["reset"] is True and fresh["epoch"] != reply["epoch"]
@@ -259,6 +424,8 @@ async def test_a_failed_restart_keeps_the_history_for_resuming(
     first = await alice.subscribe("chat", "c1")
     memory_backend.emit("chat", "c1", {"n": 0})
     seq = (await alice.next_push())["seq"]
+    # Left on purpose, so that the history is kept while no broadcaster runs.
+    await alice.request("unsubscribe", resource="chat", resourceId="c1")
     await alice.abort()
     assert (await memory_relay.quiet_statistics()).kept_histories == 1
     memory_backend.faults["watch_chat"] = BackendError("down for a moment")

@@ -15,9 +15,13 @@ received and what the relay holds:
   or a duplicate, and no push arrives for a resource the client is not subscribed to;
 - what a subscriber holds (snapshot, or what it held before it resumed, plus pushes) is
   exactly the backend's state, and every streamed event since it subscribed arrived once;
-- the relay holds one broadcaster and one upstream feed per resource someone watches, and as
-  many subscriptions and connections as the model;
-- when every client has left, the relay is back at the footprint it had before the first one.
+- the relay holds one broadcaster and one upstream feed per resource someone watches or whose
+  last subscriber dropped (it lingers, recording changes, until someone subscribes again or
+  ``resume_grace`` passes), and as many subscriptions and connections as the model;
+- a client that dropped and comes back resumes with what changed while it was away, even
+  when nobody else watched;
+- when every client has left, the relay is back at the footprint it had before the first one
+  but for the lingering broadcasters, and after ``resume_grace`` exactly at it.
 
 Hypothesis drives rules synchronously, so the relay runs on a trio loop in a background thread
 (`RelayLoop`) and each rule runs one async function there. That run's clock is a `MockClock`
@@ -332,9 +336,13 @@ def wire_id(key: ResourceKey) -> dict[str, str]:
 
 def idle_part(stats: RelayStatistics) -> dict[str, int]:
     """The statistics that must be back at the baseline at once when every client has left
-    (kept histories wait out ``resume_grace`` for clients that come back)."""
+    (kept histories wait out ``resume_grace`` for clients that come back, and so do
+    lingering broadcasters, one task each: they are not counted here)."""
     fields = attrs.asdict(stats)
     fields.pop("kept_histories", None)
+    lingering = fields.pop("lingering")
+    fields["broadcasters"] -= lingering
+    fields["tasks"] -= lingering
     return fields
 
 
@@ -396,6 +404,10 @@ class RelayMachine(RuleBasedStateMachine):
         self.unwatched_writes: Counter[ResourceKey] = Counter()
         self.completions: Counter[ResourceKey] = Counter()
         self.uncertain: Counter[ResourceKey] = Counter()
+        #: Resources whose last subscriber dropped and that nobody subscribed to since: their
+        #: broadcaster lingers (time never passes here until the teardown), and what the host
+        #: writes to them is numbered and recorded, so it can be replayed.
+        self.lingering: set[ResourceKey] = set()
         #: What a leaving client is subscribed to as its requests in flight are handled.
         self.in_flight_keys: set[ResourceKey] = set()
         self.baseline: RelayStatistics = self.loop.call(self._stats)
@@ -407,6 +419,10 @@ class RelayMachine(RuleBasedStateMachine):
     async def _stats(self) -> RelayStatistics:
         await trio.testing.wait_all_tasks_blocked()
         return self.loop.relay.relay.statistics()
+
+    async def _open_feeds(self) -> set[ResourceKey]:
+        await trio.testing.wait_all_tasks_blocked()
+        return set(self.backend.open_feeds)
 
     async def _run_tasks(self) -> int:
         await trio.testing.wait_all_tasks_blocked()
@@ -493,7 +509,7 @@ class RelayMachine(RuleBasedStateMachine):
 
     def wrote(self, key: ResourceKey, chunk: Any = None) -> None:
         """The backend changed ``key`` (or streamed ``chunk`` on it), just now."""
-        if key not in self.watched():
+        if key not in self.watched() and key not in self.lingering:
             self.unwatched_writes[key] += 1
         if chunk is not None:
             for client in self.everyone:  # subscribed, or held by a client that is away
@@ -524,6 +540,8 @@ class RelayMachine(RuleBasedStateMachine):
         kind, key = op[0], op[1]
         if in_flight:
             self.uncertain[key] += 1
+        if kind == "subscribe" and not in_flight:
+            self.lingering.discard(key)  # a joiner ends the wait, whether it succeeds or not
         if kind == "subscribe":
             if self.exists(key):
                 expect = Expect("subscribed", resource=key.resource, resource_id=key.resource_id)
@@ -735,6 +753,21 @@ class RelayMachine(RuleBasedStateMachine):
         client.away = True
         self.run(self._leave, client, how, requests)
         assert client.closed, f"{client} did not see its connection end"
+        # A dropped connection (not a clean 1000 close, which says the client is done) leaves
+        # what it alone watched lingering.
+        watched = self.watched()
+        touched = {op[1] for op in in_flight if op[0] in ("subscribe", "unsubscribe")}
+        if how == "abort":
+            self.lingering |= set(client.subscriptions) - watched - touched
+        # A subscribe or unsubscribe in flight may or may not have been handled, and a
+        # subscribe handled may have been live or still joining as the connection ended
+        # (which lingers, or not): the relay says which.
+        open_feeds = self.run(self._open_feeds)
+        for key in touched - watched:
+            if key in open_feeds:
+                self.lingering.add(key)
+            else:
+                self.lingering.discard(key)
 
     def resume(self, client: Client, epoch: str) -> None:
         """Reconnect and resubscribe to what it held, with ``sinceSeq`` (and its ``epoch``):
@@ -757,6 +790,7 @@ class RelayMachine(RuleBasedStateMachine):
                 "subscribe", Expect("subscribed", resource=key.resource,
                                     resource_id=key.resource_id), **fields,
             ))
+            self.lingering.discard(key)  # it joins its lingering broadcaster, if any
         self.run(self._connect, client, *requests)
         client.away = False
         self.alive.append(client)
@@ -811,12 +845,14 @@ class RelayMachine(RuleBasedStateMachine):
         self.wrote(MODEL_PROFILES)
         self.host(self.backend.set_model_profiles, profiles)
 
-    @precondition(lambda self: bool(self.watched()))
+    @precondition(lambda self: bool(self.watched() | self.lingering))
     @rule(data=st.data(), fails=st.booleans())
     def upstream_ends(self, data: st.DataObject, fails: bool) -> None:
-        """The upstream of a watched resource completes, or fails: every subscriber gets one
-        last push (``completed``, or an error) and is no longer subscribed."""
-        key = data.draw(st.sampled_from(sorted(self.watched())), label="key")
+        """The upstream of a watched (or lingering) resource completes, or fails: every
+        subscriber gets one last push (``completed``, or an error) and is no longer
+        subscribed; a lingering broadcaster ends, and its history is not kept."""
+        key = data.draw(st.sampled_from(sorted(self.watched() | self.lingering)), label="key")
+        self.lingering.discard(key)
         subscribers = [c for c in self.alive if key in c.subscriptions]
         for client in subscribers:
             del client.subscriptions[key]
@@ -847,6 +883,7 @@ class RelayMachine(RuleBasedStateMachine):
                                          **wire_id(key))
             if key not in self.watched():
                 self.uncertain[key] += 1  # a broadcaster that fails to start drops what was kept
+            self.lingering.discard(key)
         elif what == "send":
             method, chat = "send_message", data.draw(self.chats, label="chat")
             request = client.new_request(
@@ -970,20 +1007,25 @@ class RelayMachine(RuleBasedStateMachine):
     def relay_holds_what_the_model_says(self) -> None:
         stats = self.run(self._stats)
         watched = self.watched()
+        assert not watched & self.lingering, "the model lets a watched resource linger"
+        live = watched | self.lingering
         assert stats.connections == len(self.alive), stats
         assert stats.authenticated_connections == len(self.alive), stats
         assert stats.subscriptions == sum(len(c.subscriptions) for c in self.alive), stats
-        assert stats.broadcasters == len(watched), f"{stats}, watched: {sorted(watched)}"
-        assert dict(self.backend.open_feeds) == dict.fromkeys(watched, 1)
-        assert self.backend.feeds_opened - self.backend.feeds_closed == len(watched)
+        assert stats.broadcasters == len(live), (
+            f"{stats}, watched: {sorted(watched)}, lingering: {sorted(self.lingering)}")
+        assert stats.lingering == len(self.lingering), (
+            f"{stats}, lingering: {sorted(self.lingering)}")
+        assert dict(self.backend.open_feeds) == dict.fromkeys(live, 1)
+        assert self.backend.feeds_opened - self.backend.feeds_closed == len(live)
         assert stats.listeners == 0
         # Each connection costs the same number of tasks at a quiet point, each broadcaster
-        # one; a subscription is not a task.
+        # (lingering ones too) one; a subscription is not a task.
         extra = stats.tasks - self.baseline.tasks - stats.broadcasters
         if not self.alive:
             assert extra == 0, f"{stats}: tasks left behind (baseline {self.baseline})"
             assert idle_part(stats) == idle_part(self.baseline)
-            assert self.run(self._run_tasks) == self.baseline_run_tasks
+            assert self.run(self._run_tasks) == self.baseline_run_tasks + len(self.lingering)
         else:
             per_connection, rest = divmod(extra, len(self.alive))
             assert rest == 0, f"{stats}: tasks do not add up (baseline {self.baseline})"
@@ -1000,21 +1042,28 @@ class RelayMachine(RuleBasedStateMachine):
             self.loop.stop(failing=True)
             return
         try:
+            lingering = self.watched() | self.lingering  # all that is watched, dropped
             for client in list(self.alive):
                 self.alive.remove(client)
                 client.away = True
-                self.run(self._leave, client, "close", [])
+                self.run(self._leave, client, "abort", [])
             stats = self.run(self._stats)
             assert idle_part(stats) == idle_part(self.baseline), (
                 f"after all left: {stats}, at first: {self.baseline}"
             )
-            assert self.run(self._run_tasks) == self.baseline_run_tasks, "tasks left running"
-            assert dict(self.backend.open_feeds) == {}
-            assert self.backend.feeds_closed == self.backend.feeds_opened
-            # What is kept for clients that resume goes once the grace period has passed.
+            assert stats.lingering == stats.broadcasters == len(lingering), (
+                f"after all left: {stats}, lingering: {sorted(lingering)}")
+            assert self.run(self._run_tasks) == self.baseline_run_tasks + len(lingering), (
+                "tasks left running")
+            assert dict(self.backend.open_feeds) == dict.fromkeys(lingering, 1)
+            assert self.backend.feeds_closed + len(lingering) == self.backend.feeds_opened
+            # What is kept for clients that resume goes once the grace period has passed,
+            # lingering broadcasters and their upstreams included.
             stats = self.run(self._after_grace)
             assert stats == self.baseline, f"after the grace: {stats}, at first: {self.baseline}"
             assert self.run(self._run_tasks) == self.baseline_run_tasks
+            assert dict(self.backend.open_feeds) == {}
+            assert self.backend.feeds_closed == self.backend.feeds_opened
         except BaseException:
             self.loop.stop(failing=True)
             raise

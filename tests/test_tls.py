@@ -100,7 +100,9 @@ async def test_a_client_that_trusts_the_ca_authenticates_subscribes_and_gets_pus
 ) -> None:
     backend = MemoryBackend()
     backend.add_chat("p1", "c1")
-    async with open_relay(backend, pin=PIN) as relay:
+    # The client's close leaves c1's broadcaster lingering for resume_grace (real time here).
+    config = RelayConfig(resume_grace=0.5)
+    async with open_relay(backend, pin=PIN, config=config) as relay:
         baseline = relay.statistics()
         async with serve_tls(relay, certs) as port:
             async with open_wss(port, _client_context(certs)) as ws:

@@ -90,8 +90,9 @@ class RelayConfig:
     replay_buffer_size: int = attrs.field(default=1024, validator=positive)
     #: Seconds a push stays resumable (older ones are dropped from the replay buffer).
     replay_max_age: float = attrs.field(default=120.0, validator=positive)
-    #: Seconds a resource's numbering and replay buffer are kept after its last subscriber
-    #: left, so that a lone subscriber's reconnect still resumes; then they are freed.
+    #: Seconds a resource stays resumable after its last subscriber left: if it dropped, its
+    #: upstream stays open and changes go on being recorded; if it unsubscribed, its numbering
+    #: and replay buffer are kept. Then they are freed.
     resume_grace: float = attrs.field(default=30.0, validator=positive)
     #: With a broker: every call to it is bounded by this; a broker that does not answer in
     #: time (frozen, or the network to it lost) counts as unreachable.

@@ -683,6 +683,8 @@ async function settleToIdle(idle) {
   const g = gauges(metrics);
   const notIdle = Object.keys(idle).filter((k) => g[k] !== idle[k]);
   const memory = await settledMemory();
+  // bench/soak.py --memory-probe: the relay records a mark (bench/memprobe) at this reading.
+  if (spec.probeMarks) process.kill(spec.serverPid, 'SIGUSR2');
   return { idleAfterS, notIdle, gauges: g, counters: metrics.values, fds: serverFds(), ...memory };
 }
 
@@ -748,12 +750,16 @@ function soakCycle(kind, ctx) {
   });
 }
 
-/** Run `count` cycles, `concurrency` at a time, the four kinds in turn. */
-async function soakCycles(count, ctx, control, seconds) {
+/**
+ * Run `count` cycles, `concurrency` at a time, the four kinds in turn, and go on until at
+ * least `minSeconds` have passed (but never past `seconds`).
+ */
+async function soakCycles(count, ctx, control, seconds, minSeconds = 0) {
   const until = now() + seconds * 1e6;
+  const notBefore = now() + minSeconds * 1e6;
   let next = 0;
   const worker = async () => {
-    while (next < count && now() < until) {
+    while ((next < count || now() < notBefore) && now() < until) {
       const i = next++;
       const kind = ctx.order[(ctx.cycles + i) % ctx.order.length];
       await soakCycle(kind, ctx);
@@ -772,7 +778,7 @@ async function soakCycles(count, ctx, control, seconds) {
   };
   const started = now();
   await Promise.all(Array.from({ length: Math.min(spec.concurrency, count) }, worker));
-  const done = Math.min(next, count);
+  const done = next; // every cycle started has ended
   ctx.cycles += done;
   return { cycles: done, seconds: (now() - started) / 1e6 };
 }
@@ -792,9 +798,13 @@ async function runSoak() {
   for (const kind of ctx.order) {
     if (!SOAK_KINDS.includes(kind)) throw new Abort(`unknown soak cycle kind ${kind}`);
   }
-  log(`soak: ${spec.warmupCycles} warm-up cycles, then ${spec.cycles}, ${spec.concurrency} at a time`);
+  log(`soak: ${spec.warmupCycles} warm-up cycles (at least ${spec.warmupMinSeconds ?? 0} s), then ${spec.cycles}, ${spec.concurrency} at a time`);
   // The time bound is for the cycles; waiting for idle after them does not count.
-  result.warmupRun = await soakCycles(spec.warmupCycles, ctx, control, spec.maxSeconds);
+  // At least warmupMinSeconds of cycles: what the relay keeps for a while by design (the
+  // histories it keeps for resume_grace after a chat's last subscriber leaves) must reach its
+  // steady state before the RSS that the last one is compared with is read.
+  result.warmupRun = await soakCycles(spec.warmupCycles, ctx, control, spec.maxSeconds,
+    spec.warmupMinSeconds ?? 0);
   result.warmup = await settleToIdle(idle);
   log(`after warm-up: RSS ${result.warmup.rssKiB} KiB, idle after ${result.warmup.idleAfterS.toFixed(1)} s`);
   const startCpu = startWindow();
@@ -802,7 +812,7 @@ async function runSoak() {
     spec.maxSeconds - result.warmupRun.seconds);
   result.run = { ...result.run, ...endWindow(startCpu) };
   result.run.ratePerS = result.run.cycles / result.run.seconds;
-  result.timedOut = ctx.cycles < spec.warmupCycles + spec.cycles;
+  result.timedOut = result.warmupRun.cycles < spec.warmupCycles || result.run.cycles < spec.cycles;
   log(`${result.run.cycles} cycles in ${result.run.seconds.toFixed(1)} s`);
   result.final = await settleToIdle(idle);
   log(`after the last cycle: RSS ${result.final.rssKiB} KiB, idle after ${result.final.idleAfterS.toFixed(1)} s`);

@@ -47,11 +47,16 @@ async def test_what_a_client_sends_reaches_the_backend(
 
 
 async def test_leaving_closes_the_upstream(
-    memory_backend: MemoryBackend, memory_relay: MemoryRelay, relay_client: TestClient
+    autojump_clock: trio.testing.MockClock, memory_backend: MemoryBackend,
+    memory_relay: MemoryRelay, relay_client: TestClient,
 ) -> None:
     await relay_client.subscribe("chat", "c1")
     assert sum(memory_backend.open_feeds.values()) == 1
     await relay_client.abort()  # vanish without a closing handshake
+    # The relay keeps watching for resume_grace, so that the client can come back and resume.
+    stats = await memory_relay.quiet_statistics()
+    assert (stats.connections, stats.subscriptions, stats.lingering) == (0, 0, 1)
+    await trio.sleep(memory_relay.relay.config.resume_grace)  # mock seconds: none taken
     stats = await memory_relay.quiet_statistics()
     assert (stats.connections, stats.subscriptions, stats.broadcasters) == (0, 0, 0)
     assert memory_backend.open_feeds == {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import ssl
 import sys
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -214,15 +215,18 @@ class RelayClient:
         data = self._expect_data(reply)
         return bool(isinstance(data, dict) and data.get("cancelled"))
 
-    async def send(self, chat_id: str, message: JSON) -> None:
+    async def send(self, chat_id: str, message: JSON, *, nonce: str | None = None) -> None:
         """Send a message to a chat; returns once the backend accepted it.
 
-        The message and the agent's answer arrive through the chat's subscription. Never
-        repeated after a lost connection (it may have arrived): that raises `ConnectionLost`.
+        The message and the agent's answer arrive through the chat's subscription. It goes
+        with a ``clientNonce`` (``nonce``, else a fresh random one), so that after a lost
+        connection it is sent again on the next one and the relay stores it once.
         """
-        reply = await self._request(
-            {"type": "send", "resourceId": chat_id, "message": message}, retry=False
-        )
+        fields: Frame = {
+            "type": "send", "resourceId": chat_id, "message": message,
+            "clientNonce": nonce or uuid.uuid4().hex,
+        }
+        reply = await self._request(fields, retry=True)
         self._expect_data(reply)
 
     async def create_chat(
@@ -452,6 +456,9 @@ async def open_relay_client(
                 link = client._link
                 if link is not None and link.alive:
                     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                        # The unsubscribes just queued go first: without them the relay
+                        # takes the close for a drop and keeps the resources for a return.
+                        await link.drain()
                         await link.ws.aclose(1000, "client closing")
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -84,6 +84,8 @@ class Link:
         self.lost = trio.Event()
         self.close: CloseInfo | None = None
         self._out_send, self._out_receive = trio.open_memory_channel[str](math.inf)
+        self._sending = False
+        self._drained = trio.Event()
 
     @classmethod
     async def open(
@@ -140,6 +142,7 @@ class Link:
             return
         self.close = close
         self.lost.set()
+        self._drained.set()
         self._out_send.close()
         self.session.connection_lost(self.number)
 
@@ -171,12 +174,25 @@ class Link:
             if waiting.cancelled_caught:
                 self.abort(f"no answer to a ping within {_PING_TIMEOUT:g} s")
 
+    async def drain(self) -> None:
+        """Wait until every frame queued so far is written (or the link is lost)."""
+        while self.alive and (self._sending or self._out_receive.statistics().current_buffer_used):
+            self._drained = trio.Event()
+            await self._drained.wait()
+
     async def _writer(self) -> None:
-        async for text in self._out_receive:
-            try:
-                await self.ws.send_message(text)
-            except ConnectionClosed:
-                return  # the reader sees the close and reports it
+        try:
+            async for text in self._out_receive:
+                self._sending = True
+                try:
+                    await self.ws.send_message(text)
+                except ConnectionClosed:
+                    return  # the reader sees the close and reports it
+                finally:
+                    self._sending = False
+                    self._drained.set()
+        finally:
+            self._drained.set()
 
 
 def link_error(exc: BaseException, link: Link | None) -> RelayClientError | None:

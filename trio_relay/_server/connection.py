@@ -92,7 +92,7 @@ class ConnectionContext:
     #: The PIN clients sign in with now (the host or ``trio-relay pin --new`` may change it).
     current_pin: Callable[[], str] = attrs.field(repr=False)
     #: Stores a sent message with its sender (passed only to backends that take one).
-    send_message: Callable[[str, JSON, JSON], Awaitable[None]]
+    send_message: Callable[[str, JSON, JSON, str | None], Awaitable[None]]
     #: Why writes are refused right now (the broker is unreachable), or None.
     writes_refused: Callable[[], str | None] = lambda: None
 
@@ -155,8 +155,13 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            # A client that closes with 1000 is done ("the purpose for which the connection
+            # was established has been fulfilled", RFC 6455): its resources go at once. Any
+            # other end (a drop, 1001 from a page being reloaded, our 1013 or 1012) may be
+            # followed by a return that resumes: a lone subscriber's broadcaster lingers.
+            code = self.socket.closed[0] if self.socket.closed else 1006
             for subscription in list(self.subscriptions.values()):
-                subscription.detach(linger=True)
+                subscription.detach(linger=code != CloseCode.NORMAL)
             self.subscriptions.clear()
             code, reason = self.socket.closed or (1006, "")
             self.log.info("disconnected: {code}{reason}", code=code,
@@ -301,7 +306,7 @@ class Connection:
         elif isinstance(request, SendRequest):
             self._check_writable()
             await self._call(self.context.send_message, request.resource_id, request.message,
-                             self.sender)
+                             self.sender, request.client_nonce)
             if self.device_id is not None:
                 self.context.devices.seen(self.device_id)
             await _let_fan_out()

@@ -23,7 +23,7 @@ import inspect
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -50,6 +50,7 @@ from .listener import (
     SubscriptionError,
     Update,
 )
+from .nonces import RecentNonces
 from .pairing import DeviceStore
 from .timers import ConnectionTimers
 from .websocket import ServerWebSocket
@@ -57,7 +58,7 @@ from .websocket import ServerWebSocket
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Relay", "open_relay"]
+__all__ = ["Relay", "open_broker", "open_relay"]
 
 
 class Relay:
@@ -83,7 +84,10 @@ class Relay:
             raise ValueError("pin must not be empty")
         self._pin = pin
         # Backends written before senders existed take no ``sender``: asked once, here.
-        self._sender_accepted = _accepts_sender(backend.send_message)
+        self._sender_accepted = _accepts_keyword(backend.send_message, "sender")
+        # Those written before nonces existed cannot dedupe a retried send: the relay does.
+        self._nonce_accepted = _accepts_keyword(backend.send_message, "nonce")
+        self._nonces = RecentNonces()
         self.config = config
         self.pin_guard = PinGuard(config)
         #: What the relay has counted since it started (`/metrics`).
@@ -164,11 +168,17 @@ class Relay:
             return "the relay cannot reach its broker; nothing was stored, try again"
         return None
 
-    async def _send_message(self, chat_id: str, message: JSON, sender: JSON) -> None:
-        if self._sender_accepted:
-            await self.backend.send_message(chat_id, message, sender=sender)
+    async def _send_message(
+        self, chat_id: str, message: JSON, sender: JSON, nonce: str | None = None
+    ) -> None:
+        extra: dict[str, Any] = {"sender": sender} if self._sender_accepted else {}
+        if nonce is not None and self._nonce_accepted:
+            extra["nonce"] = nonce
+        send = partial(self.backend.send_message, chat_id, message, **extra)
+        if nonce is not None and not self._nonce_accepted:
+            await self._nonces.once(chat_id, nonce, send)
         else:
-            await self.backend.send_message(chat_id, message)
+            await send()
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -280,14 +290,17 @@ class Relay:
             except SubscribeFailed as exc:
                 raise SubscriptionError(exc.code, str(exc)) from None
 
-    async def send(self, chat_id: str, message: JSON, *, sender: str = "Host") -> None:
+    async def send(
+        self, chat_id: str, message: JSON, *, sender: str = "Host", nonce: str | None = None
+    ) -> None:
         """Send a message to a chat as the host; every subscriber sees it, web and in-process.
 
         It is stored with the sender ``{"name": sender}`` (by a backend that keeps senders).
+        A send retried with the same ``nonce`` is stored and answered once.
         """
         self._check_writable()
         with trio.fail_after(self.config.backend_timeout):
-            await self._send_message(chat_id, message, {"name": sender})
+            await self._send_message(chat_id, message, {"name": sender}, nonce)
 
     async def cancel_reply(self, chat_id: str) -> bool:
         """Stop the agent's reply running in a chat, as the host; True if one was running."""
@@ -364,14 +377,14 @@ def _describe(listener: trio.abc.Listener[Any]) -> str:
     return type(listener).__name__
 
 
-def _accepts_sender(send_message: Callable[..., Any]) -> bool:
-    """Whether a backend's ``send_message`` takes ``sender=`` (by name, or ``**kwargs``)."""
+def _accepts_keyword(send_message: Callable[..., Any], name: str) -> bool:
+    """Whether a backend's ``send_message`` takes ``name=`` (by name, or ``**kwargs``)."""
     try:
         parameters = inspect.signature(send_message).parameters.values()
     except (TypeError, ValueError):  # no signature to read: the older call is safe
         return False
     return any(
-        (p.name == "sender" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
         or p.kind is p.VAR_KEYWORD
         for p in parameters
     )
@@ -425,6 +438,18 @@ async def open_relay(
         raise_single(group)
 
 
+def open_broker(url: str, config: RelayConfig) -> AbstractAsyncContextManager[Bus]:
+    """The bus of a broker URL (``redis://``), with the limits of ``config``: what
+    `open_relay` opens for ``broker=url`` (``trio-relay serve`` opens it first, before it
+    writes anything)."""
+    from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
+
+    return open_redis_bus(
+        url, replay_size=config.replay_buffer_size, replay_max_age=config.replay_max_age,
+        timeout=config.broker_timeout, grace=config.broker_grace,
+    )
+
+
 async def _open_broker(
     stack: AsyncExitStack, broker: Bus | str | None, backend: Backend, config: RelayConfig
 ) -> Bus | None:
@@ -437,18 +462,10 @@ async def _open_broker(
             "a relay with a broker needs a backend that publishes its changes through a"
             " ChangeHub in its `hub` attribute (as the built-in backends do)"
         )
-    if isinstance(broker, str):
-        from .._stream.redis_bus import open_redis_bus  # only with trio-relay[redis]
-
-        bus: Bus = await stack.enter_async_context(
-            open_redis_bus(
-                broker, replay_size=config.replay_buffer_size,
-                replay_max_age=config.replay_max_age, timeout=config.broker_timeout,
-                grace=config.broker_grace,
-            )
-        )
-    else:
-        bus = broker
+    bus = (
+        await stack.enter_async_context(open_broker(broker, config))
+        if isinstance(broker, str) else broker
+    )
     forward = bus.forward
 
     def outlet(key: Hashable, data: JSON) -> None:

@@ -9,11 +9,13 @@ import argparse
 import errno
 import gc
 import importlib.metadata
+import logging
 import os
 import signal
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -24,8 +26,8 @@ from loguru import logger
 from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
-from .._server.relay import open_relay
-from .._stream.bus import BusError
+from .._server.relay import open_broker, open_relay
+from .._stream.bus import Bus, BusError
 from .load import load_settings, unknown_variables
 from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
 
@@ -220,6 +222,28 @@ def configure_logging(level: str) -> None:
     logger.remove()
     logger.add(sys.stderr, level=level, format=_log_format, backtrace=False, diagnose=False)
     logger.enable("trio_relay")
+    # The drivers (coredis, psycopg) log through the standard library: their warnings go to
+    # the same place, in the same format, rather than print in another shape.
+    for name in _DRIVER_LOGGERS:
+        stdlib = logging.getLogger(name)
+        stdlib.handlers = [_ToLoguru()]
+        stdlib.setLevel(logging.WARNING)
+        stdlib.propagate = False
+
+
+_DRIVER_LOGGERS: Final = ("coredis", "psycopg")
+
+
+class _ToLoguru(logging.Handler):
+    """Hands a standard-library log record to loguru, at its level, naming its logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info is not None and record.exc_info[0] is not None
+                   ).log(level, "{}: {}", record.name, record.getMessage())
 
 
 def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -294,16 +318,35 @@ async def open_listeners(
 async def serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None = None
 ) -> None:
-    from .._store.sqlite import open_sqlite_backend
-
     # Bound before anything is written: a start that fails on a busy port leaves no data dir.
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)
-    try:
-        devices = FileDeviceStore(data_dir / PAIRING_FILE)
-    except BaseException:
-        for listener in listeners:
-            await listener.aclose()
-        raise
+    async with AsyncExitStack() as stack:
+        try:
+            # Reached before anything is written too: nor does an unreachable broker.
+            broker = await _open_broker(stack, settings)
+            devices = FileDeviceStore(data_dir / PAIRING_FILE)
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        await _serve(settings, data_dir, ssl_context, listeners, port, devices, broker)
+
+
+async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | None:
+    """The Redis bus of ``settings.broker.url`` (None without one), opened on ``stack`` as
+    `open_relay` would open it for the URL."""
+    if settings.broker.url is None:
+        return None
+    return await stack.enter_async_context(open_broker(settings.broker.url, settings.relay))
+
+
+async def _serve(
+    settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None,
+    listeners: list[trio.abc.Listener[Any]], port: int, devices: FileDeviceStore,
+    broker: Bus | None,
+) -> None:
+    from .._store.sqlite import open_sqlite_backend
+
     async with open_sqlite_backend(data_dir) as backend:
         if settings.model_profiles is not None:
             # The config file's profiles replace the database's; their commands stay here.
@@ -312,7 +355,7 @@ async def serve(
             )
         async with open_relay(
             backend, pin=settings.pin, config=settings.relay, devices=devices,
-            broker=settings.broker.url,
+            broker=broker,
         ) as relay:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -348,7 +391,7 @@ def redact_url(url: str) -> str:
         return url
     host = parts.hostname or ""
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def check_config(file: Path) -> int:

@@ -244,6 +244,13 @@ class ServeSettings:
         metadata={"default_text": "`$XDG_DATA_HOME/trio-relay`, else"
                   " `~/.local/share/trio-relay`"},
     )
+    #: ``postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME`` to keep projects, chats and messages
+    #: in a shared PostgreSQL database (install ``trio-relay[postgres]``) instead of the data
+    #: dir's SQLite file: relays on several machines then serve the same data (docs/scaling.md).
+    database: str | None = attrs.field(
+        default=None, repr=False,
+        metadata={"default_text": "none: SQLite in the data dir"},
+    )
     #: Log verbosity on stderr: TRACE, DEBUG, INFO, WARNING or ERROR.
     log_level: str = attrs.field(default="INFO", validator=_log_level)
     #: PEM certificate chain to serve ``wss://`` with; needs ``tls_key``.

@@ -201,6 +201,7 @@ class Broadcaster:
         #: Its last subscriber dropped: it runs until its scope's deadline, unless one joins.
         self.lingering = False
         self._lingered_out = False
+        self._ended = False  # its task is over, whichever way
         #: When the history it continues would have been forgotten (set by the relay).
         self.kept_until = math.inf
         #: This resource's numbering (replaced once started, unless it continues a kept one).
@@ -244,31 +245,37 @@ class Broadcaster:
 
     async def run(self) -> None:
         """The broadcaster's task; it never raises but for cancellation."""
-        with self._cancel_scope:
-            try:
-                final = await self._pump()
-            except BusError as exc:
-                if not self._started.is_set():
-                    self._fail_start(exc)
-                    return
-                logger.bind(resource=str(self.key)).warning(
-                    "bus feed of {resource} ended: {error}", resource=str(self.key), error=exc
-                )
-                final = self._final_push(error=f"{exc}; reconnect to resume", restart=True)
-            except Exception as exc:
-                if not self._started.is_set():
-                    self._fail_start(exc)
-                    return
-                logger.opt(exception=exc).bind(resource=str(self.key)).error(
-                    "upstream of {resource} failed", resource=str(self.key)
-                )
-                final = self._final_push(error="upstream failed")
-            self._finish(final)
-        if self.lingering:
-            # Nobody came back in time: its history has had its grace, so it is not kept.
-            self.lingering = False
-            self._lingered_out = True
-            self._on_done(self)
+        try:
+            with self._cancel_scope:
+                try:
+                    final = await self._pump()
+                except BusError as exc:
+                    if not self._started.is_set():
+                        self._fail_start(exc)
+                        return
+                    logger.bind(resource=str(self.key)).warning(
+                        "bus feed of {resource} ended: {error}", resource=str(self.key),
+                        error=exc,
+                    )
+                    final = self._final_push(error=f"{exc}; reconnect to resume", restart=True)
+                except Exception as exc:
+                    if not self._started.is_set():
+                        self._fail_start(exc)
+                        return
+                    logger.opt(exception=exc).bind(resource=str(self.key)).error(
+                        "upstream of {resource} failed", resource=str(self.key)
+                    )
+                    final = self._final_push(error="upstream failed")
+                self._finish(final)
+        finally:
+            # Also when the relay's nursery is cancelled (shutdown): no subscriber is left to
+            # remove a lingering broadcaster from the registry, and none may start lingering.
+            self._ended = True
+            if self.lingering:
+                # Nobody came back in time: its history has had its grace, so it is not kept.
+                self.lingering = False
+                self._lingered_out = True
+                self._on_done(self)
 
     async def _pump(self) -> Push:
         if self._bus is not None:
@@ -402,7 +409,7 @@ class Broadcaster:
         self._live.discard(subscriber)
         self._pending.pop(subscriber, None)
         if not self._live and not self._pending and not self.done and not self.lingering:
-            if linger and self._linger > 0 and self.resumable:
+            if linger and self._linger > 0 and self.resumable and not self._ended:
                 self.lingering = True
                 self._cancel_scope.deadline = trio.current_time() + self._linger
                 return

@@ -143,6 +143,9 @@ class SendRequest:
     id: RequestId
     resource_id: str
     message: JSON = attrs.field(repr=False)  # message contents stay out of logs
+    #: A string the client chose for this message (``clientNonce``): a send retried with the
+    #: same one, to the same chat, is stored and answered once.
+    client_nonce: str | None = None
 
 
 @attrs.frozen

@@ -86,7 +86,7 @@ __all__ = [
 
 _WIRE_NAMES: Final = {
     "resource_id": "resourceId", "since_seq": "sinceSeq", "device_name": "deviceName",
-    "retry_after": "retryAfter",
+    "retry_after": "retryAfter", "client_nonce": "clientNonce",
 }
 
 
@@ -224,6 +224,10 @@ def error_reply(request: Request, code: str, error: str) -> ErrorReply:
                       resource_id=resource_id)
 
 
+#: Longest ``clientNonce`` of a send (a UUID is 36 characters).
+MAX_NONCE_LENGTH: Final = 128
+
+
 def decode(text: str) -> Request:
     """Decode one text frame into a request, or raise `ProtocolError` with the reply to send."""
     try:
@@ -270,8 +274,15 @@ def _checked(request: Request) -> Request:
         not request.resource_id
     ):
         raise _bad_request(request.id, "field 'resourceId' is required")
-    if isinstance(request, SendRequest) and request.message in (None, "", {}):
-        raise _bad_request(request.id, "field 'message' must not be empty")
+    if isinstance(request, SendRequest):
+        if request.message in (None, "", {}):
+            raise _bad_request(request.id, "field 'message' must not be empty")
+        nonce = request.client_nonce
+        if nonce is not None and not (0 < len(nonce) <= MAX_NONCE_LENGTH and nonce.isprintable()):
+            raise _bad_request(
+                request.id,
+                f"field 'clientNonce' must be 1 to {MAX_NONCE_LENGTH} printable characters",
+            )
     return request
 
 

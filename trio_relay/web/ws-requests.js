@@ -78,15 +78,17 @@ export class RequestMethods {
   /**
    * Send one request once the link is CONNECTED (waiting through a reconnect) and resolve
    * with the reply frame. The timeout counts from the call. A request whose connection drops
-   * before the reply is not sent again (the relay may have acted on it): ConnectionLost.
+   * before the reply is not sent again (the relay may have acted on it): ConnectionLost;
+   * unless `retry` (the request is idempotent, as a send with its clientNonce is): then it is
+   * sent again on the next connection, within the same timeout.
    */
-  request(fields, { timeout = this.requestTimeout } = {}) {
+  request(fields, { timeout = this.requestTimeout, retry = false } = {}) {
     if (!this._auth) {
       return Promise.reject(this.error ?? new ConnectionLost("not logged in"));
     }
     return new Promise((resolve, reject) => {
       let done = false;
-      const item = { fields, settle: null, timer: null };
+      const item = { fields, settle: null, timer: null, retry };
       item.settle = (frame, error) => {
         if (done) return;
         done = true;
@@ -106,12 +108,23 @@ export class RequestMethods {
 
   _write(conn, item) {
     // The timer of request() bounds the whole request; this one is only a backstop.
-    this._send(conn, item.fields, this.requestTimeout * 2, item.settle);
+    this._send(conn, item.fields, this.requestTimeout * 2, (frame, error) => {
+      if (error instanceof ConnectionLost && item.retry && this._auth) {
+        this._queue.push(item); // written again once reconnected (or settled on logout)
+        return;
+      }
+      item.settle(frame, error);
+    });
   }
 
-  /** Send a message to a chat; resolves once the relay's backend accepted it. */
+  /**
+   * Send a message to a chat; resolves once the relay's backend accepted it. It carries a
+   * fresh clientNonce, so a connection lost before the answer only means sending it again:
+   * the relay stores it once.
+   */
   async send(chatId, message) {
-    await this.request({ type: "send", resourceId: chatId, message });
+    const clientNonce = newNonce();
+    await this.request({ type: "send", resourceId: chatId, message, clientNonce }, { retry: true });
   }
 
   /** Create a chat in a project; resolves with the new chat. */
@@ -130,4 +143,11 @@ export class RequestMethods {
     const reply = await this.request({ type: "cancel", resourceId: chatId });
     return Boolean(reply.data && reply.data.cancelled);
   }
+}
+
+/** 128 random bits as hex (crypto.randomUUID needs a secure context; a LAN page is not). */
+function newNonce() {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
