@@ -445,8 +445,6 @@ async def test_a_client_of_a_killed_node_resumes_on_another_without_loss_or_dupl
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="LEAD: stored twice. The SQLite backend takes no"
-                   " nonce, so each node dedupes a retried send in its own memory only")
 async def test_a_send_whose_reply_died_with_its_node_is_stored_once(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
