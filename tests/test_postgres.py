@@ -177,11 +177,18 @@ async def test_a_node_that_dies_mid_reply_has_its_job_closed_by_another(
             with monkeypatch.context() as patch:
                 patch.setattr(postgres_sql, "release_jobs", lambda *args: None)
                 async with open_postgres_backend(postgres_dsn, agent=agent, lease=LEASE) as a:
-                    await a.send_message("welcome", "never finished")
-                    with trio.fail_after(WAIT):
-                        await agent.started.wait()
+                    async with a.watch_chat("welcome") as on_a:
+                        await a.send_message("welcome", "never finished")
+                        with trio.fail_after(WAIT):
+                            await agent.started.wait()
+                        while (started := (await on_a.__anext__()).data)["type"] != (
+                            "reply_started"
+                        ):
+                            pass
             note = await until_stored_reply(feed)
         assert note["content"] == postgres_sql.INTERRUPTED_NOTE
+        # Under the id A's reply streamed under: a client sees that very reply end.
+        assert note["id"] == started["messageId"]
         history = (await b.get_history("welcome")).items
     assert [(m["role"], m["content"]) for m in history[1:]] == [
         ("user", "never finished"), ("assistant", postgres_sql.INTERRUPTED_NOTE)

@@ -19,7 +19,13 @@ from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_relay._agents.agent import Agent, AgentError, Emit, HistoryItem
 from trio_relay._agents.silent import SilentAgent
 from trio_relay._store.backend import NotFound
-from trio_relay._store.replies import STOPPED_NOTE, Replies, ReplyJob, open_replies
+from trio_relay._store.replies import (
+    STOPPED_NOTE,
+    Replies,
+    ReplyJob,
+    open_replies,
+    reply_message_id,
+)
 from trio_relay._wire.protocol import JSON
 
 Event = tuple[str, dict[str, Any]]
@@ -127,6 +133,9 @@ async def test_a_reply_streams_then_is_stored(
     chat, started = await store.next()
     assert (chat, started["type"]) == ("c1", "reply_started")
     message_id = started["messageId"]
+    # Derived from the user's message: any store can name this reply (an interrupted note).
+    assert message_id == reply_message_id("user-hi") != reply_message_id("user-ho")
+    assert len(message_id) == 32 and int(message_id, 16) >= 0
     chunks = [await store.next() for _ in range(2)]
     assert [data for _, data in chunks] == [
         {"type": "chunk", "messageId": message_id, "text": "Hel"},

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from .._wire.protocol import JSON, ResourceKey
 from .backend import MODEL_PROFILES_KEY, NotFound, chat_key, project_key
+from .replies import reply_message_id
 from .sqlite_sql import now
 
 __all__ = [
@@ -383,8 +384,10 @@ def take_over_jobs(
                 "UPDATE reply_jobs SET done = TRUE, owner = %s WHERE message_id = %s",
                 (lease.node, job["message_id"]),
             )
+            # Under the id the reply streamed under, so clients see that reply end.
+            reply_id = reply_message_id(str(job["message_id"]))
             message, event = _insert_assistant(
-                conn, str(job["chat_id"]), new_id(), INTERRUPTED_NOTE, lease
+                conn, str(job["chat_id"]), reply_id, INTERRUPTED_NOTE, lease
             )
             closed.append((message, [event]))
     return closed

@@ -43,10 +43,25 @@ from .backend import NotFound, chat_key
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["STOPPED_NOTE", "ChatStore", "Publish", "Replies", "ReplyJob", "open_replies"]
+__all__ = [
+    "STOPPED_NOTE", "ChatStore", "Publish", "Replies", "ReplyJob", "open_replies",
+    "reply_message_id",
+]
 
 #: What a stopped reply's stored message says (after the text it got to, if any).
 STOPPED_NOTE: Final = "(stopped)"
+
+#: Reply ids are derived from the user message's id in this namespace (`reply_message_id`).
+_REPLY_IDS: Final = uuid.UUID("6d1f3c2a-4b5e-4f60-9a7b-8c9d0e1f2a3b")
+
+
+def reply_message_id(user_message_id: str) -> str:
+    """The id of the reply to a user message, the same wherever it is computed: a store that
+    closes a reply its runner never finished (PostgreSQL's, after a node died) stores its
+    note under the id the reply streamed under, so clients see that reply end; and a reply
+    can never be stored twice (message ids are unique)."""
+    return uuid.uuid5(_REPLY_IDS, user_message_id).hex
+
 
 #: Publishes an event that changes no stored rows to a chat's feed: ``publish(chat_id, data)``.
 Publish = Callable[[str, JSON], object]
@@ -197,7 +212,7 @@ class Replies:
         chat_id = job.chat_id
         resource = str(chat_key(chat_id))
         log = logger.bind(resource=resource)
-        message_id = queue.message_id = uuid.uuid4().hex
+        message_id = queue.message_id = reply_message_id(job.message_id)
 
         def emit(piece: str) -> None:
             queue.text.append(piece)
