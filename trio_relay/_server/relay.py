@@ -341,6 +341,8 @@ class Relay:
         degraded = None
         if self.bus is not None and not self.bus.healthy:
             degraded = "broker unreachable"
+        elif not getattr(self.backend, "healthy", True):  # a store that can say so
+            degraded = "database unreachable"
         return MetricsView(
             self.statistics(), self.counters, self.uptime, self._closing, degraded
         )

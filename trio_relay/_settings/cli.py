@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
@@ -27,12 +27,19 @@ from .._chat import add_chat_command, run_chat
 from .._server.counters import RelayCounters
 from .._server.pairing import PAIRING_FILE, FileDeviceStore, PairingFileError
 from .._server.relay import open_broker, open_relay
+from .._store.backend import BackendError
+from .._store.sqlite import SqliteBackend, open_sqlite_backend
 from .._stream.bus import Bus, BusError
 from .load import load_settings, unknown_variables
 from .settings import ServeSettings, Setting, SettingsError, all_settings, check_programs
 
 if TYPE_CHECKING:
     from loguru import Record
+
+    from .._store.postgres import PostgresBackend
+
+#: The stores `serve` runs on: SQLite in the data dir, or a shared PostgreSQL database.
+Store: TypeAlias = "SqliteBackend | PostgresBackend"
 
 __all__ = ["main"]
 
@@ -322,14 +329,29 @@ async def serve(
     listeners, port = await open_listeners(settings.host, settings.port, ssl_context)
     async with AsyncExitStack() as stack:
         try:
-            # Reached before anything is written too: nor does an unreachable broker.
+            # Reached before anything is written too: nor does an unreachable broker or
+            # database.
             broker = await _open_broker(stack, settings)
+            database = await _open_database(stack, settings)
             devices = FileDeviceStore(data_dir / PAIRING_FILE)
         except BaseException:
             for listener in listeners:
                 await listener.aclose()
             raise
-        await _serve(settings, data_dir, ssl_context, listeners, port, devices, broker)
+        backend: Store = (
+            database if database is not None
+            else await stack.enter_async_context(open_sqlite_backend(data_dir))
+        )
+        await _serve(settings, data_dir, ssl_context, listeners, port, devices, broker, backend)
+
+
+async def _open_database(stack: AsyncExitStack, settings: ServeSettings) -> Store | None:
+    """The PostgreSQL store of ``settings.database`` (None without one: SQLite)."""
+    if settings.database is None:
+        return None
+    from .._store.postgres import open_postgres_backend  # only with trio-relay[postgres]
+
+    return await stack.enter_async_context(open_postgres_backend(settings.database))
 
 
 async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | None:
@@ -343,45 +365,54 @@ async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | 
 async def _serve(
     settings: ServeSettings, data_dir: Path, ssl_context: ssl.SSLContext | None,
     listeners: list[trio.abc.Listener[Any]], port: int, devices: FileDeviceStore,
-    broker: Bus | None,
+    broker: Bus | None, backend: Store,
 ) -> None:
-    from .._store.sqlite import open_sqlite_backend
-
-    async with open_sqlite_backend(data_dir) as backend:
-        if settings.model_profiles is not None:
-            # The config file's profiles replace the database's; their commands stay here.
-            await backend.set_model_profiles(
-                [profile.wire() for profile in settings.model_profiles], settings.agents()
-            )
-        async with open_relay(
-            backend, pin=settings.pin, config=settings.relay, devices=devices,
-            broker=broker,
-        ) as relay:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(relay.serve_listeners, listeners)
-                    nursery.start_soon(collect_after_closes, relay.counters)
-                    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-                    scheme = "ws" if ssl_context is None else "wss"
-                    # Printed, not logged: the PIN must never reach a log line.
-                    print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
-                    if settings.pin is not None:
-                        print(f"PIN: {relay.pin}", flush=True)
-                    else:
-                        print(f"PIN: {relay.pin} (kept in {PAIRING_FILE}; `trio-relay pin --new`"
-                              " replaces it)", flush=True)
-                    print(f"data: {data_dir}", flush=True)
-                    if settings.broker.url is not None:
-                        print(f"broker: {redact_url(settings.broker.url)}", flush=True)
-                    if settings.relay.web_client:
-                        web = "http" if ssl_context is None else "https"
-                        print(f"web client: {web}://{host}:{port}/", flush=True)
-                    async for signum in signals:
-                        logger.info("received {}, shutting down", signal.Signals(signum).name)
-                        break
-                    nursery.cancel_scope.cancel()  # stop accepting first
-            # Leaving open_relay closes every client with 1001.
+    if settings.model_profiles is not None:
+        # The config file's profiles replace the database's; their commands stay here.
+        await backend.set_model_profiles(
+            [profile.wire() for profile in settings.model_profiles], settings.agents()
+        )
+    async with open_relay(
+        backend, pin=settings.pin, config=settings.relay, devices=devices,
+        broker=broker,
+    ) as relay:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.serve_listeners, listeners)
+                nursery.start_soon(collect_after_closes, relay.counters)
+                host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                scheme = "ws" if ssl_context is None else "wss"
+                # Printed, not logged: the PIN must never reach a log line.
+                print(f"trio-relay serving {scheme}://{host}:{port}/ws", flush=True)
+                if settings.pin is not None:
+                    print(f"PIN: {relay.pin}", flush=True)
+                else:
+                    print(f"PIN: {relay.pin} (kept in {PAIRING_FILE}; `trio-relay pin --new`"
+                          " replaces it)", flush=True)
+                print(f"data: {data_dir}", flush=True)
+                if settings.database is not None:
+                    print(f"database: {getattr(backend, 'where', 'PostgreSQL')}", flush=True)
+                if settings.broker.url is not None:
+                    print(f"broker: {redact_url(settings.broker.url)}", flush=True)
+                if settings.relay.web_client:
+                    web = "http" if ssl_context is None else "https"
+                    print(f"web client: {web}://{host}:{port}/", flush=True)
+                async for signum in signals:
+                    logger.info("received {}, shutting down", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()  # stop accepting first
+        # Leaving open_relay closes every client with 1001.
     logger.info("stopped")
+
+
+def _missing_extra(settings: ServeSettings, exc: ImportError) -> str | None:
+    """What to install, when ``exc`` is a driver of an extra the settings ask for."""
+    name = exc.name or ""
+    if settings.broker.url is not None and name.startswith("coredis"):
+        return "a Redis broker needs `pip install 'trio-relay[redis]'`"
+    if settings.database is not None and name.startswith(("psycopg", "psycopg_pool")):
+        return "a PostgreSQL database needs `pip install 'trio-relay[postgres]'`"
+    return None
 
 
 def redact_url(url: str) -> str:
@@ -459,14 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_garbage_collector()
         try:
             trio.run(serve, settings, data_dir, ssl_context)
-        except (OSError, PortInUse, PairingFileError, BusError) as exc:
+        except (OSError, PortInUse, PairingFileError, BusError, BackendError) as exc:
             print(f"trio-relay: {exc}", file=sys.stderr)
             return 1
         except ImportError as exc:
-            if settings.broker.url is None:
+            extra = _missing_extra(settings, exc)
+            if extra is None:
                 raise
-            print(f"trio-relay: a Redis broker needs `pip install 'trio-relay[redis]'` ({exc})",
-                  file=sys.stderr)
+            print(f"trio-relay: {extra} ({exc})", file=sys.stderr)
             return 1
         return 0
     if args.command == "chat":
