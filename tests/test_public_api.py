@@ -16,11 +16,24 @@ PUBLIC = {
 }
 
 
+#: Public too, imported on first use: their modules import the extras' drivers.
+LAZY = {"PostgresBackend", "DatabaseUnavailable", "open_postgres_backend", "RedisBus",
+        "open_redis_bus"}
+
+
+def test_the_lazy_names_import_on_first_use() -> None:
+    for name in LAZY:
+        module = getattr(trio_relay, name).__module__
+        assert module.startswith("trio_relay._"), (name, module)
+    assert set(dir(trio_relay)) >= LAZY
+
+
 def test_the_package_exports_exactly_the_public_api() -> None:
     # ("@..." names are pytest's assertion rewriting: the package holds our pytest plugin.)
     exported = {name for name in vars(trio_relay) if not name.startswith(("_", "@"))}
     # Submodules that are public in their own right appear as attributes once imported.
     exported -= {"client", "testing", "pytest_plugin"}
+    exported -= LAZY  # present once a test has touched them
     assert exported == PUBLIC
 
 

@@ -3,6 +3,8 @@
 The public API is re-exported here; every module whose name starts with ``_`` is private.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from loguru import logger as _logger
 
 from ._agents.agent import Agent as Agent
@@ -48,3 +50,33 @@ __version__ = "0.1.0"
 # A library stays quiet unless the application asks: `trio-relay serve` enables these logs,
 # an embedding application can call `loguru.logger.enable("trio_relay")`.
 _logger.disable("trio_relay")
+
+if _TYPE_CHECKING:  # for type checkers; at run time, `__getattr__` below
+    from ._store.postgres import DatabaseUnavailable as DatabaseUnavailable
+    from ._store.postgres import PostgresBackend as PostgresBackend
+    from ._store.postgres import open_postgres_backend as open_postgres_backend
+    from ._stream.redis_bus import RedisBus as RedisBus
+    from ._stream.redis_bus import open_redis_bus as open_redis_bus
+
+# The stores and buses of the extras import their drivers (psycopg, coredis), which only the
+# extras install: they are imported on first use, not with the package.
+_LAZY = {
+    "PostgresBackend": "trio_relay._store.postgres",
+    "DatabaseUnavailable": "trio_relay._store.postgres",
+    "open_postgres_backend": "trio_relay._store.postgres",
+    "RedisBus": "trio_relay._stream.redis_bus",
+    "open_redis_bus": "trio_relay._stream.redis_bus",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trio_relay' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
