@@ -1,0 +1,711 @@
+"""Scale-out benchmark: the same fan-out in one relay process, and through Redis with one and
+two relay processes, in one run (docs/scaling.md).
+
+    python bench/scaleout.py                # N = 100 and 1,000, 3 rounds (about 3 minutes)
+    python bench/scaleout.py --write-docs   # the same, then rewrite docs/scaling.md's results
+    python bench/scaleout.py --quick        # about 10 seconds: tiny scale, a smoke test
+    python bench/scaleout.py --from-json bench/results/scaleout.json --write-docs
+                                            # no run: tables and docs from earlier results
+
+The workload is bench/fanout.py's (the same load generator, bench/loadgen): N subscribers of
+one chat, one publisher that sends the next message only when the relay has acknowledged the
+last, each message stored by SQLite and pushed to every subscriber, a warm-up, then sends for
+``--seconds``. It runs in three setups, each started afresh for each measurement:
+
+- ``in-process``: one ``trio-relay serve`` without a broker (the baseline);
+- ``redis x1``: a ``redis-server`` of its own (loopback, a free port, a temporary directory,
+  no persistence) and one ``trio-relay serve --broker redis://...``;
+- ``redis x2``: that Redis and two relays sharing one data dir (SQLite in WAL mode); the
+  subscribers alternate between them, the publisher is on the first.
+
+Each figure: server-side CPU per delivered frame (the relays' CPU time and Redis's, from
+``/proc/PID/stat``, over the window from the first send until every subscriber has the last
+message, divided by sends x N), the same split into relays and Redis, p50 and p99 from send to
+receipt, and, from Redis's ``INFO`` at the edges of the window, its commands per second and
+per message, the events each ``EVALSHA`` of the publish script carried, and the script's time
+per event (``cmdstat_evalsha`` usec / ``cmdstat_xadd`` calls: the script appends each event to
+the Stream with one XADD). Ratios are against the in-process figure of the same round.
+Then, from the medians, each setup's cost split into a part per message and a part per
+delivered frame (two sizes of N give two equations), and the capacity plan of
+docs/scaling.md computed from them.
+
+The relays and Redis are pinned to the first CPU, the load generator to the last, as in
+bench/fanout.py: the server side gets one core in every setup, so the figures compare costs,
+not the throughput two cores would give two relays. Every subscriber must get every push once
+and in order; a violation or a misbehaving server fails the run (exit 1) after the results are
+written; 2 means it could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    RESULTS,
+    ROOT,
+    BenchError,
+    Json,
+    Server,
+    ensure_loadgen,
+    machine,
+    machine_busy_share,
+    need_tools,
+    raise_fd_limit,
+    relay_source,
+    run_loadgen,
+)
+
+DOC = ROOT / "docs" / "scaling.md"
+BEGIN_MARK = "<!-- scaleout-results:begin (written by python bench/scaleout.py --write-docs) -->"
+END_MARK = "<!-- scaleout-results:end -->"
+SETUPS = ("inproc", "redis1", "redis2")
+LABELS = {"inproc": "in-process", "redis1": "redis x1", "redis2": "redis x2"}
+RELAYS = {"inproc": 1, "redis1": 1, "redis2": 2}
+#: Same marks as bench/fanout.py.
+CAPPED_SHARE = 0.9
+CONTENDED_SHARE = 0.15
+
+#: What an idle subscribed connection costs a relay process (docs/performance.md, K = 5,000).
+CONN_KIB = 13.7
+#: What a relay process costs before any client (RSS of `trio-relay serve`, about).
+PROCESS_MIB = 45.0
+#: The capacity plan's workload: each connected client watches one chat of WATCHERS clients
+#: and receives PUSH_RATE pushes per second on average.
+WATCHERS = 10
+PUSH_RATES = (0.1, 1.0)
+CLIENTS = (100_000, 1_000_000)
+#: Share of a core a relay process is planned to use at most (headroom for bursts, GC, TLS).
+CORE_BUDGET = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    sizes: tuple[int, ...]
+    setups: tuple[str, ...]
+    send_seconds: float
+    warmup_frames: int
+    seed_sends: int
+    max_undelivered: int
+
+    def spec(self, n: int) -> Json:
+        return {
+            "scenario": "fanout", "subscribers": n, "seedSends": self.seed_sends,
+            "warmupSends": max(5, min(500, self.warmup_frames // n)),
+            "sendSeconds": self.send_seconds, "sendCount": 0,
+            "maxUndelivered": self.max_undelivered, "connectConcurrency": 100,
+            "deadlineSeconds": 90 + self.send_seconds + n / 50,
+        }
+
+
+FULL = Plan(rounds=3, sizes=(100, 1000), setups=SETUPS, send_seconds=4.0,
+            warmup_frames=20000, seed_sends=5, max_undelivered=64)
+QUICK = Plan(rounds=1, sizes=(4,), setups=SETUPS, send_seconds=1.0, warmup_frames=20,
+             seed_sends=2, max_undelivered=64)
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A `redis-server` of this measurement: loopback, a free port, a temp dir, no persistence."""
+
+    def __init__(self, cpus: set[int] | None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise BenchError("redis-server is not installed (Debian: apt-get install"
+                             " redis-server)")
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.log_path = Path(self._tmp.name) / "redis.log"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self._tmp.name, "--logfile", str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if cpus is not None:
+            os.sched_setaffinity(self.process.pid, cpus)
+        deadline = time.monotonic() + 10
+        while not self._answers():  # another process: poll until it answers, bounded
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"redis-server did not start: {self._log()[-1000:]}")
+            time.sleep(0.01)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> list[str]:
+        problems = []
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                problems.append("redis-server did not stop within 10 s of SIGTERM")
+                self.process.kill()
+                self.process.wait()
+        elif self.process.returncode != 0:
+            problems.append(f"redis-server exited with status {self.process.returncode}:"
+                            f" {self._log()[-1000:]}")
+        self._tmp.cleanup()
+        return problems
+
+
+# --- one measurement --------------------------------------------------------------------------
+
+
+def measure(node: str, setup: str, n: int, plan: Plan, cpus: tuple[set[int] | None,
+            set[int] | None], quiet: bool) -> tuple[Json, list[str]]:
+    """Start the setup's servers, run the loadgen once, stop them; (result, problems)."""
+    pin_server, pin_loadgen = cpus
+    problems: list[str] = []
+    redis: RedisServer | None = None
+    relays: list[Server] = []
+    shared = tempfile.TemporaryDirectory(prefix="bench-scaleout-data-")
+    try:
+        settings: dict[str, str] = {}
+        if setup != "inproc":
+            redis = RedisServer(pin_server)
+            settings["broker"] = redis.url
+        # One after the other: the first makes the database and the PIN file, the second
+        # finds them (what a deployment's first start does, too).
+        for _ in range(RELAYS[setup]):
+            relays.append(Server("relay", pin_server, None, settings,
+                                 data_dir=Path(shared.name) / "data"))
+        spec = plan.spec(n)
+        spec["urls"] = [r.url for r in relays]
+        spec["serverPids"] = [r.process.pid for r in relays] + (
+            [redis.process.pid] if redis else [])
+        if redis is not None:
+            spec["redisPort"] = redis.port
+        result = run_loadgen(node, relays[0], spec, pin_loadgen, quiet)
+        result["relayPids"] = [r.process.pid for r in relays]
+        result["redisPid"] = redis.process.pid if redis else None
+    finally:
+        for relay in relays:
+            problems += [f"relay {relay.url}: {p}" for p in relay.stop()]
+        if redis is not None:
+            problems += redis.stop()
+        shared.cleanup()
+    if result.get("error"):
+        problems.append(f"loadgen: {result['error']}")
+    if result.get("violationCount"):
+        problems.append(f"{result['violationCount']} violations of exactly-once, in-order"
+                        f" delivery: {result['violations']}")
+    return result, problems
+
+
+def figures(result: Json) -> Json:
+    """The figures of one measurement, from the loadgen's result of its send window."""
+    send = result.get("send") or {}
+    frames = send.get("frames") or 0
+    sends = send.get("sends") or 0
+    by_pid = {int(k): v for k, v in (send.get("serverCpuByPidS") or {}).items()}
+    relay_s = sum(by_pid.get(pid, 0.0) for pid in result.get("relayPids", []))
+    redis_pid = result.get("redisPid")
+    # Redis's own CPU from its INFO (getrusage, microseconds) rather than /proc's 10 ms ticks.
+    redis_info = send.get("redis")
+    redis_s = (redis_info["cpuS"] if redis_info else by_pid.get(redis_pid, 0.0)) \
+        if redis_pid else 0.0
+    seconds = send.get("seconds") or 0.0
+    lat = send.get("latency") or {}
+    out: Json = {
+        "sends": sends, "frames": frames, "seconds": seconds,
+        "cpu_us_per_frame": (relay_s + redis_s) / frames * 1e6 if frames else None,
+        "relay_us_per_frame": relay_s / frames * 1e6 if frames else None,
+        "redis_us_per_frame": redis_s / frames * 1e6 if frames and redis_pid else None,
+        "cpu_us_per_send": (relay_s + redis_s) / sends * 1e6 if sends else None,
+        "p50_ms": lat.get("p50Ms"), "p99_ms": lat.get("p99Ms"),
+        "sends_per_s": send.get("sendsPerS"), "frames_per_s": send.get("framesPerS"),
+        "server_cpu_share": send.get("serverCpuShare"),
+        "loadgen_share": send.get("loadgenCpuShare"),
+        "other_share": send.get("otherCpuShare"), "held_back": send.get("heldBack"),
+    }
+    if redis_info:
+        commands = redis_info["commands"]
+        evalsha = commands.get("evalsha", {"calls": 0, "usec": 0})
+        xadd = commands.get("xadd", {"calls": 0, "usec": 0})
+        publish = commands.get("publish", {"calls": 0, "usec": 0})
+        inner = {"xadd", "hget", "hset", "publish", "pexpire", "set", "get", "del", "time",
+                 "xrange"}
+        calls = sum(c["calls"] for name, c in commands.items() if name not in inner)
+        out.update({
+            "redis_cpu_us_per_send": redis_s / sends * 1e6 if sends else None,
+            "client_calls_per_s": calls / seconds if seconds else None,
+            "client_calls_per_send": calls / sends if sends else None,
+            "commands_per_s": redis_info["commandsProcessed"] / seconds if seconds else None,
+            "commands_per_send": redis_info["commandsProcessed"] / sends if sends else None,
+            "evalsha_per_send": evalsha["calls"] / sends if sends else None,
+            "events_per_evalsha": xadd["calls"] / evalsha["calls"] if evalsha["calls"] else None,
+            "lua_us_per_event": evalsha["usec"] / xadd["calls"] if xadd["calls"] else None,
+            "lua_us_per_call": evalsha["usec"] / evalsha["calls"] if evalsha["calls"] else None,
+            "publish_per_send": publish["calls"] / sends if sends else None,
+            "redis_commands": commands,
+            "redis_used_memory": redis_info.get("usedMemoryBytes"),
+        })
+    return out
+
+
+# --- summary ----------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, str]] = [
+    ("cpu_us_per_frame", "server-side CPU per delivered frame (µs)"),
+    ("relay_us_per_frame", "of which relays (µs)"),
+    ("redis_us_per_frame", "of which Redis (µs)"),
+    ("p50_ms", "latency p50, send to receipt (ms)"),
+    ("p99_ms", "latency p99, send to receipt (ms)"),
+    ("sends_per_s", "acknowledged sends/s"),
+    ("frames_per_s", "delivered frames/s"),
+    ("server_cpu_share", "server side CPU (% of a core)"),
+    ("loadgen_share", "loadgen CPU (% of a core)"),
+    ("client_calls_per_send", "Redis calls from relays per message"),
+    ("client_calls_per_s", "Redis calls from relays per second"),
+    ("commands_per_s", "Redis commands per second (with the script's own)"),
+    ("events_per_evalsha", "events per EVALSHA (batch size)"),
+    ("lua_us_per_event", "publish script, Redis time per event (µs)"),
+    ("redis_cpu_us_per_send", "Redis CPU per message (µs)"),
+]
+RATIO_KEYS = {"cpu_us_per_frame", "p50_ms", "p99_ms", "sends_per_s"}
+PERCENT = {"server_cpu_share", "loadgen_share"}
+
+
+def summarize(runs: list[Json], plan: Plan) -> Json:
+    """Medians over the rounds per size, setup and figure, the marks, the ratios."""
+    summary: Json = {}
+    for n in plan.sizes:
+        table: Json = {}
+        for key, label in ROWS:
+            row: Json = {"label": label}
+            for setup in plan.setups:
+                mine = [r["figures"] for r in runs if r["size"] == n and r["setup"] == setup]
+                values = [f[key] for f in mine if f.get(key) is not None]
+                row[setup] = {
+                    "median": statistics.median(values) if values else None,
+                    "rounds": values,
+                    "capped": any((f.get("loadgen_share") or 0) > CAPPED_SHARE
+                                  or (f.get("held_back") or 0) > 0 for f in mine),
+                    "contended": any((f.get("other_share") or 0) > CONTENDED_SHARE
+                                     and (f.get("seconds") or 0) >= 0.5 for f in mine),
+                }
+            base = row.get("inproc", {}).get("median")
+            row["ratios"] = {s: (row[s]["median"] / base if base and row[s]["median"] is not None
+                                 else None) for s in plan.setups if s != "inproc"}
+            table[key] = row
+        summary[str(n)] = table
+    return summary
+
+
+def split_costs(summary: Json, plan: Plan) -> Json:
+    """Per setup: server-side CPU per message = fixed + per_frame x N, from the two largest
+    sizes (µs); also for the relays and Redis alone."""
+    sizes = sorted(plan.sizes)
+    if len(sizes) < 2:
+        return {}
+    lo, hi = sizes[-2], sizes[-1]
+    out: Json = {}
+    for setup in plan.setups:
+        parts: Json = {}
+        for key in ("cpu_us_per_frame", "relay_us_per_frame", "redis_us_per_frame"):
+            a = summary[str(lo)][key][setup]["median"]
+            b = summary[str(hi)][key][setup]["median"]
+            if a is None or b is None:
+                continue
+            per_frame = (b * hi - a * lo) / (hi - lo)
+            parts[key] = {"fixed_us": a * lo - per_frame * lo, "per_frame_us": per_frame}
+        out[setup] = {"sizes": [lo, hi], **parts}
+    return out
+
+
+def _fmt(value: float | None, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if key in PERCENT:
+        return f"{value * 100:.0f}%"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _marks(cell: Json) -> str:
+    return (" ‡" if cell["capped"] else "") + (" §" if cell["contended"] else "")
+
+
+def tables(summary: Json, plan: Plan) -> str:
+    redis_setups = [s for s in plan.setups if s != "inproc"]
+    head = ["", *(LABELS[s] for s in plan.setups),
+            *(f"{LABELS[s]} / in-process" for s in redis_setups if "inproc" in plan.setups)]
+    out = [f"**Fan-out to N subscribers of one chat, acknowledged sends** (median of"
+           f" {plan.rounds} round{'s' * (plan.rounds != 1)})", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size, table in summary.items():
+        out.append(f"| **N = {int(size):,}** |" + " |" * (len(head) - 1))
+        for key, _ in ROWS:
+            row = table[key]
+            cells = [row["label"]]
+            for setup in plan.setups:
+                cell = row[setup]
+                cells.append(_fmt(cell["median"], key) + (_marks(cell) if cell["median"]
+                                                           is not None else ""))
+            if "inproc" in plan.setups:
+                for setup in redis_setups:
+                    r = row["ratios"].get(setup)
+                    cells.append(f"{r:.2f}" if r is not None and key in RATIO_KEYS else "")
+            out.append("| " + " | ".join(cells) + " |")
+    out += ["", f"‡ capped: the load generator used more than {CAPPED_SHARE:.0%} of a core, or"
+            " the publisher had to wait for it, in at least one round. § contended: other"
+            f" processes used more than {CONTENDED_SHARE:.0%} of a core during the measurement"
+            " in at least one round."]
+    return "\n".join(out)
+
+
+def split_table(split: Json) -> str:
+    if not split:
+        return ""
+    lo, hi = next(iter(split.values()))["sizes"]
+    out = [f"**Server-side CPU per message = fixed + per frame x N** (µs; solved from the"
+           f" medians at N = {lo:,} and N = {hi:,})", "",
+           "| setup | fixed per message | per delivered frame | of which relays: fixed, per"
+           " frame | of which Redis: fixed, per frame |", "|---|---|---|---|---|"]
+    for setup, parts in split.items():
+        total = parts.get("cpu_us_per_frame")
+        relay = parts.get("relay_us_per_frame")
+        redis = parts.get("redis_us_per_frame")
+
+        def pair(p: Json | None) -> str:
+            return "-" if p is None else f"{p['fixed_us']:.0f}, {p['per_frame_us']:.2f}"
+
+        out.append(f"| {LABELS[setup]} | {_fmt(total['fixed_us']) if total else '-'} |"
+                   f" {_fmt(total['per_frame_us']) if total else '-'} | {pair(relay)} |"
+                   f" {pair(redis)} |")
+    return "\n".join(out)
+
+
+# --- the capacity plan ------------------------------------------------------------------------
+
+
+def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
+    """The capacity plan of docs/scaling.md, computed from this run's figures, arithmetic
+    shown."""
+    if "redis2" not in split or "redis1" not in split or "inproc" not in split:
+        return "(the capacity plan needs N = two sizes and all three setups)"
+    big = str(max(plan.sizes))
+    r1, r2 = split["redis1"], split["redis2"]
+    relay1 = r1["relay_us_per_frame"]
+    # What each more relay process that follows a chat adds per message: from 1 to 2 relays.
+    extra_per_process = max(0.0, r2["relay_us_per_frame"]["fixed_us"]
+                            - relay1["fixed_us"])
+    publisher_fixed = relay1["fixed_us"]
+    per_frame = relay1["per_frame_us"]
+    redis_send = summary[big]["redis_cpu_us_per_send"]["redis1"]["median"]
+    redis_send2 = summary[big]["redis_cpu_us_per_send"]["redis2"]["median"]
+    redis_extra = max(0.0, (redis_send2 or 0) - (redis_send or 0))
+    calls_per_send = summary[big]["client_calls_per_send"]["redis1"]["median"] or 1.0
+    commands_per_send = summary[big]["commands_per_send"]["redis1"]["median"] or 0.0
+    lines = [
+        "**Inputs, from the run above** (µs of CPU; \"fixed\" is paid once per message by each"
+        " process that does it):",
+        "",
+        f"- the relay that takes a `send` (stores it, calls the script, receives it back):"
+        f" {publisher_fixed:.0f} µs per message (redis x1, fixed);",
+        f"- each further relay process with subscribers of the chat: {extra_per_process:.0f} µs"
+        " per message (redis x2 fixed less redis x1 fixed: pub/sub receive, decode, frame);",
+        f"- each delivered frame: {per_frame:.2f} µs (redis x1, per frame);",
+        f"- Redis: {redis_send:.1f} µs per message with one subscribed relay,"
+        f" +{redis_extra:.1f} µs per further subscribed relay (N = {int(big):,});",
+        f"- Redis calls from the relays: {calls_per_send:.2f} per message (1/batch EVALSHA"
+        f" + the rest); {commands_per_send:.1f} commands per message counting the script's own"
+        " (XADD, HGET, HSET, PEXPIRE, SET, PUBLISH, TIME);",
+        f"- memory: {CONN_KIB} KiB per idle subscribed connection (docs/performance.md), about"
+        f" {PROCESS_MIB:.0f} MiB per relay process before any client;",
+        f"- a relay process is planned at {CORE_BUDGET:.0%} of a core (headroom for bursts,"
+        " reconnect storms, TLS, the garbage collector).",
+        "",
+        f"**Workload**: every client watches one chat of {WATCHERS} watchers, and receives on"
+        f" average r pushes per second; messages per second = clients x r / {WATCHERS}. The"
+        " load balancer spreads clients without regard to chats, so a chat's watchers sit on"
+        f" min({WATCHERS}, P) different processes, each of which receives every message of it.",
+        "",
+        "| clients | r (pushes/s each) | messages/s | frames/s | relay CPU (cores) |"
+        " relay processes P | memory | Redis calls/s | Redis commands/s | pub/sub deliveries/s"
+        " | Redis CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for clients in CLIENTS:
+        for rate in PUSH_RATES:
+            msgs = clients * rate / WATCHERS
+            frames = clients * rate
+            # P depends on the CPU, which depends on how many processes see each message.
+            procs = 1
+            for _ in range(20):
+                spread = min(WATCHERS, procs)
+                cpu_us = msgs * (publisher_fixed + (spread - 1) * extra_per_process) \
+                    + frames * per_frame
+                need = max(1, int(-(-cpu_us / 1e6 // CORE_BUDGET)))
+                if need == procs:
+                    break
+                procs = need
+            spread = min(WATCHERS, procs)
+            cores = cpu_us / 1e6
+            mem_gib = (clients * CONN_KIB / 1024 + procs * PROCESS_MIB) / 1024
+            calls = msgs * calls_per_send
+            commands = msgs * commands_per_send
+            deliveries = msgs * spread
+            redis_cores = msgs * ((redis_send or 0) + (spread - 1) * redis_extra) / 1e6
+            lines.append(
+                f"| {clients:,} | {rate:g} | {msgs:,.0f} | {frames:,.0f} | {cores:.1f} |"
+                f" {procs} | {mem_gib:.1f} GiB | {calls:,.0f} | {commands:,.0f} |"
+                f" {deliveries:,.0f} | {redis_cores:.2f} |")
+            notes.append(
+                f"- {clients:,} clients at r = {rate:g}: {msgs:,.0f} msg/s x ({publisher_fixed:.0f}"
+                f" + {spread - 1} x {extra_per_process:.0f}) µs + {frames:,.0f} frames/s x"
+                f" {per_frame:.2f} µs = {cores:.2f} cores → P = {cores:.2f} /"
+                f" {CORE_BUDGET} → {procs}; memory {clients:,} x {CONN_KIB} KiB + {procs} x"
+                f" {PROCESS_MIB:.0f} MiB = {mem_gib:.1f} GiB; Redis {msgs:,.0f} x"
+                f" ({redis_send:.1f} + {spread - 1} x {redis_extra:.1f}) µs ="
+                f" {redis_cores:.2f} cores.")
+    return "\n".join([*lines, "", "The arithmetic, row by row:", "", *notes])
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def doc_section(summary: Json, split: Json, plan: Plan, meta: Json, command: str) -> str:
+    m = meta["machine"]
+    return "\n".join([
+        BEGIN_MARK, "",
+        f"Run of {meta['started'][:16].replace('T', ' ')} UTC, {meta['seconds'] / 60:.1f}"
+        f" minutes, bench at commit `{m['commit']}`; `uptime` before it started:"
+        f" `{meta['uptime']}`; other processes kept {meta['busy_before'] * 100:.0f}% of a core"
+        " busy just before it:", "",
+        "```sh", command, "```", "",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, Python {m['python']},"
+        f" trio {m['trio']}, Redis {meta['redis_version']}, Node.js {m['node']}. The relays and"
+        " Redis share the first core, the load generator has the other.", "",
+        tables(summary, plan), "",
+        split_table(split), "",
+        END_MARK,
+    ])
+
+
+def write_docs(section: str) -> None:
+    text = DOC.read_text()
+    start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if start < 0 or end < start:
+        raise BenchError(f"{DOC} has no {BEGIN_MARK!r} ... {END_MARK!r} section to rewrite")
+    DOC.write_text(text[:start] + section + text[end + len(END_MARK):])
+
+
+def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
+                  args: argparse.Namespace, json_path: Path | None) -> int:
+    summary = summarize(runs, plan)
+    split = split_costs(summary, plan)
+    plan_text = capacity_plan(summary, split, plan)
+    command = shlex.join(["python", "bench/scaleout.py", *meta["argv"]])
+    violations = sum(int(r["result"].get("violationCount") or 0) for r in runs)
+    out: Json = {"ok": not problems, "meta": meta, "summary": summary, "split": split,
+                 "violations": violations, "problems": problems, "runs": runs}
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=1) + "\n")
+    if args.write_docs:
+        write_docs(doc_section(summary, split, plan, meta, command))
+    print(f"command: {command}")
+    print(f"relay: {meta['relay_source']}; uptime before: {meta['uptime']}")
+    print()
+    print(tables(summary, plan))
+    print()
+    if split:
+        print(split_table(split))
+        print()
+        print(plan_text)
+        print()
+    print(f"delivery: {violations} violations of exactly-once, in-order delivery"
+          f" in {len(runs)} measurements")
+    written = [p for p in (json_path, DOC if args.write_docs else None) if p is not None]
+    print(f"written: {', '.join(map(str, written)) or 'nothing'}")
+    print(f"run time: {meta['seconds']:.0f} s")
+    if problems:
+        print(f"\nFAILED: {len(problems)} problems:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _redis_version() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return "not installed"
+    text = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                          check=False).stdout
+    for word in text.split():
+        if word.startswith("v="):
+            return word[2:]
+    return text.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fan-out through Redis (1 and 2 relay"
+                                     " processes) against one relay process (docs/scaling.md).")
+    parser.add_argument("--quick", action="store_true", help="tiny scale, one round: a smoke"
+                        " test")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3)")
+    parser.add_argument("--sizes", help="subscriber counts, e.g. 100,1000")
+    parser.add_argument("--setups", help="comma-separated subset of inproc,redis1,redis2")
+    parser.add_argument("--seconds", type=float, help="seconds of sends per measurement"
+                        " (default 4)")
+    parser.add_argument("--json", type=Path, help="where to write the results (default"
+                        " bench/results/scaleout.json; scaleout-quick.json with --quick)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also rewrite the results section of docs/scaling.md")
+    parser.add_argument("--no-pin-cpus", action="store_true",
+                        help="leave the processes to the scheduler")
+    parser.add_argument("--from-json", type=Path, metavar="FILE",
+                        help="run nothing: summarize the results of an earlier run again")
+    parser.add_argument("--verbose", action="store_true", help="show the loadgen's progress")
+    args = parser.parse_args(argv)
+    if args.write_docs and args.quick:
+        parser.error("--write-docs takes the full run's figures, not --quick's")
+    if args.from_json is not None:
+        earlier = json.loads(args.from_json.read_text())
+        if args.write_docs and "--quick" in earlier["meta"]["argv"]:
+            parser.error("--write-docs takes the full run's figures, not --quick's")
+        fields: Json = {k: tuple(v) if isinstance(v, list) else v
+                        for k, v in earlier["meta"]["plan"].items()}
+        return write_outputs(earlier["runs"], earlier["meta"], Plan(**fields),
+                             earlier["problems"], args, args.json)
+
+    plan = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {}
+    if args.rounds is not None:
+        overrides["rounds"] = max(1, args.rounds)
+    if args.sizes:
+        overrides["sizes"] = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+    if args.setups:
+        chosen = tuple(s.strip() for s in args.setups.split(",") if s.strip())
+        unknown = set(chosen) - set(SETUPS)
+        if unknown:
+            parser.error(f"unknown setups: {', '.join(sorted(unknown))}")
+        overrides["setups"] = tuple(s for s in SETUPS if s in chosen)
+    if args.seconds is not None:
+        overrides["send_seconds"] = args.seconds
+    plan = Plan(**{**plan.__dict__, **overrides})
+    json_path = args.json or RESULTS / f"scaleout{'-quick' if args.quick else ''}.json"
+
+    try:
+        node, npm = need_tools()
+        ensure_loadgen(npm)
+        if shutil.which("redis-server") is None:
+            raise BenchError("redis-server is not installed (Debian: apt-get install"
+                             " redis-server)")
+        try:
+            import coredis  # noqa: F401 - the relay's Redis bus needs it
+        except ImportError:
+            raise BenchError("the relay's Redis bus needs coredis: pip install -e"
+                             " '.[redis]'") from None
+        nofile = raise_fd_limit()
+        if nofile < max(plan.sizes) * 2 + 200:
+            raise BenchError(f"RLIMIT_NOFILE's hard limit is {nofile}: too low for this run")
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    cpus = sorted(os.sched_getaffinity(0))
+    pins: tuple[set[int] | None, set[int] | None] = (None, None)
+    if not args.no_pin_cpus and len(cpus) >= 2:
+        pins = ({cpus[0]}, {cpus[-1]})
+    uptime = _uptime()
+    busy_before = machine_busy_share(0.2 if args.quick else 2.0)
+    if busy_before > CONTENDED_SHARE:
+        print(f"bench: warning: other processes keep {busy_before:.0%} of a core busy"
+              f" ({uptime}); the figures they contend with are marked §", file=sys.stderr,
+              flush=True)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    meta: Json = {"started": started.isoformat(), "machine": machine(node),
+                  "argv": sys.argv[1:] if argv is None else list(argv), "plan": plan.__dict__,
+                  "relay_source": relay_source(None), "busy_before": busy_before,
+                  "uptime": uptime, "redis_version": _redis_version(),
+                  "cpu_pinning": {"servers": sorted(pins[0] or []),
+                                  "loadgen": sorted(pins[1] or [])}}
+    runs: list[Json] = []
+    problems: list[str] = []
+    for round_no in range(1, plan.rounds + 1):
+        for n in plan.sizes:
+            for setup in plan.setups:
+                label = f"round {round_no}/{plan.rounds} N = {n:,} {LABELS[setup]}"
+                try:
+                    result, found = measure(node, setup, n, plan, pins, not args.verbose)
+                except BenchError as exc:
+                    problems.append(f"{label}: {exc}")
+                    print(f"bench: {label}: {exc}", file=sys.stderr, flush=True)
+                    continue
+                problems += [f"{label}: {p}" for p in found]
+                f = figures(result)
+                runs.append({"round": round_no, "size": n, "setup": setup, "result": result,
+                             "figures": f})
+                print(f"bench: {label}: {_one_line(f)}", file=sys.stderr, flush=True)
+    meta["seconds"] = time.monotonic() - t0
+    meta["uptime_after"] = _uptime()
+    return write_outputs(runs, meta, plan, problems, args, json_path)
+
+
+def _one_line(f: Json) -> str:
+    bits = [f"{f.get('sends_per_s') or 0:,.0f} sends/s",
+            f"{f.get('cpu_us_per_frame') or 0:.2f} µs CPU/frame"
+            f" (relays {f.get('relay_us_per_frame') or 0:.2f},"
+            f" Redis {f.get('redis_us_per_frame') or 0:.2f})",
+            f"p50 {f.get('p50_ms') or 0:.2f} ms p99 {f.get('p99_ms') or 0:.2f} ms",
+            f"loadgen {f.get('loadgen_share') or 0:.0%}", f"other {f.get('other_share') or 0:.0%}"]
+    if f.get("events_per_evalsha") is not None:
+        bits.append(f"{f['events_per_evalsha']:.2f} events/EVALSHA,"
+                    f" {f.get('lua_us_per_event') or 0:.1f} µs/event in the script,"
+                    f" {f.get('client_calls_per_send') or 0:.2f} calls/msg")
+    return ", ".join(bits)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
