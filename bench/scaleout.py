@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,7 +117,7 @@ class Plan:
 
 FULL = Plan(rounds=3, sizes=(100, 1000), setups=SETUPS, send_seconds=4.0,
             warmup_frames=20000, seed_sends=5, max_undelivered=64)
-QUICK = Plan(rounds=1, sizes=(4,), setups=SETUPS, send_seconds=1.0, warmup_frames=20,
+QUICK = Plan(rounds=1, sizes=(4,), setups=SETUPS, send_seconds=0.5, warmup_frames=20,
              seed_sends=2, max_undelivered=64)
 
 
@@ -197,11 +198,20 @@ def measure(node: str, setup: str, n: int, plan: Plan, cpus: tuple[set[int] | No
         if setup != "inproc":
             redis = RedisServer(pin_server)
             settings["broker"] = redis.url
-        # One after the other: the first makes the database and the PIN file, the second
-        # finds them (what a deployment's first start does, too).
-        for _ in range(RELAYS[setup]):
-            relays.append(Server("relay", pin_server, None, settings,
-                                 data_dir=Path(shared.name) / "data"))
+        # All at once on a fresh data dir, as systemd starts them: the database and the PIN
+        # file are made under their locks by whichever comes first.
+        with ThreadPoolExecutor(RELAYS[setup]) as pool:
+            starting = [pool.submit(Server, "relay", pin_server, None, settings,
+                                    data_dir=Path(shared.name) / "data")
+                        for _ in range(RELAYS[setup])]
+            failed: BenchError | None = None
+            for future in starting:
+                try:
+                    relays.append(future.result())
+                except BenchError as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
         spec = plan.spec(n)
         spec["urls"] = [r.url for r in relays]
         spec["serverPids"] = [r.process.pid for r in relays] + (
@@ -290,6 +300,7 @@ ROWS: list[tuple[str, str]] = [
     ("loadgen_share", "loadgen CPU (% of a core)"),
     ("client_calls_per_send", "Redis calls from relays per message"),
     ("client_calls_per_s", "Redis calls from relays per second"),
+    ("commands_per_send", "Redis commands per message (with the script's own)"),
     ("commands_per_s", "Redis commands per second (with the script's own)"),
     ("events_per_evalsha", "events per EVALSHA (batch size)"),
     ("lua_us_per_event", "publish script, Redis time per event (µs)"),
@@ -532,6 +543,10 @@ def write_docs(section: str) -> None:
 
 def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
                   args: argparse.Namespace, json_path: Path | None) -> int:
+    if json_path is not None:  # first: whatever fails below, the measurements are kept
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"ok": not problems, "meta": meta,
+                                         "problems": problems, "runs": runs}, indent=1) + "\n")
     summary = summarize(runs, plan)
     split = split_costs(summary, plan)
     plan_text = capacity_plan(summary, split, plan)
@@ -540,7 +555,6 @@ def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
     out: Json = {"ok": not problems, "meta": meta, "summary": summary, "split": split,
                  "violations": violations, "problems": problems, "runs": runs}
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=1) + "\n")
     if args.write_docs:
         write_docs(doc_section(summary, split, plan, meta, command))
