@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -91,6 +92,10 @@ PROCESS_MIB = 45.0
 WATCHERS = 10
 PUSH_RATES = (0.1, 1.0)
 CLIENTS = (100_000, 1_000_000)
+#: The relay's defaults: events kept per resource, and for how long (replay_buffer_size,
+#: replay_max_age).
+REPLAY_EVENTS = 1024
+REPLAY_SECONDS = 120.0
 #: Share of a core a relay process is planned to use at most (headroom for bursts, GC, TLS).
 CORE_BUDGET = 0.5
 
@@ -255,6 +260,9 @@ def figures(result: Json) -> Json:
         "relay_us_per_frame": relay_s / frames * 1e6 if frames else None,
         "redis_us_per_frame": redis_s / frames * 1e6 if frames and redis_pid else None,
         "cpu_us_per_send": (relay_s + redis_s) / sends * 1e6 if sends else None,
+        # Each relay alone: the first takes the sends; the others only follow the chat.
+        "relay_us_per_send": [by_pid.get(pid, 0.0) / sends * 1e6 if sends else None
+                              for pid in result.get("relayPids", [])],
         "p50_ms": lat.get("p50Ms"), "p99_ms": lat.get("p99Ms"),
         "sends_per_s": send.get("sendsPerS"), "frames_per_s": send.get("framesPerS"),
         "server_cpu_share": send.get("serverCpuShare"),
@@ -282,6 +290,9 @@ def figures(result: Json) -> Json:
             "publish_per_send": publish["calls"] / sends if sends else None,
             "redis_commands": commands,
             "redis_used_memory": redis_info.get("usedMemoryBytes"),
+            # What the Stream grew by per event (until it reaches its cap of 1,024 entries).
+            "redis_bytes_per_event": (redis_info.get("usedMemoryGrowthBytes") or 0) / sends
+            if sends else None,
         })
     return out
 
@@ -305,6 +316,7 @@ ROWS: list[tuple[str, str]] = [
     ("events_per_evalsha", "events per EVALSHA (batch size)"),
     ("lua_us_per_event", "publish script, Redis time per event (µs)"),
     ("redis_cpu_us_per_send", "Redis CPU per message (µs)"),
+    ("redis_bytes_per_event", "Redis memory per kept event (bytes)"),
 ]
 RATIO_KEYS = {"cpu_us_per_frame", "p50_ms", "p99_ms", "sends_per_s"}
 PERCENT = {"server_cpu_share", "loadgen_share"}
@@ -336,15 +348,32 @@ def summarize(runs: list[Json], plan: Plan) -> Json:
     return summary
 
 
-def split_costs(summary: Json, plan: Plan) -> Json:
+def _median_at(runs: list[Json], n: int, setup: str, index: int) -> float | None:
+    values = [r["figures"]["relay_us_per_send"][index] for r in runs
+              if r["size"] == n and r["setup"] == setup
+              and len(r["figures"].get("relay_us_per_send") or []) > index
+              and r["figures"]["relay_us_per_send"][index] is not None]
+    return statistics.median(values) if values else None
+
+
+def split_costs(summary: Json, plan: Plan, runs: list[Json]) -> Json:
     """Per setup: server-side CPU per message = fixed + per_frame x N, from the two largest
-    sizes (µs); also for the relays and Redis alone."""
+    sizes (µs); also for the relays and Redis alone, and for each relay of several alone (it
+    delivers N / relays frames of each message)."""
     sizes = sorted(plan.sizes)
     if len(sizes) < 2:
         return {}
     lo, hi = sizes[-2], sizes[-1]
     out: Json = {}
     for setup in plan.setups:
+        each: list[Json] = []
+        count = RELAYS[setup]
+        for index in range(count if count > 1 else 0):
+            a, b = _median_at(runs, lo, setup, index), _median_at(runs, hi, setup, index)
+            if a is None or b is None:
+                continue
+            per_frame = (b - a) / ((hi - lo) / count)
+            each.append({"fixed_us": a - per_frame * lo / count, "per_frame_us": per_frame})
         parts: Json = {}
         for key in ("cpu_us_per_frame", "relay_us_per_frame", "redis_us_per_frame"):
             a = summary[str(lo)][key][setup]["median"]
@@ -353,7 +382,7 @@ def split_costs(summary: Json, plan: Plan) -> Json:
                 continue
             per_frame = (b * hi - a * lo) / (hi - lo)
             parts[key] = {"fixed_us": a * lo - per_frame * lo, "per_frame_us": per_frame}
-        out[setup] = {"sizes": [lo, hi], **parts}
+        out[setup] = {"sizes": [lo, hi], **parts, "each_relay": each}
     return out
 
 
@@ -409,106 +438,142 @@ def split_table(split: Json) -> str:
     lo, hi = next(iter(split.values()))["sizes"]
     out = [f"**Server-side CPU per message = fixed + per frame x N** (µs; solved from the"
            f" medians at N = {lo:,} and N = {hi:,})", "",
-           "| setup | fixed per message | per delivered frame | of which relays: fixed, per"
-           " frame | of which Redis: fixed, per frame |", "|---|---|---|---|---|"]
+           "| setup | fixed per message | per delivered frame | relays: fixed, per frame |"
+           " Redis: fixed, per frame | each relay alone: fixed, per frame of its own |",
+           "|---|---|---|---|---|---|"]
+
+    def pair(p: Json | None) -> str:
+        return "-" if p is None else f"{p['fixed_us']:.0f}, {p['per_frame_us']:.2f}"
+
     for setup, parts in split.items():
         total = parts.get("cpu_us_per_frame")
-        relay = parts.get("relay_us_per_frame")
-        redis = parts.get("redis_us_per_frame")
-
-        def pair(p: Json | None) -> str:
-            return "-" if p is None else f"{p['fixed_us']:.0f}, {p['per_frame_us']:.2f}"
-
+        each = "; ".join(f"{'first (takes the sends)' if i == 0 else 'second (follows)'}:"
+                         f" {pair(p)}" for i, p in enumerate(parts.get("each_relay") or []))
         out.append(f"| {LABELS[setup]} | {_fmt(total['fixed_us']) if total else '-'} |"
-                   f" {_fmt(total['per_frame_us']) if total else '-'} | {pair(relay)} |"
-                   f" {pair(redis)} |")
+                   f" {_fmt(total['per_frame_us']) if total else '-'} |"
+                   f" {pair(parts.get('relay_us_per_frame'))} |"
+                   f" {pair(parts.get('redis_us_per_frame'))} | {each or '-'} |")
     return "\n".join(out)
 
 
 # --- the capacity plan ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """CPU (µs) a message costs, from the measured splits."""
+
+    publisher_us: float  # the relay that takes a send: store, script call, its own follow
+    follower_us: float  # each further relay with watchers of the chat: receive, decode, frame
+    frame_us: float  # each delivered frame
+    redis_us: float  # Redis, per message, with one subscribed relay
+    redis_follower_us: float  # Redis, per further subscribed relay
+    calls_per_msg: float  # calls the relays make, per message
+    commands_per_msg: float  # commands Redis runs, per message (the script's own included)
+    bytes_per_event: float  # Redis memory per event kept in a Stream
+
+
+def cost_model(summary: Json, split: Json, plan: Plan) -> CostModel | None:
+    if not all(s in split for s in ("redis1", "redis2")):
+        return None
+    big = str(max(plan.sizes))
+    relay1 = split["redis1"].get("relay_us_per_frame")
+    each = split["redis2"].get("each_relay") or []
+    if relay1 is None or len(each) < 2:
+        return None
+    redis1 = summary[big]["redis_cpu_us_per_send"]["redis1"]["median"] or 0.0
+    redis2 = summary[big]["redis_cpu_us_per_send"]["redis2"]["median"] or 0.0
+    return CostModel(
+        publisher_us=relay1["fixed_us"], follower_us=max(0.0, each[1]["fixed_us"]),
+        frame_us=relay1["per_frame_us"], redis_us=redis1,
+        redis_follower_us=max(0.0, redis2 - redis1),
+        calls_per_msg=summary[big]["client_calls_per_send"]["redis1"]["median"] or 1.0,
+        commands_per_msg=summary[big]["commands_per_send"]["redis1"]["median"] or 0.0,
+        bytes_per_event=summary[big]["redis_bytes_per_event"]["redis1"]["median"] or 0.0)
+
+
 def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
     """The capacity plan of docs/scaling.md, computed from this run's figures, arithmetic
     shown."""
-    if "redis2" not in split or "redis1" not in split or "inproc" not in split:
-        return "(the capacity plan needs N = two sizes and all three setups)"
-    big = str(max(plan.sizes))
-    r1, r2 = split["redis1"], split["redis2"]
-    relay1 = r1["relay_us_per_frame"]
-    # What each more relay process that follows a chat adds per message: from 1 to 2 relays.
-    extra_per_process = max(0.0, r2["relay_us_per_frame"]["fixed_us"]
-                            - relay1["fixed_us"])
-    publisher_fixed = relay1["fixed_us"]
-    per_frame = relay1["per_frame_us"]
-    redis_send = summary[big]["redis_cpu_us_per_send"]["redis1"]["median"]
-    redis_send2 = summary[big]["redis_cpu_us_per_send"]["redis2"]["median"]
-    redis_extra = max(0.0, (redis_send2 or 0) - (redis_send or 0))
-    calls_per_send = summary[big]["client_calls_per_send"]["redis1"]["median"] or 1.0
-    commands_per_send = summary[big]["commands_per_send"]["redis1"]["median"] or 0.0
+    m = cost_model(summary, split, plan)
+    if m is None:
+        return "(the capacity plan needs two sizes of N and both Redis setups)"
+    big = int(max(plan.sizes))
     lines = [
-        "**Inputs, from the run above** (µs of CPU; \"fixed\" is paid once per message by each"
-        " process that does it):",
+        "**Inputs, from the run above** (µs of CPU per message; \"fixed\" parts from the"
+        " split):",
         "",
-        f"- the relay that takes a `send` (stores it, calls the script, receives it back):"
-        f" {publisher_fixed:.0f} µs per message (redis x1, fixed);",
-        f"- each further relay process with subscribers of the chat: {extra_per_process:.0f} µs"
-        " per message (redis x2 fixed less redis x1 fixed: pub/sub receive, decode, frame);",
-        f"- each delivered frame: {per_frame:.2f} µs (redis x1, per frame);",
-        f"- Redis: {redis_send:.1f} µs per message with one subscribed relay,"
-        f" +{redis_extra:.1f} µs per further subscribed relay (N = {int(big):,});",
-        f"- Redis calls from the relays: {calls_per_send:.2f} per message (1/batch EVALSHA"
-        f" + the rest); {commands_per_send:.1f} commands per message counting the script's own"
-        " (XADD, HGET, HSET, PEXPIRE, SET, PUBLISH, TIME);",
-        f"- memory: {CONN_KIB} KiB per idle subscribed connection (docs/performance.md), about"
-        f" {PROCESS_MIB:.0f} MiB per relay process before any client;",
-        f"- a relay process is planned at {CORE_BUDGET:.0%} of a core (headroom for bursts,"
-        " reconnect storms, TLS, the garbage collector).",
+        f"- the relay that takes a `send` (stores it, runs the script, gets it back over pub/sub,"
+        f" frames it once): **{m.publisher_us:.0f} µs** (redis x1, relays' fixed part);",
+        f"- each further relay with watchers of that chat (pub/sub receive, decode, frame once):"
+        f" **{m.follower_us:.0f} µs** (redis x2, the second relay's fixed part);",
+        f"- each delivered frame: **{m.frame_us:.2f} µs** (redis x1, relays' per-frame part);",
+        f"- Redis: **{m.redis_us:.0f} µs** per message with one subscribed relay, and"
+        f" **+{m.redis_follower_us:.0f} µs** per further subscribed relay (redis x2 less redis"
+        f" x1, N = {big:,});",
+        f"- Redis calls from the relays: **{m.calls_per_msg:.2f}** per message (one EVALSHA per"
+        " batch, and a batch held one event here, plus the health checks);"
+        f" **{m.commands_per_msg:.0f}** commands per message counting the script's own;",
+        f"- Redis memory: **{m.bytes_per_event:.0f} bytes** per event kept in a Stream (its"
+        f" growth over the window / messages, redis x1, N = {big:,}); each chat keeps"
+        f" {REPLAY_EVENTS:,} events at most, for {REPLAY_SECONDS:.0f} s at most;",
+        f"- memory: **{CONN_KIB} KiB** per idle subscribed connection (docs/performance.md,"
+        f" 5,000 connections) and about **{PROCESS_MIB:.0f} MiB** per relay process before"
+        " any client;",
+        f"- a relay process is planned at **{CORE_BUDGET:.0%} of a core**: headroom for bursts,"
+        " reconnect storms (every client of a failed relay comes back at once), TLS and the"
+        " garbage collector.",
         "",
-        f"**Workload**: every client watches one chat of {WATCHERS} watchers, and receives on"
-        f" average r pushes per second; messages per second = clients x r / {WATCHERS}. The"
-        " load balancer spreads clients without regard to chats, so a chat's watchers sit on"
-        f" min({WATCHERS}, P) different processes, each of which receives every message of it.",
+        f"**Workload.** Every client watches one chat with {WATCHERS} watchers and receives r"
+        f" pushes per second on average: messages/s = clients x r / {WATCHERS}, frames/s ="
+        " clients x r. The load balancer spreads clients without regard to chats, so a chat's"
+        f" watchers sit on S = min({WATCHERS}, P) relays, each of which receives every message"
+        " of that chat from Redis. Per message: relays' CPU = publisher + (S - 1) x follower"
+        f" + {WATCHERS} x frame; Redis's CPU = Redis + (S - 1) x Redis per further relay;"
+        " Redis pub/sub deliveries = S.",
         "",
-        "| clients | r (pushes/s each) | messages/s | frames/s | relay CPU (cores) |"
-        " relay processes P | memory | Redis calls/s | Redis commands/s | pub/sub deliveries/s"
-        " | Redis CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | r | messages/s | frames/s | relay CPU (cores) | relay processes P |"
+        " memory (relays) | Redis calls/s | Redis commands/s | pub/sub deliveries/s |"
+        " Redis CPU (cores) | Redis memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for clients in CLIENTS:
         for rate in PUSH_RATES:
             msgs = clients * rate / WATCHERS
             frames = clients * rate
-            # P depends on the CPU, which depends on how many processes see each message.
             procs = 1
-            for _ in range(20):
+            for _ in range(50):  # S depends on P, P on the CPU S costs: a fixed point
                 spread = min(WATCHERS, procs)
-                cpu_us = msgs * (publisher_fixed + (spread - 1) * extra_per_process) \
-                    + frames * per_frame
-                need = max(1, int(-(-cpu_us / 1e6 // CORE_BUDGET)))
-                if need == procs:
+                cpu_us = msgs * (m.publisher_us + (spread - 1) * m.follower_us) \
+                    + frames * m.frame_us
+                need = max(1, math.ceil(cpu_us / 1e6 / CORE_BUDGET))
+                if need <= procs:
                     break
                 procs = need
             spread = min(WATCHERS, procs)
             cores = cpu_us / 1e6
             mem_gib = (clients * CONN_KIB / 1024 + procs * PROCESS_MIB) / 1024
-            calls = msgs * calls_per_send
-            commands = msgs * commands_per_send
-            deliveries = msgs * spread
-            redis_cores = msgs * ((redis_send or 0) + (spread - 1) * redis_extra) / 1e6
+            redis_cores = msgs * (m.redis_us + (spread - 1) * m.redis_follower_us) / 1e6
+            chats = clients / WATCHERS
+            kept = min(REPLAY_EVENTS, rate * REPLAY_SECONDS)  # a chat has r messages/s
+            redis_mib = chats * kept * m.bytes_per_event / 2**20
             lines.append(
                 f"| {clients:,} | {rate:g} | {msgs:,.0f} | {frames:,.0f} | {cores:.1f} |"
-                f" {procs} | {mem_gib:.1f} GiB | {calls:,.0f} | {commands:,.0f} |"
-                f" {deliveries:,.0f} | {redis_cores:.2f} |")
+                f" {procs} | {mem_gib:.1f} GiB | {msgs * m.calls_per_msg:,.0f} |"
+                f" {msgs * m.commands_per_msg:,.0f} | {msgs * spread:,.0f} |"
+                f" {redis_cores:.2f} | {redis_mib:,.0f} MiB |")
             notes.append(
-                f"- {clients:,} clients at r = {rate:g}: {msgs:,.0f} msg/s x ({publisher_fixed:.0f}"
-                f" + {spread - 1} x {extra_per_process:.0f}) µs + {frames:,.0f} frames/s x"
-                f" {per_frame:.2f} µs = {cores:.2f} cores → P = {cores:.2f} /"
-                f" {CORE_BUDGET} → {procs}; memory {clients:,} x {CONN_KIB} KiB + {procs} x"
-                f" {PROCESS_MIB:.0f} MiB = {mem_gib:.1f} GiB; Redis {msgs:,.0f} x"
-                f" ({redis_send:.1f} + {spread - 1} x {redis_extra:.1f}) µs ="
-                f" {redis_cores:.2f} cores.")
+                f"- {clients:,} clients, r = {rate:g}: {msgs:,.0f} msg/s x ({m.publisher_us:.0f}"
+                f" + {spread - 1} x {m.follower_us:.0f}) µs + {frames:,.0f} frames/s x"
+                f" {m.frame_us:.2f} µs = {cores:.2f} cores; / {CORE_BUDGET} = P = {procs}"
+                f" (so S = {spread}). Memory: {clients:,} x {CONN_KIB} KiB + {procs} x"
+                f" {PROCESS_MIB:.0f} MiB = {mem_gib:.1f} GiB. Redis: {msgs:,.0f} x"
+                f" ({m.redis_us:.0f} + {spread - 1} x {m.redis_follower_us:.0f}) µs ="
+                f" {redis_cores:.2f} cores; {msgs:,.0f} x {m.calls_per_msg:.2f} calls,"
+                f" {msgs:,.0f} x {m.commands_per_msg:.0f} commands, {msgs:,.0f} x {spread}"
+                f" deliveries; memory {chats:,.0f} chats x {kept:g} events x"
+                f" {m.bytes_per_event:.0f} bytes = {redis_mib:,.0f} MiB.")
     return "\n".join([*lines, "", "The arithmetic, row by row:", "", *notes])
 
 
@@ -548,7 +613,7 @@ def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
         json_path.write_text(json.dumps({"ok": not problems, "meta": meta,
                                          "problems": problems, "runs": runs}, indent=1) + "\n")
     summary = summarize(runs, plan)
-    split = split_costs(summary, plan)
+    split = split_costs(summary, plan, runs)
     plan_text = capacity_plan(summary, split, plan)
     command = shlex.join(["python", "bench/scaleout.py", *meta["argv"]])
     violations = sum(int(r["result"].get("violationCount") or 0) for r in runs)
@@ -629,6 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--write-docs takes the full run's figures, not --quick's")
         fields: Json = {k: tuple(v) if isinstance(v, list) else v
                         for k, v in earlier["meta"]["plan"].items()}
+        for run in earlier["runs"]:  # from the raw results, as this version computes them
+            run["figures"] = figures(run["result"])
         return write_outputs(earlier["runs"], earlier["meta"], Plan(**fields),
                              earlier["problems"], args, args.json)
 
