@@ -382,8 +382,29 @@ def split_costs(summary: Json, plan: Plan, runs: list[Json]) -> Json:
                 continue
             per_frame = (b * hi - a * lo) / (hi - lo)
             parts[key] = {"fixed_us": a * lo - per_frame * lo, "per_frame_us": per_frame}
-        out[setup] = {"sizes": [lo, hi], **parts, "each_relay": each}
+        out[setup] = {"sizes": [lo, hi], **parts, "each_relay": each,
+                      "redis_fit": _redis_fit(runs, setup)}
     return out
+
+
+def _redis_fit(runs: list[Json], setup: str) -> Json | None:
+    """Redis's CPU does not depend on N, only on the message rate, and Redis spends some CPU
+    with nothing to do (its timers, the relays' health checks): a least-squares line through
+    every measurement of the setup, Redis's CPU seconds per second = idle + per message x
+    messages per second."""
+    points = [(f["sends_per_s"], f["redis_cpu_us_per_send"] * f["sends_per_s"] / 1e6)
+              for f in (r["figures"] for r in runs if r["setup"] == setup)
+              if f.get("redis_cpu_us_per_send") is not None and f.get("sends_per_s")]
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return {"us_per_msg": slope * 1e6, "idle_share": mean_y - slope * mean_x,
+            "points": len(points)}
 
 
 def _fmt(value: float | None, key: str = "") -> str:
@@ -453,6 +474,13 @@ def split_table(split: Json) -> str:
                    f" {_fmt(total['per_frame_us']) if total else '-'} |"
                    f" {pair(parts.get('relay_us_per_frame'))} |"
                    f" {pair(parts.get('redis_us_per_frame'))} | {each or '-'} |")
+    fits = [(setup, parts["redis_fit"]) for setup, parts in split.items()
+            if parts.get("redis_fit")]
+    if fits:
+        out += ["", "Redis's CPU against the message rate (a line through every measurement):"
+                + ";".join(f" {LABELS[setup]}: {fit['idle_share']:.1%} of a core idle +"
+                           f" {fit['us_per_msg']:.0f} µs per message" for setup, fit in fits)
+                + "."]
     return "\n".join(out)
 
 
@@ -481,8 +509,10 @@ def cost_model(summary: Json, split: Json, plan: Plan) -> CostModel | None:
     each = split["redis2"].get("each_relay") or []
     if relay1 is None or len(each) < 2:
         return None
-    redis1 = summary[big]["redis_cpu_us_per_send"]["redis1"]["median"] or 0.0
-    redis2 = summary[big]["redis_cpu_us_per_send"]["redis2"]["median"] or 0.0
+    fit1, fit2 = split["redis1"].get("redis_fit"), split["redis2"].get("redis_fit")
+    if fit1 is None or fit2 is None:
+        return None
+    redis1, redis2 = fit1["us_per_msg"], fit2["us_per_msg"]
     return CostModel(
         publisher_us=relay1["fixed_us"], follower_us=max(0.0, each[1]["fixed_us"]),
         frame_us=relay1["per_frame_us"], redis_us=redis1,
@@ -510,7 +540,9 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
         f"- each delivered frame: **{m.frame_us:.2f} µs** (redis x1, relays' per-frame part);",
         f"- Redis: **{m.redis_us:.0f} µs** per message with one subscribed relay, and"
         f" **+{m.redis_follower_us:.0f} µs** per further subscribed relay (redis x2 less redis"
-        f" x1, N = {big:,});",
+        " x1; each the slope of Redis's CPU against the message rate over every measurement of"
+        f" the setup: Redis spends {split['redis1']['redis_fit']['idle_share']:.1%} of a core"
+        " with nothing to do);",
         f"- Redis calls from the relays: **{m.calls_per_msg:.2f}** per message (one EVALSHA per"
         " batch, and a batch held one event here, plus the health checks);"
         f" **{m.commands_per_msg:.0f}** commands per message counting the script's own;",
@@ -580,7 +612,8 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
 # --- output -----------------------------------------------------------------------------------
 
 
-def doc_section(summary: Json, split: Json, plan: Plan, meta: Json, command: str) -> str:
+def doc_section(summary: Json, split: Json, plan: Plan, meta: Json, command: str,
+                plan_text: str) -> str:
     m = meta["machine"]
     return "\n".join([
         BEGIN_MARK, "",
@@ -594,6 +627,8 @@ def doc_section(summary: Json, split: Json, plan: Plan, meta: Json, command: str
         " Redis share the first core, the load generator has the other.", "",
         tables(summary, plan), "",
         split_table(split), "",
+        "### The capacity plan, computed from these figures", "",
+        plan_text, "",
         END_MARK,
     ])
 
@@ -622,7 +657,7 @@ def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=1) + "\n")
     if args.write_docs:
-        write_docs(doc_section(summary, split, plan, meta, command))
+        write_docs(doc_section(summary, split, plan, meta, command, plan_text))
     print(f"command: {command}")
     print(f"relay: {meta['relay_source']}; uptime before: {meta['uptime']}")
     print()
