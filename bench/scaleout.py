@@ -85,8 +85,8 @@ CONTENDED_SHARE = 0.15
 
 #: What an idle subscribed connection costs a relay process (docs/performance.md, K = 5,000).
 CONN_KIB = 13.7
-#: What a relay process costs before any client (RSS of `trio-relay serve`, about).
-PROCESS_MIB = 45.0
+#: What a relay process costs before any client, when a run did not measure it (MiB).
+PROCESS_MIB = 55.0
 #: The capacity plan's workload: each connected client watches one chat of WATCHERS clients
 #: and receives PUSH_RATE pushes per second on average.
 WATCHERS = 10
@@ -217,6 +217,7 @@ def measure(node: str, setup: str, n: int, plan: Plan, cpus: tuple[set[int] | No
                     failed = failed or exc
             if failed is not None:
                 raise failed
+        idle_kib = [_rss_kib(r.process.pid) for r in relays]
         spec = plan.spec(n)
         spec["urls"] = [r.url for r in relays]
         spec["serverPids"] = [r.process.pid for r in relays] + (
@@ -225,6 +226,7 @@ def measure(node: str, setup: str, n: int, plan: Plan, cpus: tuple[set[int] | No
             spec["redisPort"] = redis.port
         result = run_loadgen(node, relays[0], spec, pin_loadgen, quiet)
         result["relayPids"] = [r.process.pid for r in relays]
+        result["relayIdleRssKiB"] = idle_kib
         result["redisPid"] = redis.process.pid if redis else None
     finally:
         for relay in relays:
@@ -238,6 +240,17 @@ def measure(node: str, setup: str, n: int, plan: Plan, cpus: tuple[set[int] | No
         problems.append(f"{result['violationCount']} violations of exactly-once, in-order"
                         f" delivery: {result['violations']}")
     return result, problems
+
+
+def _rss_kib(pid: int) -> int | None:
+    """VmRSS of a process, in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def figures(result: Json) -> Json:
@@ -268,6 +281,8 @@ def figures(result: Json) -> Json:
         "server_cpu_share": send.get("serverCpuShare"),
         "loadgen_share": send.get("loadgenCpuShare"),
         "other_share": send.get("otherCpuShare"), "held_back": send.get("heldBack"),
+        "idle_rss_mib": statistics.fmean(kib) / 1024
+        if (kib := [k for k in result.get("relayIdleRssKiB") or [] if k]) else None,
     }
     if redis_info:
         commands = redis_info["commands"]
@@ -317,6 +332,7 @@ ROWS: list[tuple[str, str]] = [
     ("lua_us_per_event", "publish script, Redis time per event (µs)"),
     ("redis_cpu_us_per_send", "Redis CPU per message (µs)"),
     ("redis_bytes_per_event", "Redis memory per kept event (bytes)"),
+    ("idle_rss_mib", "relay process RSS before any client (MiB)"),
 ]
 RATIO_KEYS = {"cpu_us_per_frame", "p50_ms", "p99_ms", "sends_per_s"}
 PERCENT = {"server_cpu_share", "loadgen_share"}
@@ -499,27 +515,30 @@ class CostModel:
     calls_per_msg: float  # calls the relays make, per message
     commands_per_msg: float  # commands Redis runs, per message (the script's own included)
     bytes_per_event: float  # Redis memory per event kept in a Stream
+    process_mib: float  # a relay process before any client
 
 
 def cost_model(summary: Json, split: Json, plan: Plan) -> CostModel | None:
     if not all(s in split for s in ("redis1", "redis2")):
         return None
     big = str(max(plan.sizes))
-    relay1 = split["redis1"].get("relay_us_per_frame")
+    relays = split["redis2"].get("relay_us_per_frame")
     each = split["redis2"].get("each_relay") or []
-    if relay1 is None or len(each) < 2:
+    if relays is None or len(each) < 2:
         return None
     fit1, fit2 = split["redis1"].get("redis_fit"), split["redis2"].get("redis_fit")
     if fit1 is None or fit2 is None:
         return None
     redis1, redis2 = fit1["us_per_msg"], fit2["us_per_msg"]
+    rss = summary[big]["idle_rss_mib"]["redis2"]["median"]
     return CostModel(
-        publisher_us=relay1["fixed_us"], follower_us=max(0.0, each[1]["fixed_us"]),
-        frame_us=relay1["per_frame_us"], redis_us=redis1,
+        publisher_us=each[0]["fixed_us"], follower_us=max(0.0, each[1]["fixed_us"]),
+        frame_us=relays["per_frame_us"], redis_us=redis1,
         redis_follower_us=max(0.0, redis2 - redis1),
         calls_per_msg=summary[big]["client_calls_per_send"]["redis1"]["median"] or 1.0,
         commands_per_msg=summary[big]["commands_per_send"]["redis1"]["median"] or 0.0,
-        bytes_per_event=summary[big]["redis_bytes_per_event"]["redis1"]["median"] or 0.0)
+        bytes_per_event=summary[big]["redis_bytes_per_event"]["redis1"]["median"] or 0.0,
+        process_mib=rss if rss is not None else PROCESS_MIB)
 
 
 def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
@@ -533,11 +552,13 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
         "**Inputs, from the run above** (µs of CPU per message; \"fixed\" parts from the"
         " split):",
         "",
-        f"- the relay that takes a `send` (stores it, runs the script, gets it back over pub/sub,"
-        f" frames it once): **{m.publisher_us:.0f} µs** (redis x1, relays' fixed part);",
+        f"- the relay that takes a `send` (stores it, runs the script, answers, gets it back"
+        f" over pub/sub, frames it once): **{m.publisher_us:.0f} µs** (redis x2, the first"
+        " relay's fixed part);",
         f"- each further relay with watchers of that chat (pub/sub receive, decode, frame once):"
         f" **{m.follower_us:.0f} µs** (redis x2, the second relay's fixed part);",
-        f"- each delivered frame: **{m.frame_us:.2f} µs** (redis x1, relays' per-frame part);",
+        f"- each delivered frame: **{m.frame_us:.2f} µs** (redis x2, the relays' per-frame"
+        " part);",
         f"- Redis: **{m.redis_us:.0f} µs** per message with one subscribed relay, and"
         f" **+{m.redis_follower_us:.0f} µs** per further subscribed relay (redis x2 less redis"
         " x1; each the slope of Redis's CPU against the message rate over every measurement of"
@@ -550,8 +571,8 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
         f" growth over the window / messages, redis x1, N = {big:,}); each chat keeps"
         f" {REPLAY_EVENTS:,} events at most, for {REPLAY_SECONDS:.0f} s at most;",
         f"- memory: **{CONN_KIB} KiB** per idle subscribed connection (docs/performance.md,"
-        f" 5,000 connections) and about **{PROCESS_MIB:.0f} MiB** per relay process before"
-        " any client;",
+        f" 5,000 connections) and **{m.process_mib:.0f} MiB** per relay process before any"
+        " client (its RSS with the Redis bus, measured above);",
         f"- a relay process is planned at **{CORE_BUDGET:.0%} of a core**: headroom for bursts,"
         " reconnect storms (every client of a failed relay comes back at once), TLS and the"
         " garbage collector.",
@@ -585,7 +606,7 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
                 procs = need
             spread = min(WATCHERS, procs)
             cores = cpu_us / 1e6
-            mem_gib = (clients * CONN_KIB / 1024 + procs * PROCESS_MIB) / 1024
+            mem_gib = (clients * CONN_KIB / 1024 + procs * m.process_mib) / 1024
             redis_cores = msgs * (m.redis_us + (spread - 1) * m.redis_follower_us) / 1e6
             chats = clients / WATCHERS
             kept = min(REPLAY_EVENTS, rate * REPLAY_SECONDS)  # a chat has r messages/s
@@ -600,12 +621,28 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
                 f" + {spread - 1} x {m.follower_us:.0f}) µs + {frames:,.0f} frames/s x"
                 f" {m.frame_us:.2f} µs = {cores:.2f} cores; / {CORE_BUDGET} = P = {procs}"
                 f" (so S = {spread}). Memory: {clients:,} x {CONN_KIB} KiB + {procs} x"
-                f" {PROCESS_MIB:.0f} MiB = {mem_gib:.1f} GiB. Redis: {msgs:,.0f} x"
+                f" {m.process_mib:.0f} MiB = {mem_gib:.1f} GiB. Redis: {msgs:,.0f} x"
                 f" ({m.redis_us:.0f} + {spread - 1} x {m.redis_follower_us:.0f}) µs ="
                 f" {redis_cores:.2f} cores; {msgs:,.0f} x {m.calls_per_msg:.2f} calls,"
                 f" {msgs:,.0f} x {m.commands_per_msg:.0f} commands, {msgs:,.0f} x {spread}"
                 f" deliveries; memory {chats:,.0f} chats x {kept:g} events x"
                 f" {m.bytes_per_event:.0f} bytes = {redis_mib:,.0f} MiB.")
+    # Redis is one thread: the message rate at which it needs a whole core. At thousands of
+    # messages/s P is far above the watchers per chat, so each message goes to S = WATCHERS.
+    full = WATCHERS
+    per_msg = m.redis_us + (full - 1) * m.redis_follower_us
+    limit = 1e6 / per_msg
+    notes += [
+        "",
+        f"**What gives out first: Redis.** It runs every script and every pub/sub delivery on"
+        f" one thread. At thousands of messages/s P is far above {WATCHERS}, so every message"
+        f" goes to S = {full} relays, and Redis spends {m.redis_us:.0f} +"
+        f" {full - 1} x {m.redis_follower_us:.0f} = {per_msg:.0f} µs per message, so one"
+        f" core carries at most 1,000,000 / {per_msg:.0f} = **{limit:,.0f} messages/s**:"
+        f" {limit * WATCHERS / 1:,.0f} clients at r = 1, {limit * WATCHERS / 0.1:,.0f} at r ="
+        " 0.1. The relays grow by adding processes (their CPU per message does not depend on"
+        " P once S reaches the watchers per chat), and memory stays small beside CPU.",
+    ]
     return "\n".join([*lines, "", "The arithmetic, row by row:", "", *notes])
 
 
