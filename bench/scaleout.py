@@ -120,7 +120,7 @@ class Plan:
         }
 
 
-FULL = Plan(rounds=3, sizes=(100, 1000), setups=SETUPS, send_seconds=4.0,
+FULL = Plan(rounds=3, sizes=(10, 100, 1000), setups=SETUPS, send_seconds=4.0,
             warmup_frames=20000, seed_sends=5, max_undelivered=64)
 QUICK = Plan(rounds=1, sizes=(4,), setups=SETUPS, send_seconds=0.5, warmup_frames=20,
              seed_sends=2, max_undelivered=64)
@@ -372,33 +372,53 @@ def _median_at(runs: list[Json], n: int, setup: str, index: int) -> float | None
     return statistics.median(values) if values else None
 
 
+def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares y = c + d x through the points: (c, d)."""
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return None
+    d = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return mean_y - d * mean_x, d
+
+
+def _split(points: list[tuple[float, float]]) -> Json | None:
+    """From (frames per message, CPU µs per message): fixed + per_frame x frames, fitted as
+    CPU per frame = per_frame + fixed / frames, so that the smallest N, where the part per
+    message shows, sets ``fixed`` and the largest sets ``per_frame``."""
+    fit = _line([(1 / frames, cost / frames) for frames, cost in points if frames > 0])
+    if fit is None:
+        return None
+    per_frame, fixed = fit
+    return {"fixed_us": fixed, "per_frame_us": per_frame}
+
+
 def split_costs(summary: Json, plan: Plan, runs: list[Json]) -> Json:
-    """Per setup: server-side CPU per message = fixed + per_frame x N, from the two largest
-    sizes (µs); also for the relays and Redis alone, and for each relay of several alone (it
-    delivers N / relays frames of each message)."""
+    """Per setup: server-side CPU per message = fixed + per_frame x N, through the medians
+    at every size (µs); also for the relays and Redis alone, and for each relay of several
+    alone (it delivers N / relays frames of each message)."""
     sizes = sorted(plan.sizes)
     if len(sizes) < 2:
         return {}
-    lo, hi = sizes[-2], sizes[-1]
     out: Json = {}
     for setup in plan.setups:
         each: list[Json] = []
         count = RELAYS[setup]
         for index in range(count if count > 1 else 0):
-            a, b = _median_at(runs, lo, setup, index), _median_at(runs, hi, setup, index)
-            if a is None or b is None:
-                continue
-            per_frame = (b - a) / ((hi - lo) / count)
-            each.append({"fixed_us": a - per_frame * lo / count, "per_frame_us": per_frame})
+            points = [(n / count, cost) for n in sizes
+                      if (cost := _median_at(runs, n, setup, index)) is not None]
+            if (fitted := _split(points)) is not None:
+                each.append(fitted)
         parts: Json = {}
         for key in ("cpu_us_per_frame", "relay_us_per_frame", "redis_us_per_frame"):
-            a = summary[str(lo)][key][setup]["median"]
-            b = summary[str(hi)][key][setup]["median"]
-            if a is None or b is None:
-                continue
-            per_frame = (b * hi - a * lo) / (hi - lo)
-            parts[key] = {"fixed_us": a * lo - per_frame * lo, "per_frame_us": per_frame}
-        out[setup] = {"sizes": [lo, hi], **parts, "each_relay": each,
+            points = [(n, cpf * n) for n in sizes
+                      if (cpf := summary[str(n)][key][setup]["median"]) is not None]
+            if (fitted := _split(points)) is not None:
+                parts[key] = fitted
+        out[setup] = {"sizes": sizes, **parts, "each_relay": each,
                       "redis_fit": _redis_fit(runs, setup)}
     return out
 
@@ -411,16 +431,11 @@ def _redis_fit(runs: list[Json], setup: str) -> Json | None:
     points = [(f["sends_per_s"], f["redis_cpu_us_per_send"] * f["sends_per_s"] / 1e6)
               for f in (r["figures"] for r in runs if r["setup"] == setup)
               if f.get("redis_cpu_us_per_send") is not None and f.get("sends_per_s")]
-    if len(points) < 2:
+    fit = _line(points)
+    if fit is None:
         return None
-    mean_x = statistics.fmean(x for x, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
-    if spread == 0:
-        return None
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
-    return {"us_per_msg": slope * 1e6, "idle_share": mean_y - slope * mean_x,
-            "points": len(points)}
+    idle, slope = fit
+    return {"us_per_msg": slope * 1e6, "idle_share": idle, "points": len(points)}
 
 
 def _fmt(value: float | None, key: str = "") -> str:
@@ -472,9 +487,10 @@ def tables(summary: Json, plan: Plan) -> str:
 def split_table(split: Json) -> str:
     if not split:
         return ""
-    lo, hi = next(iter(split.values()))["sizes"]
-    out = [f"**Server-side CPU per message = fixed + per frame x N** (µs; solved from the"
-           f" medians at N = {lo:,} and N = {hi:,})", "",
+    sizes = next(iter(split.values()))["sizes"]
+    out = [f"**Server-side CPU per message = fixed + per frame x N** (µs; a least-squares fit"
+           f" of CPU per frame = per frame + fixed / N through the medians at N ="
+           f" {', '.join(f'{n:,}' for n in sizes)})", "",
            "| setup | fixed per message | per delivered frame | relays: fixed, per frame |"
            " Redis: fixed, per frame | each relay alone: fixed, per frame of its own |",
            "|---|---|---|---|---|---|"]
