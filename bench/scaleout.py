@@ -1,7 +1,7 @@
 """Scale-out benchmark: the same fan-out in one relay process, and through Redis with one and
 two relay processes, in one run (docs/scaling.md).
 
-    python bench/scaleout.py                # N = 100 and 1,000, 3 rounds (about 3 minutes)
+    python bench/scaleout.py                # N = 10, 100, 1,000, 3 rounds (about 3 minutes)
     python bench/scaleout.py --write-docs   # the same, then rewrite docs/scaling.md's results
     python bench/scaleout.py --quick        # about 10 seconds: tiny scale, a smoke test
     python bench/scaleout.py --from-json bench/results/scaleout.json --write-docs
@@ -24,10 +24,10 @@ message, divided by sends x N), the same split into relays and Redis, p50 and p9
 receipt, and, from Redis's ``INFO`` at the edges of the window, its commands per second and
 per message, the events each ``EVALSHA`` of the publish script carried, and the script's time
 per event (``cmdstat_evalsha`` usec / ``cmdstat_xadd`` calls: the script appends each event to
-the Stream with one XADD). Ratios are against the in-process figure of the same round.
-Then, from the medians, each setup's cost split into a part per message and a part per
-delivered frame (two sizes of N give two equations), and the capacity plan of
-docs/scaling.md computed from them.
+the Stream with one XADD). Ratios are medians over the in-process median. Then, from the
+medians, each setup's cost split into a part per message and a part per delivered frame (a
+line through the sizes: the smallest N sets the first, the largest the second), and the
+capacity plan of docs/scaling.md computed from them.
 
 The relays and Redis are pinned to the first CPU, the load generator to the last, as in
 bench/fanout.py: the server side gets one core in every setup, so the figures compare costs,
@@ -120,7 +120,7 @@ class Plan:
         }
 
 
-FULL = Plan(rounds=3, sizes=(10, 100, 1000), setups=SETUPS, send_seconds=4.0,
+FULL = Plan(rounds=3, sizes=(10, 100, 1000), setups=SETUPS, send_seconds=3.0,
             warmup_frames=20000, seed_sends=5, max_undelivered=64)
 QUICK = Plan(rounds=1, sizes=(4,), setups=SETUPS, send_seconds=0.5, warmup_frames=20,
              seed_sends=2, max_undelivered=64)
@@ -562,7 +562,7 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
     shown."""
     m = cost_model(summary, split, plan)
     if m is None:
-        return "(the capacity plan needs two sizes of N and both Redis setups)"
+        return "(the capacity plan needs two sizes of N or more and both Redis setups)"
     big = int(max(plan.sizes))
     lines = [
         "**Inputs, from the run above** (µs of CPU per message; \"fixed\" parts from the"
@@ -763,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", help="subscriber counts, e.g. 100,1000")
     parser.add_argument("--setups", help="comma-separated subset of inproc,redis1,redis2")
     parser.add_argument("--seconds", type=float, help="seconds of sends per measurement"
-                        " (default 4)")
+                        " (default 3)")
     parser.add_argument("--json", type=Path, help="where to write the results (default"
                         " bench/results/scaleout.json; scaleout-quick.json with --quick)")
     parser.add_argument("--write-docs", action="store_true",
