@@ -331,7 +331,7 @@ ROWS: list[tuple[str, str]] = [
     ("events_per_evalsha", "events per EVALSHA (batch size)"),
     ("lua_us_per_event", "publish script, Redis time per event (µs)"),
     ("redis_cpu_us_per_send", "Redis CPU per message (µs)"),
-    ("redis_bytes_per_event", "Redis memory per kept event (bytes)"),
+    ("redis_bytes_per_event", "Redis memory growth per message (bytes; until the Stream's cap)"),
     ("idle_rss_mib", "relay process RSS before any client (MiB)"),
 ]
 RATIO_KEYS = {"cpu_us_per_frame", "p50_ms", "p99_ms", "sends_per_s"}
@@ -666,14 +666,19 @@ def capacity_plan(summary: Json, split: Json, plan: Plan) -> str:
 
 
 def doc_section(summary: Json, split: Json, plan: Plan, meta: Json, command: str,
-                plan_text: str) -> str:
+                plan_text: str, runs: list[Json]) -> str:
     m = meta["machine"]
+    others = sorted(r["figures"]["other_share"] for r in runs
+                    if r["figures"].get("other_share") is not None)
+    during = (f" During the measurements other processes used {others[0]:.0%} to"
+              f" {others[-1]:.0%} of a core (median {statistics.median(others):.0%});"
+              f" `uptime` after it: `{meta.get('uptime_after', 'unknown')}`." if others else "")
     return "\n".join([
         BEGIN_MARK, "",
         f"Run of {meta['started'][:16].replace('T', ' ')} UTC, {meta['seconds'] / 60:.1f}"
         f" minutes, bench at commit `{m['commit']}`; `uptime` before it started:"
         f" `{meta['uptime']}`; other processes kept {meta['busy_before'] * 100:.0f}% of a core"
-        " busy just before it:", "",
+        f" busy just before it.{during}", "",
         "```sh", command, "```", "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, Python {m['python']},"
         f" trio {m['trio']}, Redis {meta['redis_version']}, Node.js {m['node']}. The relays and"
@@ -710,7 +715,7 @@ def write_outputs(runs: list[Json], meta: Json, plan: Plan, problems: list[str],
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=1) + "\n")
     if args.write_docs:
-        write_docs(doc_section(summary, split, plan, meta, command, plan_text))
+        write_docs(doc_section(summary, split, plan, meta, command, plan_text, runs))
     print(f"command: {command}")
     print(f"relay: {meta['relay_source']}; uptime before: {meta['uptime']}")
     print()
