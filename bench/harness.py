@@ -207,7 +207,7 @@ class Server:
     """One server process, started for one measurement."""
 
     def __init__(self, kind: str, cpus: set[int] | None, relay_src: Path | None,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, data_dir: Path | None = None) -> None:
         self.kind = kind
         self._tmp = tempfile.TemporaryDirectory(prefix=f"bench-{kind}-")
         tmp = Path(self._tmp.name)
@@ -215,8 +215,9 @@ class Server:
         env = dict(os.environ)
         cwd = ROOT
         if kind == "relay":
+            # data_dir: one that several relays share (bench/scaleout.py); else its own.
             argv = [sys.executable, "-m", "trio_relay", "serve", "--config", str(RELAY_CONFIG),
-                    "--port", "0", "--data-dir", str(tmp / "data")]
+                    "--port", "0", "--data-dir", str(data_dir or tmp / "data")]
             # The config file says everything; nothing from this shell's environment.
             env = {k: v for k, v in env.items() if not k.startswith("TRIO_RELAY_")}
             env["TRIO_RELAY_PIN"] = PIN

@@ -14,8 +14,14 @@
 // message it sends, and each subscriber's receipt is timed against that stamp. CPU figures
 // come from /proc/<pid>/stat (the server, with its child processes) and process.cpuUsage()
 // (this process), both taken at the edges of each measured window.
+//
+// Several servers (bench/scaleout.py): `urls` spreads the subscribers over them in turn (the
+// control connection uses `url`), `serverPids` names every server process whose CPU counts
+// (per process in `serverCpuByPidS` too), and `redisPort` reads that Redis's INFO at the edges
+// of each window (its commands, its own CPU time).
 
 import fs from 'node:fs';
+import net from 'node:net';
 import { WebSocket } from 'ws';
 
 const spec = JSON.parse(process.argv[2] ?? '{}');
@@ -68,10 +74,12 @@ function processTree(pid) {
   return seen;
 }
 
-/** Seconds of CPU (user + system, all threads) used by the server and its children. */
-function serverCpuSeconds() {
+const SERVER_PIDS = spec.serverPids ?? [spec.serverPid];
+
+/** Seconds of CPU (user + system, all threads) used by one server and its children. */
+function treeCpuSeconds(root) {
   let ticks = 0;
-  for (const pid of processTree(spec.serverPid)) {
+  for (const pid of processTree(root)) {
     const stat = readProc(`/proc/${pid}/stat`);
     if (stat === null) continue;
     // Fields after the command name, which is in parentheses and may hold spaces: the
@@ -80,6 +88,78 @@ function serverCpuSeconds() {
     ticks += Number(fields[11]) + Number(fields[12]) + Number(fields[13]) + Number(fields[14]);
   }
   return ticks / spec.clkTck;
+}
+
+/** Seconds of CPU of each server process (with its children), by pid. */
+function serverCpuByPid() {
+  return Object.fromEntries(SERVER_PIDS.map((pid) => [pid, treeCpuSeconds(pid)]));
+}
+
+/** Seconds of CPU used by every server process and their children. */
+function serverCpuSeconds() {
+  return Object.values(serverCpuByPid()).reduce((a, b) => a + b, 0);
+}
+
+/** INFO stats, cpu, memory and commandstats of the Redis at spec.redisPort, parsed; null if none. */
+function redisInfo() {
+  if (!spec.redisPort) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const sock = net.createConnection({ host: '127.0.0.1', port: spec.redisPort });
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new Abort('Redis did not answer INFO within 10 s'));
+    }, 10000);
+    let buf = Buffer.alloc(0);
+    sock.on('connect', () => sock.write('INFO stats cpu memory commandstats\r\n'));
+    sock.on('data', (chunk) => {
+      buf = Buffer.concat([buf, chunk]);
+      const eol = buf.indexOf('\r\n');
+      if (eol < 0) return;
+      if (buf[0] !== 36 /* $ */) {
+        clearTimeout(timer);
+        sock.destroy();
+        reject(new Abort(`Redis answered INFO with ${buf.toString().slice(0, 200)}`));
+        return;
+      }
+      const length = Number(buf.subarray(1, eol).toString());
+      if (buf.length < eol + 2 + length) return;
+      clearTimeout(timer);
+      sock.destroy();
+      const info = { commands: {} };
+      for (const line of buf.subarray(eol + 2, eol + 2 + length).toString().split('\r\n')) {
+        const cmd = /^cmdstat_(\S+):calls=(\d+),usec=(\d+)/.exec(line);
+        if (cmd) {
+          info.commands[cmd[1]] = { calls: Number(cmd[2]), usec: Number(cmd[3]) };
+          continue;
+        }
+        const kv = /^(total_commands_processed|used_cpu_sys|used_cpu_user|used_memory):([\d.]+)$/.exec(line);
+        if (kv) info[kv[1]] = Number(kv[2]);
+      }
+      resolve(info);
+    });
+    sock.on('error', (err) => {
+      clearTimeout(timer);
+      reject(new Abort(`Redis INFO: ${err.message}`));
+    });
+  });
+}
+
+/** What Redis did between two INFOs: commands (calls, usec), its CPU seconds. */
+function redisDelta(before, after) {
+  if (before === null || after === null) return null;
+  const commands = {};
+  for (const [name, a] of Object.entries(after.commands)) {
+    const b = before.commands[name] ?? { calls: 0, usec: 0 };
+    if (a.calls > b.calls) commands[name] = { calls: a.calls - b.calls, usec: a.usec - b.usec };
+  }
+  return {
+    commands,
+    // Every command, those a script ran included, less the INFO that read this one.
+    commandsProcessed: after.total_commands_processed - before.total_commands_processed - 1,
+    cpuS: (after.used_cpu_sys + after.used_cpu_user) - (before.used_cpu_sys + before.used_cpu_user),
+    usedMemoryBytes: after.used_memory,
+    usedMemoryGrowthBytes: after.used_memory - before.used_memory,
+  };
 }
 
 /** The server's resident and proportional set sizes, in KiB (children included). */
@@ -117,12 +197,15 @@ function machineBusySeconds() {
 /** A measuring window: wall time, server CPU and this process's CPU between two points. */
 function startWindow() {
   return {
-    t: now(), server: serverCpuSeconds(), own: process.cpuUsage(), busy: machineBusySeconds(),
+    t: now(), server: serverCpuByPid(), own: process.cpuUsage(), busy: machineBusySeconds(),
   };
 }
 function endWindow(start) {
   const seconds = (now() - start.t) / 1e6;
-  const serverCpuS = serverCpuSeconds() - start.server;
+  const byPid = serverCpuByPid();
+  const serverCpuByPidS = Object.fromEntries(
+    Object.entries(byPid).map(([pid, s]) => [pid, s - (start.server[pid] ?? 0)]));
+  const serverCpuS = Object.values(serverCpuByPidS).reduce((a, b) => a + b, 0);
   const own = process.cpuUsage(start.own);
   const loadgenCpuS = (own.user + own.system) / 1e6;
   // Whatever else ran on the machine meanwhile (other processes, the kernel's own work).
@@ -130,6 +213,7 @@ function endWindow(start) {
   return {
     seconds,
     serverCpuS,
+    serverCpuByPidS,
     serverCpuShare: seconds > 0 ? serverCpuS / seconds : 0,
     loadgenCpuS,
     loadgenCpuShare: seconds > 0 ? loadgenCpuS / seconds : 0,
@@ -179,8 +263,8 @@ let samples = new Samples();
 let sendsAcked = 0;
 let sendsIssued = 0;
 
-function open() {
-  return new WebSocket(spec.url, {
+function open(url = spec.url) {
+  return new WebSocket(url, {
     perMessageDeflate: false,
     skipUTF8Validation: true,
     handshakeTimeout: 30000,
@@ -193,7 +277,7 @@ function connectSubscriber(index) {
   return new Promise((resolve, reject) => {
     const c = {
       // The messages sent before it subscribed are in its snapshot, not pushed.
-      index, ws: open(), expectSeq: -1, expectIndex: sendsIssued, subscribed: false,
+      index, ws: open(spec.urls ? spec.urls[index % spec.urls.length] : spec.url), expectSeq: -1, expectIndex: sendsIssued, subscribed: false,
       checkedFastPath: false,
     };
     clients.push(c);
@@ -550,9 +634,11 @@ async function run() {
   const phase = async (name, mode, count, more) => {
     samples = new Samples();
     const issuedBefore = sendsIssued;
+    const redisBefore = await redisInfo();
     const w = startWindow();
     const heldBack = await sendPhase(control, count, mode, more);
     const measured = endWindow(w);
+    const redis = redisDelta(redisBefore, await redisInfo());
     const sends = sendsIssued - issuedBefore;
     const frames = sends * count;
     return {
@@ -567,6 +653,7 @@ async function run() {
       serverCpuPerFrameUs: frames > 0 && measured.serverCpuS * spec.clkTck >= 5
         ? (measured.serverCpuS / frames) * 1e6 : null,
       latency: samples.summary(),
+      ...(redis === null ? {} : { redis }),
     };
   };
   const ackPaced = { ackPaced: true, maxUndelivered: spec.maxUndelivered ?? 64 };
