@@ -12,7 +12,7 @@ from _helpers import wait_until
 from _redis import RedisServer, redis_server
 from test_bus import agent_reply, open_nodes
 
-from trio_relay import CloseCode, RelayConfig
+from trio_relay import CloseCode, RedisBus, RelayConfig, ResourceKey
 
 __all__ = ["redis_server"]  # the fixture, for pytest
 
@@ -111,3 +111,22 @@ async def test_a_frozen_redis_refuses_sends_then_serves_again(
         await again.subscribe("chat", "welcome")
         await again.send_message("welcome", "back")
         assert (await again.next_push())["data"]["message"]["content"] == "back"
+
+
+async def test_a_send_is_answered_once_the_broker_numbered_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_nodes(tmp_path, redis_server.url, count=1, config=FAST) as (node,):
+        bus = node.relay.bus
+        assert isinstance(bus, RedisBus)
+        chat = ResourceKey("chat", "welcome")
+        start = await bus.head(chat)
+        await node.relay.send("welcome", "numbered before the answer")
+        # The answer alone says the message is on the bus (the agent's reply may still be
+        # queued), so a relay that died now would lose nothing of it.
+        published = bus.backlog  # read before any await: nothing else has run meanwhile
+        events = await bus.read(chat, start.epoch, start.seq, start.seq + 1)
+        assert events, "the message was not on the bus when send returned"
+        assert events[0].data["message"]["content"] == "numbered before the answer"
+        # What is still queued is the agent's answer, forwarded after the message.
+        assert published <= 1

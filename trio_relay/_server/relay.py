@@ -179,6 +179,13 @@ class Relay:
             await self._nonces.once(chat_id, nonce, send)
         else:
             await send()
+        if self.bus is not None:
+            # Answered once the broker has numbered the message (within broker_timeout: it
+            # is stored, and the bus publishes it when the broker answers again), so that an
+            # acknowledged message is on the bus even if this relay dies the next instant,
+            # and a client that waits for each answer does not run ahead of its pushes.
+            with trio.move_on_after(self.config.broker_timeout):
+                await self.bus.flush()
 
     # --- serving ----------------------------------------------------------------------------
 

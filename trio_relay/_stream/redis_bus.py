@@ -444,6 +444,10 @@ class RedisBus:
         self._work = trio.Event()  # forward() -> the drain task
         self._progress = trio.Event()  # the drain task -> flush()
         self._inflight = 0
+        # Changes forwarded, and of those published or dropped: `flush` waits on the second
+        # to reach what the first was when it was called.
+        self._forwarded = 0
+        self._settled = 0
         self._dropped = 0
         #: Resources whose queued changes were dropped: their next publish starts a new epoch.
         #: (How many were dropped: a drop during a publish that forces the new epoch
@@ -485,8 +489,10 @@ class RedisBus:
         # Encoded now: bad data fails its sender, never the batch it would be part of.
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         self._backlog.append((key, text.encode()))
+        self._forwarded += 1
         if len(self._backlog) > self._max_backlog:
             dropped, _ = self._backlog.popleft()
+            self._settled += 1
             self._broken[dropped] = self._broken.get(dropped, 0) + 1
             if not self._dropped:
                 self._log.warning(
@@ -559,9 +565,10 @@ class RedisBus:
     # --- for tests and a graceful exit ---------------------------------------------------
 
     async def flush(self) -> None:
-        """Wait until every change forwarded so far is published (or dropped, and its
-        resource's new epoch started)."""
-        while self._backlog or self._inflight or self._broken:
+        """Wait until every change forwarded before the call is published (or dropped); the
+        changes forwarded meanwhile do not hold it up."""
+        mark = self._forwarded
+        while self._settled < mark:
             self._progress = trio.Event()
             await self._progress.wait()
 
@@ -753,6 +760,7 @@ class RedisBus:
             if self._dropped:
                 self._log.warning("dropped {} changes while Redis was away", self._dropped)
                 self._dropped = 0
+            self._settled += self._inflight
             self._inflight = 0
             self._progress.set()
 
