@@ -45,7 +45,8 @@ CHAT = ResourceKey("chat", "welcome")
 
 @asynccontextmanager
 async def open_nodes(
-    data_dir: Path, bus: Bus | str, count: int = 2, config: RelayConfig | None = None
+    data_dir: Path, bus: Bus | str, count: int = 2, config: RelayConfig | None = None,
+    chunk_delay: float = 0.001,
 ) -> AsyncIterator[list[MemoryRelay]]:
     """``count`` relays sharing one data dir and one bus (a `Bus`, or a broker URL each
     connects to), as processes of a cluster would."""
@@ -53,7 +54,7 @@ async def open_nodes(
         nodes = []
         for _ in range(count):
             backend = await stack.enter_async_context(
-                open_sqlite_backend(data_dir, agent=EchoAgent(chunk_delay=0.001))
+                open_sqlite_backend(data_dir, agent=EchoAgent(chunk_delay=chunk_delay))
             )
             nodes.append(
                 await stack.enter_async_context(
@@ -194,6 +195,26 @@ async def test_a_client_resumes_on_another_node_with_what_it_missed(
             range(subscribed["seq"] + 1, subscribed["seq"] + 1 + len(sent))
         )
         assert missed[0]["data"]["message"]["content"] == "while you were away"
+
+
+async def test_a_reply_is_stopped_from_another_relay(tmp_path: Path) -> None:
+    bus = LocalBus()
+    async with open_nodes(tmp_path, bus, chunk_delay=0.2) as (a, b):
+        on_a = await a.connect(authenticate=True)
+        await on_a.subscribe("chat", "welcome")
+        await on_a.send_message("welcome", "a long answer to stop")
+        while (await on_a.next_push())["data"].get("type") != "chunk":
+            pass  # the answer is streaming, on relay a
+        on_b = await b.connect(authenticate=True)
+        reply = await on_b.request("cancel", resource="chat", resourceId="welcome")
+        # Not running on b: b says so, and asks every relay to stop it.
+        assert reply["data"] == {"cancelled": False}, reply
+        while (push := await on_a.next_push())["data"].get("type") != "cancelled":
+            pass
+        stored = await on_a.next_push()
+        assert stored["data"]["type"] == "message"
+        assert stored["data"]["message"]["content"].endswith("(stopped)")
+        assert stored["seq"] == push["seq"] + 1
 
 
 async def test_a_relay_restart_keeps_resume_working_on_the_bus(

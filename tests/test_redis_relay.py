@@ -130,3 +130,23 @@ async def test_a_send_is_answered_once_the_broker_numbered_it(
         assert events[0].data["message"]["content"] == "numbered before the answer"
         # What is still queued is the agent's answer, forwarded after the message.
         assert published <= 1
+
+
+async def test_a_reply_is_stopped_from_the_other_relay(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with open_nodes(tmp_path, redis_server.url, config=FAST, chunk_delay=0.2) as (a, b):
+        on_a = await a.connect(authenticate=True)
+        await on_a.subscribe("chat", "welcome")
+        await on_a.send_message("welcome", "a long answer to stop")
+        while (await on_a.next_push())["data"].get("type") != "chunk":
+            pass  # the answer is streaming, on relay a
+        on_b = await b.connect(authenticate=True)
+        await on_b.subscribe("chat", "welcome")
+        reply = await on_b.request("cancel", resource="chat", resourceId="welcome")
+        assert reply["data"] == {"cancelled": False}, reply
+        for client in (on_a, on_b):
+            while (await client.next_push())["data"].get("type") != "cancelled":
+                pass
+            stored = await client.next_push()
+            assert stored["data"]["message"]["content"].endswith("(stopped)")

@@ -93,6 +93,8 @@ class ConnectionContext:
     current_pin: Callable[[], str] = attrs.field(repr=False)
     #: Stores a sent message with its sender (passed only to backends that take one).
     send_message: Callable[[str, JSON, JSON, str | None], Awaitable[None]]
+    #: Stops the reply running in a chat (on whichever relay runs it, with a broker).
+    cancel_reply: Callable[[str], Awaitable[bool]]
     #: Why writes are refused right now (the broker is unreachable), or None.
     writes_refused: Callable[[], str | None] = lambda: None
 
@@ -314,7 +316,7 @@ class Connection:
             self.reply(DataReply(id=request.id, resource="chat",
                                  resource_id=request.resource_id, data={"sent": True}))
         elif isinstance(request, CancelRequest):
-            cancelled = await self._call(self.context.backend.cancel_reply, request.resource_id)
+            cancelled = await self._call(self.context.cancel_reply, request.resource_id)
             self.log.info("cancel in chat {}: {}", request.resource_id,
                           "stopped a reply" if cancelled else "nothing running")
             self.reply(DataReply(id=request.id, resource="chat",

@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 from loguru import logger
@@ -35,7 +35,7 @@ from .._errors import raise_single
 from .._store.backend import Backend
 from .._store.hub import ChangeHub
 from .._stream.broadcaster import SubscribeFailed
-from .._stream.bus import Bus
+from .._stream.bus import Bus, BusError
 from .._stream.registry import BroadcasterRegistry
 from .._wire.protocol import JSON, RESOURCES, ResourceKey
 from .connection import Connection, ConnectionContext
@@ -58,7 +58,10 @@ from .websocket import ServerWebSocket
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Relay", "open_broker", "open_relay"]
+__all__ = ["STOP_KEY", "Relay", "open_broker", "open_relay"]
+
+#: Where a relay with a broker asks the others to stop a reply it does not run itself.
+STOP_KEY: Final = ResourceKey("stop", "")
 
 
 class Relay:
@@ -101,7 +104,7 @@ class Relay:
             config=config, backend=backend, counters=self.counters, registry=self._registry,
             timers=self._timers, pin_guard=self.pin_guard, devices=self.devices,
             current_pin=lambda: self.pin, send_message=self._send_message,
-            writes_refused=self._writes_refused,
+            writes_refused=self._writes_refused, cancel_reply=self._cancel_reply,
         )
         self._edge = Edge(
             config, self.counters,
@@ -310,9 +313,40 @@ class Relay:
             await self._send_message(chat_id, message, {"name": sender}, nonce)
 
     async def cancel_reply(self, chat_id: str) -> bool:
-        """Stop the agent's reply running in a chat, as the host; True if one was running."""
+        """Stop the agent's reply running in a chat, as the host; True if one was running
+        here (with a broker, one running on another relay is stopped too)."""
         with trio.fail_after(self.config.backend_timeout):
-            return await self.backend.cancel_reply(chat_id)
+            return await self._cancel_reply(chat_id)
+
+    async def _cancel_reply(self, chat_id: str) -> bool:
+        cancelled = await self.backend.cancel_reply(chat_id)
+        if not cancelled and self.bus is not None:
+            # The reply may run on the relay that took its message: every relay hears the
+            # stop and stops it if it runs there; the chat's subscribers see `cancelled`.
+            self.bus.forward(STOP_KEY, {"chatId": chat_id})
+        return bool(cancelled)
+
+    async def _hear_stops(self, bus: Bus) -> None:
+        """Stop, here, the replies other relays were asked to stop (see `_cancel_reply`);
+        runs for the relay's lifetime, following the bus again after a failure."""
+        while True:
+            try:
+                async with bus.follow(STOP_KEY, await bus.head(STOP_KEY)) as stops:
+                    async for stop in stops:
+                        chat_id = stop.data.get("chatId") if isinstance(stop.data, dict) else None
+                        if isinstance(chat_id, str):
+                            await self._stop_here(chat_id)
+            except BusError as exc:
+                logger.debug("following stops on the bus: {}; again in a second", exc)
+            await trio.sleep(1.0)  # a bus that failed: retried at a steady, modest pace
+
+    async def _stop_here(self, chat_id: str) -> None:
+        try:
+            with trio.fail_after(self.config.backend_timeout):
+                if await self.backend.cancel_reply(chat_id):
+                    logger.info("stopped the reply in chat {} as another relay asked", chat_id)
+        except Exception as exc:  # an unknown chat, a backend failing: this stop only
+            logger.debug("could not stop a reply in chat {}: {!r}", chat_id, exc)
 
     async def create_chat(
         self, project_id: str, title: str | None = None, model_profile_id: str | None = None
@@ -506,6 +540,8 @@ async def _serve_relay(
             nursery.start_soon(relay._registry.forget_kept_histories,
                                name="forget kept histories")
             nursery.start_soon(relay._timers.run, name="auth deadlines and pings")
+            if bus is not None:
+                nursery.start_soon(relay._hear_stops, bus, name="stops from other relays")
             if relay.devices.watch_interval is not None:
                 nursery.start_soon(relay._watch_devices, relay.devices.watch_interval,
                                    name="device store")
