@@ -41,7 +41,7 @@ RECEIVE_SIZE: Final = 64 * 1024
 #: Close codes that mean the other side is gone (no closing handshake happened).
 _ABNORMAL: Final = 1006
 
-NonBlockingWrite = Callable[[memoryview], int]
+NonBlockingWrite = Callable[[bytes | memoryview], int]
 
 
 def nonblocking_writer(stream: trio.abc.Stream) -> NonBlockingWrite | None:
@@ -51,7 +51,7 @@ def nonblocking_writer(stream: trio.abc.Stream) -> NonBlockingWrite | None:
     if isinstance(stream, trio.SocketStream) and os.name == "posix":
         fd = stream.socket.fileno()  # trio keeps its sockets non-blocking
 
-        def write(data: memoryview) -> int:
+        def write(data: bytes | memoryview) -> int:
             try:
                 return os.write(fd, data)
             except BlockingIOError:
@@ -280,12 +280,11 @@ class ServerWebSocket:
                 return False
             backlog.append(data)
             return True
-        view = memoryview(data)
         write_now = self._write_now
         sent = 0
         if write_now is not None:
             try:
-                sent = write_now(view)
+                sent = write_now(data)  # the bytes as they are: no view made per push
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._gone()
                 return True
@@ -294,7 +293,7 @@ class ServerWebSocket:
         if backlog is None:
             backlog = self._backlog = deque()
         # A frame partly written stays a memoryview of its rest; one not begun, bytes.
-        backlog.append(view[sent:] if sent else data)
+        backlog.append(memoryview(data)[sent:] if sent else data)
         self._start_writer()
         return True
 
