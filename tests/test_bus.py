@@ -297,3 +297,48 @@ async def test_a_broker_needs_a_backend_that_publishes_through_a_hub(
     async with open_memory_relay(backend, broker=LocalBus()):
         assert backend.hub.outlet is not None
     assert backend.hub.outlet is None  # the relay hands the hub back as it found it
+
+
+# --- one relay on the in-process bus, under the autojump clock -----------------------------------
+
+
+async def test_pushes_carry_the_bus_numbering_and_resume_across_relays(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = MemoryBackend()
+    backend.add_project("p1")
+    backend.add_chat("p1", "c1")
+    bus = LocalBus()
+    key = ResourceKey("chat", "c1")
+    async with open_memory_relay(backend, broker=bus) as relay:
+        client = await relay.connect(authenticate=True)
+        subscribed = await client.subscribe("chat", "c1")
+        head = await bus.head(key)
+        assert (subscribed["epoch"], subscribed["seq"]) == (head.epoch, head.seq)
+        backend.add_message("c1", "one")
+        push = await client.next_push()
+        assert push["seq"] == head.seq + 1 == (await bus.head(key)).seq
+        await client.abort()
+        backend.add_message("c1", "two")  # nobody watches here; the bus numbers it anyway
+    # Another relay (a restart, or another node): the history is the bus's.
+    async with open_memory_relay(backend, broker=bus) as relay:
+        client = await relay.connect(authenticate=True)
+        resumed = await client.subscribe(
+            "chat", "c1", since_seq=push["seq"], epoch=subscribed["epoch"]
+        )
+        assert resumed.get("resumed") is True, resumed
+        missed = await client.next_push()
+        assert (missed["seq"], missed["data"]["message"]["content"]) == (push["seq"] + 1, "two")
+        bus.lose()
+        code, _ = await client.wait_closed()
+        assert code == CloseCode.SERVICE_RESTART
+        back = await relay.connect(authenticate=True)
+        fresh = await back.subscribe(
+            "chat", "c1", since_seq=missed["seq"], epoch=subscribed["epoch"]
+        )
+        assert fresh.get("reset") is True and fresh["epoch"] != subscribed["epoch"]
+        assert [m["content"] for m in fresh["data"]["messages"]] == ["one", "two"]
+        # Nothing of the bus stays behind when the relay's last client leaves.
+        await back.close()
+        stats = await relay.quiet_statistics()
+        assert (stats.broadcasters, stats.lingering, stats.kept_histories) == (0, 0, 0)
