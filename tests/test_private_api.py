@@ -62,6 +62,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_server/relay.py", "relay._begin_shutdown"): "open_relay shuts down the Relay it made",
     ("_server/relay.py", "relay._watch_devices"):
         "open_relay starts the tasks of the Relay it made",
+    ("_server/relay.py", "relay._hear_stops"): "open_relay starts the tasks of the Relay it made",
     ("_store/sqlite.py", "backend._closed"):
         "the backend's own context manager marks the backend it made closed",
     ("_store/sqlite.py", "backend._replies"):

@@ -19,9 +19,9 @@ import attrs
 import trio
 
 from .._wire.protocol import JSON
-from .backend import Change
+from .backend import MODEL_PROFILES_KEY, Change, Feed, chat_key, project_key
 
-__all__ = ["ChangeHub", "FeedOverflow"]
+__all__ = ["ChangeHub", "FeedOverflow", "HubFeeds"]
 
 DEFAULT_FEED_BUFFER: Final = 4096
 
@@ -125,6 +125,22 @@ class ChangeHub:
             topic.watchers.discard(watcher)
             send.close()
             receive.close()
+
+
+class HubFeeds:
+    """The three feeds of the `Backend` protocol, for a store that publishes each change
+    through its ``hub`` under the keys of `chat_key`, `project_key` and `MODEL_PROFILES_KEY`."""
+
+    hub: ChangeHub
+
+    def watch_project(self, project_id: str) -> Feed:
+        return self.hub.open_feed(project_key(project_id))
+
+    def watch_chat(self, chat_id: str) -> Feed:
+        return self.hub.open_feed(chat_key(chat_id))
+
+    def watch_model_profiles(self) -> Feed:
+        return self.hub.open_feed(MODEL_PROFILES_KEY)
 
 
 class _FeedIterator:

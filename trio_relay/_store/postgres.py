@@ -73,8 +73,8 @@ from .._errors import raise_single
 from .._wire.protocol import JSON, ResourceKey
 from . import postgres_sql as sql
 from . import rules
-from .backend import MODEL_PROFILES_KEY, BackendError, Feed, Snapshot, chat_key, project_key
-from .hub import ChangeHub
+from .backend import MODEL_PROFILES_KEY, BackendError, Snapshot, chat_key, project_key
+from .hub import ChangeHub, HubFeeds
 from .postgres_schema import migrate
 from .replies import Replies, ReplyJob, open_replies
 
@@ -197,7 +197,7 @@ class _BatchedWrite:
     result: outcome.Outcome[object] | None = None
 
 
-class PostgresBackend:
+class PostgresBackend(HubFeeds):
     """The `Backend` over a PostgreSQL database. Get one from `open_postgres_backend`.
 
     Besides the protocol's methods it offers the host's side, as `SqliteBackend` does:
@@ -608,27 +608,13 @@ class PostgresBackend:
         """As `SqliteBackend.set_model_profiles`: replace all model profiles and push them.
         The agents are this node's: each node of a cluster is given its own."""
         checked = rules.checked_profiles(profiles)
-        if agents is not None:
-            strays = sorted(set(agents) - {str(p["id"]) for p in checked})
-            if strays:
-                raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
+        rules.check_agents(checked, agents)
         async with self._lock:
             events = await self._run(partial(sql.store_profiles, checked, self._lease))
             if agents is not None:
                 self.agents = dict(agents)
             self._emit(events)
         logger.info("model profiles replaced ({} profiles)", len(checked))
-
-    # --- feeds ---
-
-    def watch_project(self, project_id: str) -> Feed:
-        return self.hub.open_feed(project_key(project_id))
-
-    def watch_chat(self, chat_id: str) -> Feed:
-        return self.hub.open_feed(chat_key(chat_id))
-
-    def watch_model_profiles(self) -> Feed:
-        return self.hub.open_feed(MODEL_PROFILES_KEY)
 
     # --- replies ---
 

@@ -14,8 +14,8 @@ from .._wire.protocol import JSON
 from .backend import BackendError
 
 __all__ = [
-    "DEFAULT_CHAT_TITLE", "MAX_NONCE_LENGTH", "agent_for", "checked_nonce", "checked_profiles",
-    "message_text",
+    "DEFAULT_CHAT_TITLE", "MAX_NONCE_LENGTH", "agent_for", "check_agents", "checked_nonce",
+    "checked_profiles", "message_text",
 ]
 
 DEFAULT_CHAT_TITLE: Final = "New chat"
@@ -56,6 +56,15 @@ def checked_profiles(profiles: list[JSON]) -> list[dict[str, JSON]]:
         seen.add(profile["id"])
         checked.append({"id": profile["id"], "name": profile["name"], "agent": profile["agent"]})
     return checked
+
+
+def check_agents(profiles: list[dict[str, JSON]], agents: Mapping[str, Agent] | None) -> None:
+    """Refuse agents given for profiles that are not in ``profiles`` (a host's mistake)."""
+    if agents is None:
+        return
+    strays = sorted(set(agents) - {str(p["id"]) for p in profiles})
+    if strays:
+        raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
 
 
 def checked_nonce(nonce: object) -> str | None:

@@ -41,12 +41,11 @@ from . import sqlite_sql as sql
 from .backend import (
     MODEL_PROFILES_KEY,
     BackendError,
-    Feed,
     Snapshot,
     chat_key,
     project_key,
 )
-from .hub import ChangeHub
+from .hub import ChangeHub, HubFeeds
 from .replies import Replies, ReplyJob, open_replies
 from .sqlite_schema import connect
 
@@ -81,7 +80,7 @@ class _BatchedWrite:
     result: outcome.Outcome[object] | None = None
 
 
-class SqliteBackend:
+class SqliteBackend(HubFeeds):
     """The `Backend` over one sqlite file. Get one from `open_sqlite_backend`.
 
     Besides the protocol's methods it offers the host's side: `rename_chat`, `delete_chat`
@@ -346,10 +345,7 @@ class SqliteBackend:
         agent for no profile: this is the host's call, not a client's.
         """
         checked = rules.checked_profiles(profiles)
-        if agents is not None:
-            strays = sorted(set(agents) - {p["id"] for p in checked})
-            if strays:
-                raise ValueError(f"agents for unknown model profiles: {', '.join(strays)}")
+        rules.check_agents(checked, agents)
         async with self._lock:
             await self._run(partial(sql.store_profiles, checked))
             self._profiles = None
@@ -357,17 +353,6 @@ class SqliteBackend:
                 self.agents = dict(agents)
             self.hub.publish(MODEL_PROFILES_KEY, {"modelProfiles": checked})
         logger.info("model profiles replaced ({} profiles)", len(checked))
-
-    # --- feeds ---
-
-    def watch_project(self, project_id: str) -> Feed:
-        return self.hub.open_feed(project_key(project_id))
-
-    def watch_chat(self, chat_id: str) -> Feed:
-        return self.hub.open_feed(chat_key(chat_id))
-
-    def watch_model_profiles(self) -> Feed:
-        return self.hub.open_feed(MODEL_PROFILES_KEY)
 
     # --- replies ---
 
