@@ -7,8 +7,9 @@ It starts everything itself and stops it at the end: a PostgreSQL server (the te
 harness, tests/_postgres.py: the system's ``initdb``/``postgres`` in a temp dir on a free
 port, fsync off), a ``redis-server`` (tests/_redis.py), three ``trio-relay serve`` processes
 (``--database postgresql://... --broker redis://...``, each with a data dir of its own, as on
-three machines), then one ``trio-relay serve`` on SQLite alone. Needs the test and postgres
-extras (``pip install -e '.[test,postgres]'``).
+three machines), then one ``trio-relay serve`` on SQLite alone (the baseline), and one on the
+PostgreSQL database without a broker (to tell the database's share from the broker's).
+Needs the test and postgres extras (``pip install -e '.[test,postgres]'``).
 
 Each measurement creates a chat with a silent profile (no agent reply, so every send is
 exactly one push), signs in a sender on node a and subscribers on nodes a and c, and sends
@@ -169,6 +170,10 @@ async def run(
     async with relay("single", workdir, None, None) as url:
         single = await measure(url, {"a": url}, sends, warmup)
     results["one relay, SQLite, no broker"] = summary(single["a"])
+    # Where the cluster's time goes: the database alone, without the broker's hop.
+    async with relay("postgres-only", workdir, dsn, None) as url:
+        alone = await measure(url, {"a": url}, sends, warmup)
+    results["one relay, PostgreSQL, no broker"] = summary(alone["a"])
     return results
 
 
