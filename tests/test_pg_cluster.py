@@ -317,8 +317,10 @@ async def test_a_database_restart_fails_sends_clearly_then_service_resumes_witho
     postgres_server: PostgresServer, postgres_dsn: str, redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
-    # A node that still believes the database is there waits up to the store's call timeout
-    # (fixed at its default: `serve` has no setting for it) for a connection: the bound.
+    # A send with a nonce that finds its pooled connection dead is tried once more on a fresh
+    # one, and waits up to the store's call timeout for it (fixed at its default: `serve` has
+    # no setting for it): the first sends after the loss take that long to fail (measured:
+    # 15.0 s), so that is the bound.
     first_failure = DEFAULT_CALL_TIMEOUT + 5
     async with open_pg_cluster(tmp_path, redis_server, postgres_dsn) as nodes, \
             open_clients(nodes, client_timeout=first_failure) as clients:
