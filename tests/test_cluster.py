@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import pytest
@@ -79,21 +80,32 @@ def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TRIO_RELAY_")}
 
 
-def _serve_command(broker: str | None, data_dir: Path, *extra: str) -> list[str]:
-    """`trio-relay serve` on a free port; the broker given by flag unless None."""
+def _serve_command(
+    broker: str | None, data_dir: Path, *extra: str, database: str | None = None
+) -> list[str]:
+    """`trio-relay serve` on a free port; the broker given by flag unless None; on the
+    PostgreSQL ``database`` if given (else the data dir's SQLite file)."""
     return [sys.executable, "-m", "trio_relay", "serve",
-            *(["--broker", broker] if broker is not None else []), "--port", "0",
+            *(["--broker", broker] if broker is not None else []),
+            *(["--database", database] if database is not None else []), "--port", "0",
             "--data-dir", str(data_dir), "--pin", PIN, *extra]
+
+
+def database_shown(dsn: str) -> str:
+    """How `serve` names a ``postgresql://`` database: host, port and name, no password."""
+    parts = urlsplit(dsn)
+    return f"{parts.hostname}:{parts.port}, database {parts.path.lstrip('/')!r}"
 
 
 async def _start_node(
     name: str, broker: str, data_dir: Path, logs: Path, extra: Sequence[str],
-    started: list[trio.Process], broker_from_env: bool = False,
+    started: list[trio.Process], broker_from_env: bool = False, database: str | None = None,
 ) -> Node:
     stderr = logs / f"{name}.log"
     with stderr.open("wb") as sink:
         process = await trio.lowlevel.open_process(
-            _serve_command(None if broker_from_env else broker, data_dir, *extra),
+            _serve_command(None if broker_from_env else broker, data_dir, *extra,
+                           database=database),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=sink,
             env={**_environ(), "TRIO_RELAY_BROKER": broker} if broker_from_env else _environ(),
         )
@@ -101,7 +113,8 @@ async def _start_node(
     assert process.stdout is not None
     buffer = bytearray()
     try:
-        printed = [await read_line(process.stdout, buffer) for _ in range(5)]
+        lines = 5 if database is None else 6
+        printed = [await read_line(process.stdout, buffer) for _ in range(lines)]
     except (AssertionError, trio.TooSlowError) as exc:
         raise AssertionError(f"node {name} did not start ({exc}); its log:\n"
                              f"{stderr.read_text()}") from None
@@ -109,7 +122,9 @@ async def _start_node(
     assert first.startswith("trio-relay serving ws://127.0.0.1:"), printed
     port = int(first.rsplit(":", 1)[1].split("/")[0])
     assert printed[1:] == [
-        f"PIN: {PIN}", f"data: {data_dir}", f"broker: {redacted(broker)}",
+        f"PIN: {PIN}", f"data: {data_dir}",
+        *([] if database is None else [f"database: {database_shown(database)}"]),
+        f"broker: {redacted(broker)}",
         f"web client: http://127.0.0.1:{port}/",  # the last line: it listens
     ], printed
     return Node(name, process, port, stderr, printed)
