@@ -91,6 +91,8 @@ DEFAULT_STATEMENT_TIMEOUT: Final = 10.0
 DEFAULT_CALL_TIMEOUT: Final = 15.0
 #: Seconds a node's claim on a reply job or an unpublished event holds without renewal.
 DEFAULT_LEASE: Final = 10.0
+#: How long the retry of a call whose connection was found dead waits for a fresh one.
+RETRY_WAIT: Final = 2.0
 #: Expired jobs or events claimed per pass.
 _CLAIM_BATCH: Final = 100
 
@@ -282,18 +284,23 @@ class PostgresBackend(HubFeeds):
         tried once more on a fresh one."""
         for attempt in (1, 2):
             try:
-                return self._call_once(fn)
+                return self._call_once(fn, retrying=attempt == 2)
             except _Stale as stale:
                 if not retry or attempt == 2:
                     raise stale.error from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _call_once(self, fn: Callable[[sql.Conn], _T]) -> _T:
+    def _call_once(self, fn: Callable[[sql.Conn], _T], *, retrying: bool = False) -> _T:
         where = self.where
         try:
             # While the database is known to be down, fail fast rather than wait out the
-            # whole call timeout for a connection (the pool keeps reconnecting meanwhile).
-            wait = self._watchdog.limit if self._healthy else min(1.0, self._watchdog.limit)
+            # whole call timeout for a connection (the pool keeps reconnecting meanwhile);
+            # so does the retry after a connection found dead: a server that restarted
+            # answers a fresh connection at once, one that is gone will not.
+            short = not self._healthy or retrying
+            wait = min(RETRY_WAIT if retrying else 1.0, self._watchdog.limit) if short else (
+                self._watchdog.limit
+            )
             with self._pool.connection(timeout=wait) as conn:
                 with self._watchdog.watch(conn) as was_cut:
                     try:
