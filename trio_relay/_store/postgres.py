@@ -417,7 +417,8 @@ class PostgresBackend(HubFeeds):
             )
             for message, events in closed:
                 logger.bind(resource=str(chat_key(str(message["chatId"])))).warning(
-                    "a reply was interrupted (its relay stopped, or could not renew its lease); marked as such"
+                    "a reply was interrupted (its relay stopped, or could not renew its"
+                    " lease); marked as such"
                 )
                 self._emit(events)
         async with self._lock:
