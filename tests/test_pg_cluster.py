@@ -41,7 +41,7 @@ from test_cluster import (
     wait_health,
 )
 
-from trio_relay._store.postgres import DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE, RETRY_WAIT
+from trio_relay._store.postgres import DEFAULT_CALL_TIMEOUT, RETRY_WAIT
 from trio_relay._store.postgres_sql import INTERRUPTED_NOTE
 from trio_relay.testing import TestClient, open_loopback_client
 
@@ -66,9 +66,10 @@ name = "Slow echo"
 agent = "echo"
 chunk_delay = {SLOW_DELAY}
 """
-# The store's lease is fixed at its default (`serve` has no setting for it): a dead node's
-# reply is closed at the first look (every third of a lease) after its lease ran out.
-TAKEOVER = DEFAULT_LEASE + DEFAULT_LEASE / 3
+# A short lease (--database-lease) keeps the takeover quick: a dead node's reply is closed at
+# the first look (every third of a lease) after its lease ran out.
+LEASE = 3.0
+TAKEOVER = LEASE + LEASE / 3
 
 
 # --- the nodes --------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ async def open_pg_cluster(
     async def start(index: int) -> None:
         name = "abcdefgh"[index]
         nodes[index] = await _start_node(
-            name, redis.url, tmp_path / f"data-{name}", logs, ["--config", str(config), *extra],
+            name, redis.url, tmp_path / f"data-{name}", logs,
+            ["--config", str(config), "--database-lease", str(LEASE), *extra],
             started, database=dsn)
 
     try:
@@ -374,7 +376,7 @@ async def test_a_database_restart_fails_sends_clearly_then_service_resumes_witho
 
         # Back without restarting any relay: healthy again (at the next look at the leases),
         # and sends work on every node, each stored once and pushed to all.
-        await wait_health(nodes, 200, within=DEFAULT_LEASE / 3 + WAIT)
+        await wait_health(nodes, 200, within=LEASE / 3 + WAIT)
         assert all(node.process.returncode is None for node in nodes)
         for name, sender in zip("abc", clients, strict=True):
             text = f"after the restart, from {name}"

@@ -195,8 +195,9 @@ def test_every_field_is_a_setting() -> None:
     # model_profiles, an array of tables, has no text form: a config-file key only.
     assert paths == [path for path in _fields(ServeSettings) if path != ("model_profiles",)]
     assert {("relay", field.name) for field in attrs.fields(RelayConfig)} <= set(paths)
-    assert [s.name for s in all_settings()][:8] == [
-        "host", "port", "pin", "data_dir", "database", "log_level", "tls_cert", "tls_key"]
+    assert [s.name for s in all_settings()][:10] == [
+        "host", "port", "pin", "data_dir", "database", "database_lease", "database_pool_size",
+        "log_level", "tls_cert", "tls_key"]
     for setting in all_settings():
         assert setting.env == "TRIO_RELAY_" + setting.name.upper()
         assert setting.flag == "--" + setting.name.replace("_", "-")

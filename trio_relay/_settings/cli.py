@@ -351,7 +351,10 @@ async def _open_database(stack: AsyncExitStack, settings: ServeSettings) -> Stor
         return None
     from .._store.postgres import open_postgres_backend  # only with trio-relay[postgres]
 
-    return await stack.enter_async_context(open_postgres_backend(settings.database))
+    return await stack.enter_async_context(open_postgres_backend(
+        settings.database, lease=settings.database_lease,
+        pool_size=settings.database_pool_size,
+    ))
 
 
 async def _open_broker(stack: AsyncExitStack, settings: ServeSettings) -> Bus | None:

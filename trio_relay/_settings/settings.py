@@ -251,6 +251,12 @@ class ServeSettings:
         default=None, repr=False,
         metadata={"default_text": "none: SQLite in the data dir"},
     )
+    #: With ``database``: seconds a relay's claim on a reply it runs (or on an event it has not
+    #: published yet) holds without renewal; the delay before another relay takes over after
+    #: this one died. Shorter means a faster takeover and more database writes.
+    database_lease: float = attrs.field(default=10.0, validator=positive)
+    #: With ``database``: connections (and worker threads) this relay uses at most.
+    database_pool_size: int = attrs.field(default=8, validator=positive)
     #: Log verbosity on stderr: TRACE, DEBUG, INFO, WARNING or ERROR.
     log_level: str = attrs.field(default="INFO", validator=_log_level)
     #: PEM certificate chain to serve ``wss://`` with; needs ``tls_key``.
