@@ -56,7 +56,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import attrs
 import outcome
@@ -74,6 +74,7 @@ from .._wire.protocol import JSON, ResourceKey
 from . import postgres_sql as sql
 from . import rules
 from .backend import MODEL_PROFILES_KEY, BackendError, Snapshot, chat_key, project_key
+from .group_commit import GroupCommit, PendingWrite
 from .hub import ChangeHub, HubFeeds
 from .postgres_schema import migrate
 from .replies import Replies, ReplyJob, open_replies
@@ -187,18 +188,6 @@ class _Watchdog:
                             pass
 
 
-@attrs.define(eq=False)
-class _BatchedWrite:
-    """A write waiting for its batch (`PostgresBackend._write_batched`)."""
-
-    write: Callable[[sql.Conn], object]
-    then: Callable[[object], None]
-    #: It may run twice (a send with a nonce stores once however often it runs).
-    retry: bool
-    done: trio.Event = attrs.Factory(trio.Event)
-    result: outcome.Outcome[object] | None = None
-
-
 class PostgresBackend(HubFeeds):
     """The `Backend` over a PostgreSQL database. Get one from `open_postgres_backend`.
 
@@ -246,8 +235,7 @@ class PostgresBackend(HubFeeds):
         self._forwarded: set[int] = set()  # of those, the ones handed to a broker
         self._drain_wanted = trio.Event()
         # Messages waiting for the next batch (`_write_batched`); recorded jobs no agent runs.
-        self._batch: list[_BatchedWrite] = []
-        self._batching = False
+        self._batches = GroupCommit[sql.Conn](self._lock, self._store, lambda: self._closed)
         self._jobs_to_close: list[str] = []
 
     @property
@@ -460,52 +448,24 @@ class PostgresBackend(HubFeeds):
         The first writer commits for everyone waiting; cancelling a caller does not undo its
         write. A batch of writes that may all be retried (``retry``: sends with a nonce) is
         tried once more when it meets a stale connection."""
-        if self._closed:
-            raise BackendError("backend is closed")
-        pending = _BatchedWrite(write, then, retry)  # type: ignore[arg-type]
-        self._batch.append(pending)
-        with trio.CancelScope(shield=True):
-            if self._batching:
-                await pending.done.wait()
-            else:
-                await self._commit_batches()
-        assert pending.result is not None
-        return cast(_T, pending.result.unwrap())
+        return await self._batches.write(write, then, retry=retry)
 
-    async def _commit_batches(self) -> None:
-        self._batching = True
-        batch: list[_BatchedWrite] = []
+    async def _store(self, batch: list[PendingWrite[sql.Conn]]) -> list[outcome.Outcome[object]]:
+        """One batch in one transaction; each write's own failure made clear."""
+        writes = [pending.write for pending in batch]
+        retry = all(pending.retry for pending in batch)
         try:
-            while self._batch and not self._closed:
-                async with self._lock:
-                    batch, self._batch = self._batch, []
-                    writes = [pending.write for pending in batch]
-                    retry = all(pending.retry for pending in batch)
-                    results: list[outcome.Outcome[object]]
-                    try:
-                        results = await self._run_anyway(
-                            partial(sql.run_batch, writes), retry=retry
-                        )
-                    except Exception as exc:
-                        error = exc if isinstance(exc, BackendError) else BackendError(
-                            f"the message could not be stored: {exc}"
-                        )
-                        results = [outcome.Error(error) for _ in batch]
-                    for pending, result in zip(batch, results, strict=True):
-                        if isinstance(result, outcome.Value):
-                            pending.then(result.value)
-                        elif isinstance(result, outcome.Error):
-                            result = outcome.Error(self._clear_error(result.error))
-                        pending.result = result
-                        pending.done.set()
-                batch = []
-        finally:
-            self._batching = False
-            for pending in (*batch, *self._batch):
-                if not pending.done.is_set():
-                    pending.result = outcome.Error(BackendError("backend is closed"))
-                    pending.done.set()
-            self._batch = []
+            results = await self._run_anyway(partial(sql.run_batch, writes), retry=retry)
+        except Exception as exc:
+            error = exc if isinstance(exc, BackendError) else BackendError(
+                f"the message could not be stored: {exc}"
+            )
+            return [outcome.Error(error) for _ in batch]
+        return [
+            outcome.Error(self._clear_error(result.error))
+            if isinstance(result, outcome.Error) else result
+            for result in results
+        ]
 
     def _clear_error(self, error: BaseException) -> BaseException:
         """A write's own failure in a batch, made clear as `_call` makes a call's."""

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import attrs
 import outcome
@@ -45,6 +45,7 @@ from .backend import (
     chat_key,
     project_key,
 )
+from .group_commit import GroupCommit, PendingWrite
 from .hub import ChangeHub, HubFeeds
 from .replies import Replies, ReplyJob, open_replies
 from .sqlite_schema import connect
@@ -68,16 +69,6 @@ _T = TypeVar("_T")
 
 
 # --- the backend -------------------------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class _BatchedWrite:
-    """A write waiting for its batch (`SqliteBackend._write_batched`)."""
-
-    write: Callable[[sqlite3.Connection], object]
-    then: Callable[[object], None]
-    done: trio.Event = attrs.Factory(trio.Event)
-    result: outcome.Outcome[object] | None = None
 
 
 class SqliteBackend(HubFeeds):
@@ -117,9 +108,10 @@ class SqliteBackend(HubFeeds):
         # Projects are only ever seeded; the profiles' cache is dropped when they change.
         self._projects: list[JSON] | None = None
         self._profiles: Snapshot | None = None
-        # Messages waiting to be stored by the next batch (`_write_batched`).
-        self._batch: list[_BatchedWrite] = []
-        self._batching = False
+        # Messages are stored in batches (`_write_batched`).
+        self._batches = GroupCommit[sqlite3.Connection](
+            self._lock, self._store, lambda: self._closed, committed=self._stored
+        )
         self._uncheckpointed = 0  # messages stored since the last checkpoint
         self._checkpointing = False
 
@@ -210,50 +202,17 @@ class SqliteBackend(HubFeeds):
         syncs to disk) in the worker thread (`_checkpoint`). The first writer commits for
         everyone waiting; like a write of its own, it is not undone by cancelling the caller.
         """
-        if self._closed:
-            raise BackendError("backend is closed")
-        pending = _BatchedWrite(write, then)  # type: ignore[arg-type]
-        self._batch.append(pending)
-        with trio.CancelScope(shield=True):
-            if self._batching:
-                await pending.done.wait()
-            else:
-                await self._commit_batches()
-        assert pending.result is not None
-        return cast(_T, pending.result.unwrap())
+        return await self._batches.write(write, then)
 
-    async def _commit_batches(self) -> None:
-        self._batching = True
-        batch: list[_BatchedWrite] = []
-        try:
-            while self._batch and not self._closed:
-                async with self._lock:
-                    if self._closed:
-                        break
-                    # What queued up while the last batch was committed (or while the lock was
-                    # held) goes in this one.
-                    batch, self._batch = self._batch, []
-                    results = await self._store(batch)
-                    for pending, result in zip(batch, results, strict=True):
-                        if isinstance(result, outcome.Value):
-                            pending.then(result.value)
-                        pending.result = result
-                        pending.done.set()
-                self._uncheckpointed += len(batch)
-                if self._uncheckpointed >= CHECKPOINT_EVERY and not self._checkpointing:
-                    self._checkpointing = True
-                    self._nursery.start_soon(self._checkpoint)
-                batch = []
-        finally:
-            self._batching = False
-            # Closed (or failed) with writes still waiting: they will never be stored.
-            for pending in (*batch, *self._batch):
-                if not pending.done.is_set():
-                    pending.result = outcome.Error(BackendError("backend is closed"))
-                    pending.done.set()
-            self._batch = []
+    def _stored(self, count: int) -> None:
+        self._uncheckpointed += count
+        if self._uncheckpointed >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._checkpointing = True
+            self._nursery.start_soon(self._checkpoint)
 
-    async def _store(self, batch: list[_BatchedWrite]) -> list[outcome.Outcome[object]]:
+    async def _store(
+        self, batch: list[PendingWrite[sqlite3.Connection]]
+    ) -> list[outcome.Outcome[object]]:
         writes = [pending.write for pending in batch]
         try:
             try:
