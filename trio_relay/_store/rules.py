@@ -15,7 +15,7 @@ from .backend import BackendError
 
 __all__ = [
     "DEFAULT_CHAT_TITLE", "MAX_NONCE_LENGTH", "agent_for", "check_agents", "checked_nonce",
-    "checked_profiles", "message_text",
+    "checked_profiles", "message_text", "new_chat",
 ]
 
 DEFAULT_CHAT_TITLE: Final = "New chat"
@@ -56,6 +56,22 @@ def checked_profiles(profiles: list[JSON]) -> list[dict[str, JSON]]:
         seen.add(profile["id"])
         checked.append({"id": profile["id"], "name": profile["name"], "agent": profile["agent"]})
     return checked
+
+
+def new_chat(
+    title: object, model_profile_id: str | None, profiles: list[JSON]
+) -> tuple[str, str]:
+    """The title and the profile of a chat to create, from a client's ``create``: a missing
+    title is `DEFAULT_CHAT_TITLE`, a missing profile the first of ``profiles`` (the ids)."""
+    if title is not None and not isinstance(title, str):
+        raise BackendError("title must be a string")
+    if not profiles:
+        raise BackendError("there are no model profiles to create a chat with")
+    # No profile named: the first one (`echo` in a new database).
+    profile = model_profile_id or str(profiles[0])
+    if profile not in profiles:
+        raise BackendError(f"unknown model profile {profile!r}")
+    return (title or "").strip() or DEFAULT_CHAT_TITLE, profile
 
 
 def check_agents(profiles: list[dict[str, JSON]], agents: Mapping[str, Agent] | None) -> None:

@@ -246,16 +246,8 @@ class SqliteBackend(HubFeeds):
         title: str | None = None,
         model_profile_id: str | None = None,
     ) -> JSON:
-        if title is not None and not isinstance(title, str):
-            raise BackendError("title must be a string")
         profiles = [p["id"] for p in (await self.get_model_profiles()).items]
-        if not profiles:
-            raise BackendError("there are no model profiles to create a chat with")
-        # No profile named: the first one (`echo` in a new database).
-        model_profile_id = model_profile_id or profiles[0]
-        if model_profile_id not in profiles:
-            raise BackendError(f"unknown model profile {model_profile_id!r}")
-        title = (title or "").strip() or rules.DEFAULT_CHAT_TITLE
+        title, model_profile_id = rules.new_chat(title, model_profile_id, profiles)
         write = partial(sql.insert_chat, project_id, title, model_profile_id)
         async with self._lock:
             chat = await self._run(write)
