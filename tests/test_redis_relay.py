@@ -17,8 +17,9 @@ from trio_relay import CloseCode, RedisBus, RelayConfig, ResourceKey
 __all__ = ["redis_server"]  # the fixture, for pytest
 
 # A frozen or lost Redis is noticed within broker_timeout; clients are closed after
-# broker_grace: both short, so that the faults play out in a second.
-FAST = RelayConfig(broker_timeout=0.5, broker_grace=1.0)
+# broker_grace: both short, so that the faults play out in seconds (the grace is longer than
+# the time to notice a freeze, so a send is refused before the clients are closed).
+FAST = RelayConfig(broker_timeout=0.5, broker_grace=3.0)
 
 
 async def test_two_relays_on_redis_push_the_same_stream(

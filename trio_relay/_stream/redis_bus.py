@@ -531,7 +531,10 @@ class RedisBus:
         first = not channel.followers
         channel.followers.add(follower)
         try:
-            with trio.move_on_after(self._timeout):
+            # A Redis that stopped answering just now is given its grace here too, as a live
+            # follower is: the pub/sub connection that replaces a lost one subscribes this
+            # channel with the others.
+            with trio.move_on_after(self._grace):
                 pubsub = self._pubsub
                 if pubsub is not None and first:
                     try:
@@ -545,7 +548,7 @@ class RedisBus:
             if not channel.subscribed.is_set():
                 raise BusError(
                     f"cannot follow {key} on Redis at {self._redis.where}: not subscribed "
-                    f"within {self._timeout:g}s")
+                    f"within {self._grace:g}s")
             self._log.bind(resource=str(key)).debug(
                 "following {} from epoch {} seq {}", key, start.epoch, start.seq)
             yield _Events(self, follower)
